@@ -1,0 +1,443 @@
+"""The FLUX autoencoder (VAE): images [B, 3, H, W] <-> latents [B, 16, H/8, W/8].
+
+What this file implements, top to bottom:
+  ResnetBlock, AttnBlock, Downsample, Upsample   the four building blocks
+  Encoder, Decoder                               the two halves, a stack of resolution levels and a middle
+  diagonal_gaussian                              mean / log-variance -> latent (sampled, as the official code does)
+  AutoEncoder                                    encode / decode with the latent scale and shift, optionally tiled
+  tiled                                          run a conv net on overlapping tiles, blended with linear ramps
+  load_ae                                        an official ae.safetensors or a diffusers vae/ folder -> AutoEncoder
+
+References:
+  - black-forest-labs/flux, src/flux/modules/autoencoder.py: the architecture, and the module names, which are
+    the keys of the official ae.safetensors (244 tensors, 83,819,683 parameters).
+  - black-forest-labs/flux, src/flux/util.py: the AutoEncoderParams of every FLUX.1 variant (AE_PARAMS_FLUX).
+  - diffusers AutoencoderKL (vae/ folder of FLUX.1-dev): the other layout load_ae reads; its key names are
+    translated in DIFFUSERS_TO_OFFICIAL below. The architecture is the one of Rombach et al., "High-Resolution
+    Image Synthesis with Latent Diffusion Models" (2022), widened to 16 latent channels.
+
+Shapes in comments are those of the FLUX preset on a 512x512 image (seed 003: [B, 3, 512, 512] -> [B, 16, 64, 64]).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from minflux.weights import WeightsError, load_into, read_metadata, read_shapes, read_state_dict
+
+
+@dataclass
+class AutoEncoderParams:
+    resolution: int
+    in_channels: int
+    ch: int
+    out_ch: int
+    ch_mult: list[int]
+    num_res_blocks: int
+    z_channels: int
+    scale_factor: float
+    shift_factor: float
+
+
+# The one autoencoder every FLUX.1 variant (dev, schnell, fill, kontext) uses: ae.safetensors.
+# `resolution` is the training resolution; it is recorded but changes no layer.
+AE_PARAMS_FLUX = AutoEncoderParams(
+    resolution=256, in_channels=3, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
+    z_channels=16, scale_factor=0.3611, shift_factor=0.1159,
+)  # fmt: skip
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """Every norm in the VAE: GroupNorm with 32 groups (so channels must be a multiple of 32)."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+# --- the building blocks ------------------------------------------------------------------------------
+
+
+class ResnetBlock(nn.Module):
+    """norm -> SiLU -> 3x3 conv, twice, plus the input (through a 1x1 conv when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        # Only blocks that change the width have a shortcut conv: the key exists only there.
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # [B, out, H, W]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.nin_shortcut is not None:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over all pixels, one head as wide as the channels. q, k, v, proj_out are 1x1 convs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.k = nn.Conv2d(channels, channels, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]  # x: [B, 512, 64, 64]
+        x_norm = self.norm(x)
+        # Each pixel is a token; the "1" is the head axis scaled_dot_product_attention expects.
+        q, k, v = (rearrange(proj(x_norm), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, 1, 4096, 512], softmax(q k^T / sqrt(512)) v
+        out = rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w)  # [B, 512, 64, 64]
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv. The official model pads only right and bottom (0, 1, 0, 1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # nn.Conv2d pads symmetrically, so the asymmetric zero padding is done by hand: [B, C, H+1, W+1]
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # [B, C, H/2, W/2]
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour copy, then a 3x3 conv to smooth it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, C, 2H, 2W]
+
+
+def middle(channels: int) -> nn.Module:
+    """The middle of encoder and decoder, at the lowest resolution: ResNet, attention, ResNet."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels)
+    mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = ResnetBlock(channels, channels)
+    return mid
+
+
+# --- encoder and decoder ------------------------------------------------------------------------------
+
+
+class Encoder(nn.Module):
+    """[B, 3, H, W] -> [B, 2 * z_channels, H/8, W/8]: the mean and log-variance of each latent value.
+
+    One level per entry of ch_mult, each with num_res_blocks ResNet blocks at width ch * ch_mult[i]; every
+    level but the last ends with a Downsample. Modules sit at down.{level}.block.{i} and down.{level}.downsample.
+    """
+
+    def __init__(self, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
+        self.down = nn.ModuleList()
+        width = ch
+        for i, mult in enumerate(ch_mult):
+            level = nn.Module()  # a plain container, so the keys read down.{i}.block.{j}
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(width, ch * mult))
+                width = ch * mult
+            if i != len(ch_mult) - 1:
+                level.downsample = Downsample(width)
+            self.down.append(level)
+        self.mid = middle(width)
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, 2 * z_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)  # [B, 128, 512, 512]
+        for i, level in enumerate(self.down):
+            for block in level.block:
+                h = block(h)
+            if i != len(self.down) - 1:
+                h = level.downsample(h)
+        # after the levels: [B, 128, 256, 256] -> [B, 256, 128, 128] -> [B, 512, 64, 64] -> [B, 512, 64, 64]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # [B, 512, 64, 64]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 32, 64, 64]
+
+
+class Decoder(nn.Module):
+    """[B, z_channels, h, w] -> [B, 3, 8h, 8w], the encoder run backwards.
+
+    up.{level} holds the level at the resolution of encoder level `level`, so up.0 is the full-resolution one,
+    which runs last. Each has num_res_blocks + 1 ResNet blocks; every level but 0 ends with an Upsample.
+    """
+
+    def __init__(self, out_ch: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int):
+        super().__init__()
+        width = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, width, kernel_size=3, padding=1)
+        self.mid = middle(width)
+        levels = []
+        for i in reversed(range(len(ch_mult))):  # built in the order they run: lowest resolution first
+            level = nn.Module()
+            level.block = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(width, ch * ch_mult[i]))
+                width = ch * ch_mult[i]
+            if i != 0:
+                level.upsample = Upsample(width)
+            levels.append(level)
+        self.up = nn.ModuleList(reversed(levels))  # stored by resolution level, as in the checkpoint
+        self.norm_out = group_norm(width)
+        self.conv_out = nn.Conv2d(width, out_ch, kernel_size=3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.conv_in(z)  # [B, 512, 64, 64]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # [B, 512, 64, 64]
+        for i in reversed(range(len(self.up))):
+            for block in self.up[i].block:
+                h = block(h)
+            if i != 0:
+                h = self.up[i].upsample(h)
+        # after the levels: [B, 512, 128, 128] -> [B, 512, 256, 256] -> [B, 256, 512, 512] -> [B, 128, 512, 512]
+        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 3, 512, 512]
+
+
+def diagonal_gaussian(moments: Tensor, sample: bool) -> Tensor:
+    """The encoder's output read as a Gaussian per latent value: a sample of it, or its mean."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)  # [B, 16, 64, 64] each
+    if not sample:
+        return mean
+    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+
+
+# --- the autoencoder ------------------------------------------------------------------------------------
+
+
+class AutoEncoder(nn.Module):
+    """encode: image in [-1, 1] -> scaled, shifted latent; decode: the reverse. State dict = ae.safetensors keys."""
+
+    def __init__(self, params: AutoEncoderParams):
+        super().__init__()
+        self.params = params
+        self.encoder = Encoder(params.in_channels, params.ch, params.ch_mult, params.num_res_blocks, params.z_channels)
+        self.decoder = Decoder(params.out_ch, params.ch, params.ch_mult, params.num_res_blocks, params.z_channels)
+        self.scale_factor = params.scale_factor
+        self.shift_factor = params.shift_factor
+        self.downscale = 2 ** (len(params.ch_mult) - 1)  # 8: pixels per latent value along H and W
+
+    def encode(self, x: Tensor, sample: bool = True, tile: int | None = None) -> Tensor:
+        """x [B, 3, H, W] in [-1, 1] -> z [B, 16, H/8, W/8], normalised to roughly zero mean, unit variance.
+
+        sample: draw z from the encoder's Gaussian (True, the official default: its AutoEncoder builds
+                DiagonalGaussian() whose `sample` defaults to True), or return the mean (False, deterministic).
+        tile:   encode in overlapping tile x tile pixel windows (a multiple of 8) to bound memory; None: whole.
+        """
+        if tile is None:
+            moments = self.encoder(x)  # [B, 32, 64, 64]
+        else:
+            moments = tiled(self.encoder, x, tile, align=self.downscale)
+        # Tiles are blended before sampling, so the noise is drawn once, over the whole latent.
+        z = diagonal_gaussian(moments, sample)  # [B, 16, 64, 64]
+        return self.scale_factor * (z - self.shift_factor)
+
+    def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
+        """z [B, 16, h, w] as encode returns it -> image [B, 3, 8h, 8w], roughly in [-1, 1].
+
+        tile: decode in overlapping tile x tile latent windows (64 latents = 512 pixels); None: whole.
+        """
+        z = z / self.scale_factor + self.shift_factor  # undo encode's normalisation
+        if tile is None:
+            return self.decoder(z)
+        return tiled(self.decoder, z, tile)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+# --- tiling -------------------------------------------------------------------------------------------
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Offsets of windows of length `tile` covering [0, size): one every `stride`, the last flush with the end."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def ramp(length: int, fade: int, fade_in: bool, fade_out: bool) -> Tensor:
+    """Blending weights along one axis of a tile: 1, except linear ramps over `fade` values at shared edges."""
+    w = torch.ones(length)
+    edge = (torch.arange(fade) + 0.5) / fade  # 1/2f, 3/2f, ... : a ramp and its mirror sum to exactly 1
+    if fade_in:
+        w[:fade] = edge
+    if fade_out:
+        w[length - fade :] = edge.flip(0)
+    return w
+
+
+def tiled(net: nn.Module, x: Tensor, tile: int, align: int = 1) -> Tensor:
+    """net(x) computed on overlapping tile x tile windows of x [B, C, H, W] and blended: a seamless stitch.
+
+    Neighbouring windows overlap by a quarter of the tile. In the output, each tile's weight ramps linearly
+    from 0 to 1 across the overlap (see `ramp`), and the weighted tiles are divided by the summed weights,
+    so no tile ends abruptly and there is no seam. Each tile is normalised by its own GroupNorm statistics
+    and attends only within itself, so the result is close to net(x), not equal; a tile at least as large
+    as x gives net(x) exactly. `align`: window offsets are multiples of it (the encoder's 8).
+    """
+    height, width = x.shape[-2:]
+    if height <= tile and width <= tile:
+        return net(x)
+    if tile % align:
+        raise ValueError(f"tile={tile} must be a multiple of {align}")
+    overlap = tile // 4 // align * align
+    ys = tile_starts(height, tile, tile - overlap)
+    xs = tile_starts(width, tile, tile - overlap)
+    if ys[-1] % align or xs[-1] % align:
+        raise ValueError(f"tiled input size {height}x{width} must be a multiple of {align}")
+
+    out = weight = None
+    for y0 in ys:
+        for x0 in xs:
+            part = net(x[..., y0 : y0 + tile, x0 : x0 + tile])  # [B, C_out, tile * s, tile * s]
+            if out is None:  # the output scale s: 1/8 for the encoder, 8 for the decoder
+                scale = part.shape[-1] / min(tile, width)
+                out = x.new_zeros(*part.shape[:2], round(height * scale), round(width * scale), dtype=part.dtype)
+                weight = x.new_zeros(round(height * scale), round(width * scale), dtype=part.dtype)
+            h, w = part.shape[-2:]
+            fade = round(overlap * scale)
+            wy = ramp(h, fade, fade_in=y0 > 0, fade_out=y0 + tile < height)
+            wx = ramp(w, fade, fade_in=x0 > 0, fade_out=x0 + tile < width)
+            mask = (wy[:, None] * wx[None, :]).to(part)  # [h, w]
+            oy, ox = round(y0 * scale), round(x0 * scale)
+            out[..., oy : oy + h, ox : ox + w] += part * mask
+            weight[oy : oy + h, ox : ox + w] += mask
+    return out / weight
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+# diffusers' AutoencoderKL names -> the official names, as whole dotted pieces of a key, applied in this
+# order (the mid_block entries before the general "resnets"). Two rules are not in the table:
+#   decoder.up_blocks.{i} runs lowest resolution first, so it is decoder.up.{n - 1 - i} (n levels);
+#   diffusers' attention has Linear q/k/v/out weights [C, C], the official 1x1 convs [C, C, 1, 1].
+DIFFUSERS_TO_OFFICIAL = {
+    "conv_norm_out": "norm_out",
+    "mid_block.resnets.0": "mid.block_1",
+    "mid_block.attentions.0": "mid.attn_1",
+    "mid_block.resnets.1": "mid.block_2",
+    "group_norm": "norm",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "proj_out",
+    "down_blocks": "down",
+    "up_blocks": "up",
+    "resnets": "block",
+    "downsamplers.0": "downsample",
+    "upsamplers.0": "upsample",
+    "conv_shortcut": "nin_shortcut",
+}
+ATTENTION_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
+
+
+def is_diffusers_layout(keys) -> bool:
+    return any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in keys)
+
+
+def official_key(diffusers_key: str, num_levels: int) -> str:
+    """One diffusers AutoencoderKL key -> the official ae.safetensors key."""
+    key = f".{diffusers_key}."
+    for theirs, ours in DIFFUSERS_TO_OFFICIAL.items():
+        key = key.replace(f".{theirs}.", f".{ours}.")
+    key = key[1:-1]
+    if key.startswith("decoder.up."):
+        _, _, i, rest = key.split(".", 3)
+        key = f"decoder.up.{num_levels - 1 - int(i)}.{rest}"
+    return key
+
+
+def official_state_dict(sd: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
+    """A diffusers-layout state dict with official keys and shapes. Views only: no tensor is copied."""
+    out = {}
+    for key, t in sd.items():
+        key = official_key(key, num_levels)
+        if key.endswith(ATTENTION_WEIGHTS) and t.ndim == 2:
+            t = t[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
+        out[key] = t
+    return out
+
+
+def params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams:
+    """Read ch, ch_mult, num_res_blocks, z_channels and the in/out channels off the official-key shapes."""
+
+    def shape(key):
+        if key not in shapes:
+            raise WeightsError(f"{source}: missing key {key!r}, needed to read the autoencoder's size")
+        return shapes[key]
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]  # [128, 3, 3, 3]
+    num_levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
+    num_res_blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    ch_mult = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(num_levels)]
+    return AutoEncoderParams(
+        resolution=AE_PARAMS_FLUX.resolution,  # not stored in the weights, and used by no layer
+        in_channels=in_channels,
+        ch=ch,
+        out_ch=shape("decoder.conv_out.weight")[0],  # [3, 128, 3, 3]
+        ch_mult=ch_mult,
+        num_res_blocks=num_res_blocks,
+        z_channels=shape("decoder.conv_in.weight")[1],  # [512, 16, 3, 3]
+        scale_factor=AE_PARAMS_FLUX.scale_factor,
+        shift_factor=AE_PARAMS_FLUX.shift_factor,
+    )
+
+
+def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder:
+    """An AutoEncoder from an official ae.safetensors, a diffusers vae/ folder, or a file with diffusers keys.
+
+    The size is read off the weights' shapes; scale and shift come from the folder's config.json when it has
+    them, else the official values. dtype None keeps the stored dtype (fp8, a storage format, becomes bf16).
+    Any problem with the file or its keys raises WeightsError naming the file, the key and what was expected.
+    """
+    path = Path(path)
+    shapes = {k: s for k, (s, _) in read_shapes(path).items()}
+    diffusers = is_diffusers_layout(shapes)
+    if diffusers:
+        num_levels = len({k.split(".")[2] for k in shapes if k.startswith("decoder.up_blocks.")})
+        shapes = {official_key(k, num_levels): s for k, s in shapes.items()}
+        shapes = {k: s + (1, 1) if k.endswith(ATTENTION_WEIGHTS) and len(s) == 2 else s for k, s in shapes.items()}
+    params = params_from_shapes(shapes, path)
+
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is not None and config_file.exists():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{config_file}: not valid json: {e}") from None
+        if config.get("scaling_factor") is not None:
+            params.scale_factor = config["scaling_factor"]
+        if config.get("shift_factor") is not None:
+            params.shift_factor = config["shift_factor"]
+
+    stored = read_metadata(path).get("minflux.ae_params")  # a VAE trained by minflux records its scale/shift
+    if stored is not None:
+        stored = json.loads(stored)
+        params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
+
+    with torch.device("meta"):  # no memory: the loaded tensors are assigned in place of these
+        ae = AutoEncoder(params)
+    sd = read_state_dict(path, dtype)
+    if diffusers:
+        sd = official_state_dict(sd, num_levels)
+    source = f"{path} (diffusers keys, named here as the official keys)" if diffusers else path
+    load_into(ae, sd, source, what="autoencoder")
+    return ae.to(device).eval()

@@ -1,0 +1,127 @@
+"""The embedded default: every FLUX component, small, built and trained here on a CPU.
+
+Official weights cannot be downloaded on a fresh machine, so `python train.py` with no arguments makes its
+own: a VAE of the FLUX architecture trained on the synthetic panels (once, then cached), and CLIP and T5
+encoders of the official architectures with tokenizer files learned from the dataset's captions. They are
+written in the official folder layout (tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/, ae.safetensors)
+and read back through the same loaders as the official files, so the small run exercises the real code paths.
+The text encoders stay at their random initialisation (frozen, as in FLUX): random features of the caption
+still tell the transformer which classes a scene holds.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from minflux.autoencoder import AutoEncoder, AutoEncoderParams, load_ae
+from minflux.clip import CLIPParams, CLIPTextModel, load_clip, write_clip_tokenizer
+from minflux.runs import Progress
+from minflux.t5 import T5Encoder, T5Params, load_t5, write_t5_tokenizer
+from minflux.weights import save_atomic
+
+# The small text encoders: the official architectures at a width a CPU trains around in seconds.
+SMALL_CLIP_WIDTH, SMALL_T5_WIDTH = 64, 64
+
+
+def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: int = 0):
+    """Tokenizers learned on the captions and randomly initialised small CLIP and T5, in the official
+    layout under `folder`, loaded back with load_clip / load_t5. Returns (clip, t5)."""
+    folder = Path(folder)
+    text = "\n".join(sorted(set(captions)))
+    if not (folder / "text_encoder_2" / "model.safetensors").exists():
+        torch.manual_seed(seed)
+        write_clip_tokenizer(folder / "tokenizer", text, num_merges=200)
+        vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+        clip = CLIPParams(
+            vocab_size=len(vocab), hidden_size=SMALL_CLIP_WIDTH, intermediate_size=4 * SMALL_CLIP_WIDTH,
+            num_layers=2, num_heads=2,
+        )  # fmt: skip
+        _save_encoder(CLIPTextModel(clip), folder / "text_encoder", _clip_config(clip))
+
+        write_t5_tokenizer(folder / "tokenizer_2", text, vocab_size=200)
+        import sentencepiece
+
+        pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer_2" / "spiece.model"))
+        t5 = T5Params(
+            vocab_size=pieces.get_piece_size(), d_model=SMALL_T5_WIDTH, d_kv=32, d_ff=2 * SMALL_T5_WIDTH,
+            num_layers=2, num_heads=2,
+        )  # fmt: skip
+        config = {"model_type": "t5", "feed_forward_proj": "gated-gelu", **asdict(t5)}
+        _save_encoder(_init_t5(T5Encoder(t5)), folder / "text_encoder_2", config)
+    return load_clip(folder / "text_encoder"), load_t5(folder / "text_encoder_2", max_length=t5_max_length)
+
+
+def _clip_config(p: CLIPParams) -> dict:
+    config = asdict(p)
+    config["num_hidden_layers"] = config.pop("num_layers")
+    config["num_attention_heads"] = config.pop("num_heads")
+    return {"model_type": "clip_text_model", **config}
+
+
+def _init_t5(model: T5Encoder) -> T5Encoder:
+    """T5 leaves the 1/√d of attention to the initialisation; PyTorch's default Linear init ignores that."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    return model
+
+
+def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v for k, v in model.state_dict().items()}
+    if "encoder.embed_tokens.weight" in sd:  # tied to shared.weight: stored once, as transformers does
+        del sd["encoder.embed_tokens.weight"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_atomic(sd, folder / "model.safetensors")
+
+
+def train_autoencoder(
+    params: AutoEncoderParams, images: torch.Tensor, steps: int, cache_dir, batch_size: int = 16,
+    crop: int = 32, lr: float = 2e-3, seed: int = 0, log=print,
+) -> AutoEncoder:  # fmt: skip
+    """A FLUX-architecture VAE trained on `images` [N, 3, S, S] (the panels), cached by its settings.
+
+    Loss: L1 + MSE reconstruction and a small KL term, on random crops (the VAE is convolutional, so it
+    learns on crops what it applies to whole panels). The latent's scale and shift are then measured, as
+    FLUX's 0.3611 / 0.1159 were, so that encode() gives latents of zero mean and unit variance.
+    """
+    key = hashlib.sha256(
+        json.dumps([asdict(params), steps, batch_size, crop, lr, seed, images.shape, float(images.sum())]).encode()
+    ).hexdigest()[:12]
+    path = Path(cache_dir) / f"ae-{key}.safetensors"
+    if path.exists():
+        log(f"vae: cached {path}")
+        return load_ae(path)
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    ae = AutoEncoder(params).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    progress = Progress(steps, label="vae ")
+    for step in range(1, steps + 1):
+        idx = torch.randint(len(images), (batch_size,), generator=g)
+        y0, x0 = torch.randint(images.shape[-2] - crop + 1, (2,), generator=g).tolist()
+        x = images[idx, :, y0 : y0 + crop, x0 : x0 + crop]  # [16, 3, 32, 32]
+        moments = ae.encoder(x)  # [16, 32, 4, 4]: mean and log-variance
+        mean, logvar = moments.chunk(2, dim=1)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
+        recon = ae.decoder(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps:
+            progress.update(step, loss=loss.item())
+    ae.eval()
+    with torch.no_grad():  # measure the latent statistics, as FLUX's scale and shift were measured
+        mean = torch.cat([ae.encoder(images[i : i + 64]).chunk(2, dim=1)[0] for i in range(0, min(len(images), 256), 64)])
+    params = AutoEncoderParams(**{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()})
+    trained = AutoEncoder(params)
+    trained.load_state_dict(ae.state_dict())
+    save_atomic(trained.state_dict(), path, metadata={"minflux.ae_params": json.dumps(asdict(params))})
+    return load_ae(path)

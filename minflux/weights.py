@@ -1,0 +1,189 @@
+"""Reading and writing weight files: the I/O every loader in minflux shares.
+
+Official weights come as one .safetensors file (flux1-dev.safetensors, ae.safetensors, clip_l.safetensors),
+or as a folder in the diffusers / transformers layout (config.json + one file, or several shards listed in a
+`*.safetensors.index.json`). This file turns any of those into a plain {key: tensor} dict, lazily, one tensor
+at a time, and puts it into a model built on the meta device, so the weights are held in memory once.
+
+Every failure raises `WeightsError` with a message that names the file, the key and what was expected.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2}
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+VARIANT_SUFFIXES = {".fp16", ".bf16", ".fp32", ".fp8"}
+
+
+class WeightsError(ValueError):
+    """A weights file, folder or key that cannot be used as asked. The message says what and where."""
+
+
+# --- finding the files -------------------------------------------------------------------------------
+
+
+def weight_files(path) -> list[Path]:
+    """The weight files behind `path`: the file itself, or a folder's shards (from its index json) or files."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid index file (expected a json object with 'weight_map'): {e}")
+        shards = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(s) for s in shards if not s.exists()]
+        if missing:
+            raise WeightsError(f"{index}: lists shards that are missing: {', '.join(missing)}")
+        return shards
+    files = sorted(path.glob("*.safetensors"))
+    # diffusers folders may hold precision variants beside the main file (model.fp16.safetensors): skip them
+    main = [f for f in files if Path(f.stem).suffix not in VARIANT_SUFFIXES]
+    files = main or files
+    if not files:
+        files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not files:
+        raise WeightsError(f"{path}: folder holds no .safetensors file (nor an index json listing shards)")
+    return files
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{file}: not a readable .safetensors file (truncated or another format?): {e}") from None
+
+
+def _load_pickle(file: Path) -> dict:
+    """A .pt/.bin/.ckpt file, read with weights_only=True: tensors only, never arbitrary unpickled objects."""
+    try:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for a bad or unsafe pickle
+        raise WeightsError(f"{file}: cannot be read as a weights-only torch checkpoint: {e}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"{file}: expected a dict of tensors, found {type(sd).__name__}")
+    return sd
+
+
+def read_shapes(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{key: (shape, dtype name)} for every tensor behind `path`, without reading any tensor data."""
+    shapes = {}
+    for file in weight_files(path):
+        if file.suffix in PICKLE_SUFFIXES:
+            shapes.update({k: (tuple(v.shape), str(v.dtype)) for k, v in _load_pickle(file).items()})
+            continue
+        with _open(file) as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                shapes[key] = (tuple(s.get_shape()), s.get_dtype())
+    return shapes
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The string metadata stored in the (first) safetensors header, {} if none."""
+    file = weight_files(path)[0]
+    if file.suffix in PICKLE_SUFFIXES:
+        return {}
+    with _open(file) as f:
+        return dict(f.metadata() or {})
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """To `dtype`; with dtype None, floating tensors keep theirs, except fp8 (storage only) which becomes bf16."""
+    if not t.is_floating_point():
+        return t
+    if dtype is None:
+        dtype = torch.bfloat16 if t.dtype in FP8_DTYPES else t.dtype
+    return t.to(dtype)
+
+
+def read_state_dict(path, dtype: torch.dtype | None = None, select=None) -> dict[str, torch.Tensor]:
+    """{key: tensor} for the tensors behind `path` whose key passes `select` (all when None), cast by `cast`.
+
+    Tensors are read one at a time from the memory-mapped file. A ComfyUI-style "scaled fp8" file stores
+    `W_fp8` and `W.scale_weight`; the product is what the model uses, so it is applied here.
+    """
+    sd = {}
+    for file in weight_files(path):
+        if file.suffix in PICKLE_SUFFIXES:
+            raw = _load_pickle(file)
+            sd.update({k: v for k, v in raw.items() if select is None or select(k)})
+            continue
+        with _open(file) as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key.endswith(".scale_weight") or key == "scaled_fp8" or (select and not select(key)):
+                    continue
+                try:
+                    t = f.get_tensor(key)
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise WeightsError(f"{file}: tensor {key!r} cannot be read (truncated file?): {e}") from None
+                scale_key = key[: -len("weight")] + "scale_weight" if key.endswith("weight") else None
+                if scale_key in keys:
+                    t = t.to(torch.float32) * f.get_tensor(scale_key).to(torch.float32)
+                    t = t.to(dtype or torch.bfloat16)
+                sd[key] = t
+    return {k: cast(v, dtype) for k, v in sd.items()}
+
+
+# --- putting weights into a model --------------------------------------------------------------------
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what: str = "model") -> torch.nn.Module:
+    """Load `sd` into `model` (usually built on the meta device) with strict key and shape checks.
+
+    The tensors are assigned, not copied, so no second copy of the weights is made. Any mismatch raises
+    WeightsError naming `source`, the keys and the shapes expected.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        lines = [f"{source}: the weights do not match the {what}'s keys"]
+        if missing:
+            lines.append(f"  missing {len(missing)} key(s), e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:5])}")
+        raise WeightsError("\n".join(lines))
+    for key, t in sd.items():
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise WeightsError(
+                f"{source}: key {key!r} has shape {list(t.shape)}, the {what} expects {list(expected[key].shape)}"
+            )
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,90 @@
+"""Shared test helpers: small FLUX configs, random weights, and diffusers as a reference oracle."""
+
+from dataclasses import replace
+
+import torch
+
+from minflux.flow import latent_ids, pack, prepare_txt_ids
+from minflux.model import Flux, FluxParams
+
+TINY = FluxParams(
+    in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=128, mlp_ratio=4.0,
+    num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10_000, qkv_bias=True,
+    guidance_embed=True,
+)  # fmt: skip
+TINY_VARIANTS = {
+    "dev": TINY,
+    "schnell": replace(TINY, guidance_embed=False),
+    "fill": replace(TINY, in_channels=384),
+}
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random (norm scales around 1, the rest around 0), so no term of the maths is trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("scale") or "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / p.shape[1] ** 0.5)
+            else:
+                p.copy_(0.05 * noise)
+    return module
+
+
+def tiny_flux(params: FluxParams = TINY, seed: int = 0) -> Flux:
+    return randomize_(Flux(params), seed).eval()
+
+
+def flux_inputs(params: FluxParams, batch: int = 2, h: int = 8, w: int = 6, txt_len: int = 7, seed: int = 1):
+    """Random model inputs for a latent of h×w (so h/2 · w/2 image tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, params.in_channels // 4, h, w, generator=g)
+    return dict(
+        img=pack(z),
+        img_ids=latent_ids(z),
+        txt=torch.randn(batch, txt_len, params.context_in_dim, generator=g),
+        txt_ids=prepare_txt_ids(batch, txt_len),
+        timesteps=torch.rand(batch, generator=g),
+        y=torch.randn(batch, params.vec_in_dim, generator=g),
+        guidance=torch.full((batch,), 3.5) if params.guidance_embed else None,
+    )
+
+
+def diffusers_flux(params: FluxParams, state_dict: dict):
+    """diffusers' FluxTransformer2DModel of the same shape, holding `state_dict` converted to its layout."""
+    from diffusers import FluxTransformer2DModel
+
+    from minflux.loaders import flux_to_diffusers
+
+    ref = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=params.in_channels,
+        out_channels=params.out_channels,
+        num_layers=params.depth,
+        num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.hidden_size // params.num_heads,
+        num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim,
+        pooled_projection_dim=params.vec_in_dim,
+        guidance_embeds=params.guidance_embed,
+        axes_dims_rope=tuple(params.axes_dim),
+    )
+    ref.load_state_dict(flux_to_diffusers(state_dict), strict=True)
+    return ref.eval()
+
+
+def diffusers_forward(ref, inputs: dict) -> torch.Tensor:
+    """diffusers' call for the same inputs: its ids are per sequence ([L, 3]), its guidance is not scaled."""
+    return ref(
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"][0],
+        txt_ids=inputs["txt_ids"][0],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )[0]
