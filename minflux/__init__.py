@@ -29,6 +29,25 @@ from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams, 
 from minflux.clip import CLIP_L, CLIPEmbedder, CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
 from minflux.t5 import T5_XXL, T5Embedder, T5Encoder, T5Params, T5Tokenizer, load_t5
 
+# LoRA
+from minflux.lora import (
+    DEFAULT_TARGETS,
+    TARGET_GROUPS,
+    LoRALinear,
+    inject_lora,
+    load_lora,
+    lora_layers,
+    lora_parameters,
+    merge_lora,
+    read_lora,
+    save_lora,
+    unload_lora,
+)
+
+# data and the vis2ir task
+from minflux.data import CLASSES, DataError, SyntheticTriptychs, TriptychFolder, make_scene, split_triptych
+from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, generate_infrared, vis2ir_loss
+
 # semantic conditioning
 from minflux.semantic import SemanticConditioningAdapter, SemanticCrossAttention
 

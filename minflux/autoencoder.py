@@ -42,6 +42,7 @@ class AutoEncoderParams:
     z_channels: int
     scale_factor: float
     shift_factor: float
+    norm_groups: int = 32  # GroupNorm groups; not stored in the weights (a minflux-trained VAE records it)
 
 
 # The one autoencoder every FLUX.1 variant (dev, schnell, fill, kontext) uses: ae.safetensors.
@@ -52,9 +53,13 @@ AE_PARAMS_FLUX = AutoEncoderParams(
 )  # fmt: skip
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """Every norm in the VAE: GroupNorm with 32 groups (so channels must be a multiple of 32)."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """Every norm in the VAE: GroupNorm, 32 groups in FLUX (4 or more channels each, as ch = 128).
+
+    A group of one channel would erase that channel's mean over the image, and with it the image's colour:
+    a small VAE (ch = 32) keeps FLUX's 4 channels per group with 8 groups (AutoEncoderParams.norm_groups).
+    """
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 # --- the building blocks ------------------------------------------------------------------------------
@@ -63,11 +68,11 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """norm -> SiLU -> 3x3 conv, twice, plus the input (through a 1x1 conv when the width changes)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         # Only blocks that change the width have a shortcut conv: the key exists only there.
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
@@ -83,9 +88,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Self-attention over all pixels, one head as wide as the channels. q, k, v, proj_out are 1x1 convs."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -124,12 +129,12 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # [B, C, 2H, 2W]
 
 
-def middle(channels: int) -> nn.Module:
+def middle(channels: int, groups: int = 32) -> nn.Module:
     """The middle of encoder and decoder, at the lowest resolution: ResNet, attention, ResNet."""
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
+    mid.block_1 = ResnetBlock(channels, channels, groups)
+    mid.attn_1 = AttnBlock(channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, groups)
     return mid
 
 
@@ -143,7 +148,9 @@ class Encoder(nn.Module):
     level but the last ends with a Downsample. Modules sit at down.{level}.block.{i} and down.{level}.downsample.
     """
 
-    def __init__(self, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int):
+    def __init__(
+        self, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, groups: int = 32
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
         self.down = nn.ModuleList()
@@ -152,13 +159,13 @@ class Encoder(nn.Module):
             level = nn.Module()  # a plain container, so the keys read down.{i}.block.{j}
             level.block = nn.ModuleList()
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(width, ch * mult))
+                level.block.append(ResnetBlock(width, ch * mult, groups))
                 width = ch * mult
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(width)
             self.down.append(level)
-        self.mid = middle(width)
-        self.norm_out = group_norm(width)
+        self.mid = middle(width, groups)
+        self.norm_out = group_norm(width, groups)
         self.conv_out = nn.Conv2d(width, 2 * z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -180,23 +187,25 @@ class Decoder(nn.Module):
     which runs last. Each has num_res_blocks + 1 ResNet blocks; every level but 0 ends with an Upsample.
     """
 
-    def __init__(self, out_ch: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int):
+    def __init__(
+        self, out_ch: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, groups: int = 32
+    ):
         super().__init__()
         width = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, kernel_size=3, padding=1)
-        self.mid = middle(width)
+        self.mid = middle(width, groups)
         levels = []
         for i in reversed(range(len(ch_mult))):  # built in the order they run: lowest resolution first
             level = nn.Module()
             level.block = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(width, ch * ch_mult[i]))
+                level.block.append(ResnetBlock(width, ch * ch_mult[i], groups))
                 width = ch * ch_mult[i]
             if i != 0:
                 level.upsample = Upsample(width)
             levels.append(level)
         self.up = nn.ModuleList(reversed(levels))  # stored by resolution level, as in the checkpoint
-        self.norm_out = group_norm(width)
+        self.norm_out = group_norm(width, groups)
         self.conv_out = nn.Conv2d(width, out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -228,8 +237,9 @@ class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams):
         super().__init__()
         self.params = params
-        self.encoder = Encoder(params.in_channels, params.ch, params.ch_mult, params.num_res_blocks, params.z_channels)
-        self.decoder = Decoder(params.out_ch, params.ch, params.ch_mult, params.num_res_blocks, params.z_channels)
+        p = params
+        self.encoder = Encoder(p.in_channels, p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.norm_groups)
+        self.decoder = Decoder(p.out_ch, p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.norm_groups)
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
         self.downscale = 2 ** (len(params.ch_mult) - 1)  # 8: pixels per latent value along H and W
@@ -432,6 +442,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
     if stored is not None:
         stored = json.loads(stored)
         params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
+        params.norm_groups = stored.get("norm_groups", params.norm_groups)
 
     with torch.device("meta"):  # no memory: the loaded tensors are assigned in place of these
         ae = AutoEncoder(params)

@@ -11,6 +11,7 @@ still tell the transformer which classes a scene holds.
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: i
     """Tokenizers learned on the captions and randomly initialised small CLIP and T5, in the official
     layout under `folder`, loaded back with load_clip / load_t5. Returns (clip, t5)."""
     folder = Path(folder)
-    text = "\n".join(sorted(set(captions)))
+    text = "\n".join(captions)  # with repeats: the tokenizers learn from how often words occur
     if not (folder / "text_encoder_2" / "model.safetensors").exists():
         torch.manual_seed(seed)
         write_clip_tokenizer(folder / "tokenizer", text, num_merges=200)
@@ -41,7 +42,7 @@ def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: i
         )  # fmt: skip
         _save_encoder(CLIPTextModel(clip), folder / "text_encoder", _clip_config(clip))
 
-        write_t5_tokenizer(folder / "tokenizer_2", text, vocab_size=200)
+        write_t5_tokenizer(folder / "tokenizer_2", text, vocab_size=160, model_type="bpe")
         import sentencepiece
 
         pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer_2" / "spiece.model"))
@@ -103,6 +104,8 @@ def train_autoencoder(
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
     progress = Progress(steps, label="vae ")
     for step in range(1, steps + 1):
+        for group in opt.param_groups:  # cosine decay to 0: the last steps polish at a small learning rate
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         idx = torch.randint(len(images), (batch_size,), generator=g)
         y0, x0 = torch.randint(images.shape[-2] - crop + 1, (2,), generator=g).tolist()
         x = images[idx, :, y0 : y0 + crop, x0 : x0 + crop]  # [16, 3, 32, 32]

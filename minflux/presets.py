@@ -32,13 +32,14 @@ FLUX_DEV = FluxParams(
 # The small presets keep every part of the architecture (3-axis RoPE, double and single blocks, the
 # 16-channel latent, the 8× VAE) and shrink the widths, so they train from scratch on a CPU.
 FLUX_SMALL = FluxParams(
-    in_channels=64, out_channels=64, vec_in_dim=128, context_in_dim=256, hidden_size=256, mlp_ratio=4.0,
+    in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=256, mlp_ratio=4.0,
     num_heads=4, depth=2, depth_single_blocks=4, axes_dim=[16, 24, 24], theta=10_000, qkv_bias=True,
     guidance_embed=False,
 )  # fmt: skip
 AE_SMALL = AutoEncoderParams(
     resolution=256, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1,
     z_channels=16, scale_factor=1.0, shift_factor=0.0,  # scale and shift are measured after training
+    norm_groups=8,  # 4 channels per group, as FLUX's 128 channels in 32 groups
 )  # fmt: skip
 
 configs: dict[str, ModelSpec] = {

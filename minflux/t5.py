@@ -399,15 +399,16 @@ def load_t5(path, max_length: int = 512, device="cpu", dtype: torch.dtype | None
 # --- building a small vocabulary (for models trained from scratch) ------------------------------------
 
 
-def write_t5_tokenizer(folder, text: str, vocab_size: int = 256) -> Path:
-    """A tokenizer_2/ folder with a sentencepiece unigram model learned on `text`, with T5's special ids:
-    <pad> 0, </s> 1, <unk> 2, no <s>. Read by T5Tokenizer exactly like the official spiece.model."""
+def write_t5_tokenizer(folder, text: str, vocab_size: int = 256, model_type: str = "unigram") -> Path:
+    """A tokenizer_2/ folder with a sentencepiece model learned on `text`, with T5's special ids: <pad> 0,
+    </s> 1, <unk> 2, no <s>. Read by T5Tokenizer exactly like the official spiece.model. T5's own is a
+    unigram model; on a few dozen distinct sentences "bpe" learns whole words where unigram stays near letters."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()),
         model_prefix=str(folder / "spiece"),
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # a small text may not support vocab_size pieces: take what it supports
         character_coverage=1.0,

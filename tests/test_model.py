@@ -1,7 +1,5 @@
 """The transformer: parity with diffusers, the official presets' sizes and keys, the attention paths."""
 
-import time
-
 import pytest
 import torch
 
@@ -42,15 +40,13 @@ def official_keys(depth=19, depth_single=38, guidance=True) -> set[str]:
 
 @pytest.mark.parametrize("name", list(OFFICIAL_COUNTS))
 def test_full_presets_have_official_parameter_count_and_keys_on_meta_device(name):
-    start = time.perf_counter()
     with torch.device("meta"):
         model = Flux(configs[name].params)
     count = sum(p.numel() for p in model.parameters())
     keys = set(model.state_dict())
     assert (count, len(keys)) == OFFICIAL_COUNTS[name]
     assert keys == official_keys(guidance=configs[name].params.guidance_embed)
-    assert all(p.device.type == "meta" for p in model.parameters())
-    assert time.perf_counter() - start < 5  # "well under a second" in practice; generous for a loaded CI box
+    assert all(p.device.type == "meta" for p in model.parameters())  # no memory: shapes only
 
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))

@@ -1,0 +1,133 @@
+"""train.py: a smoke run of the embedded default, exact resume, checkpoints on signals, DDP, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from minflux.weights import read_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--train-samples", "16", "--heldout-samples", "2", "--vae-steps", "4", "--batch-size", "4",
+    "--sample-steps", "2", "--panel-size", "64", "--lr-warmup-steps", "2",
+]  # fmt: skip
+
+
+def run_train(tmp_path, *args) -> int:
+    return train.main([*TINY, "--out", str(tmp_path), *args])
+
+
+@pytest.mark.slow
+def test_default_pipeline_writes_a_complete_run_folder(tmp_path, capsys):
+    assert run_train(tmp_path, "--steps", "6", "--name", "smoke") == 0
+    run = tmp_path / "smoke"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)  # the last line is the run folder
+    for name in ("transformer.safetensors", "adapter.safetensors", "ae.safetensors", "config.toml", "metrics.json",
+                 "loss.png", "samples.png", "log.jsonl", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                 "text_encoder_2/model.safetensors", "tokenizer_2/spiece.model"):  # fmt: skip
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["heldout_mse"] > 0 and metrics["train_seconds"] > 0
+    assert 0 < metrics["heldout_psnr"] < 100
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 7)) and all("scales" in r for r in lines)
+    # the adapter's scale starts at 0 and moves once trained
+    assert lines[-1]["scales"][0] != 0.0
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path):
+    assert run_train(tmp_path, "--steps", "6", "--name", "straight") == 0
+    assert run_train(tmp_path, "--steps", "6", "--stop-at", "3", "--name", "halves") == 0
+    assert not (tmp_path / "halves" / "metrics.json").exists()
+    assert (tmp_path / "halves" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert run_train(tmp_path, "--resume", str(tmp_path / "halves")) == 0
+    a = read_state_dict(tmp_path / "straight" / "transformer.safetensors")
+    b = read_state_dict(tmp_path / "halves" / "transformer.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = read_state_dict(tmp_path / "straight" / "adapter.safetensors")
+    b = read_state_dict(tmp_path / "halves" / "adapter.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    cmd = [sys.executable, "train.py", *TINY, "--out", str(tmp_path), "--name", "sig", "--steps", "100000",
+           "--checkpoint-every", "100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "sig" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "resume with: python train.py --resume" in out
+    latest = (tmp_path / "sig" / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert step >= 2 and (tmp_path / "sig" / "checkpoints" / latest / "weights.safetensors").is_file()
+    assert run_train(tmp_path, "--resume", str(tmp_path / "sig"), "--steps", str(step + 1)) == 0
+    assert json.loads((tmp_path / "sig" / "metrics.json").read_text())["steps"] == step + 1
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    code = run_train(tmp_path, "--steps", "50", "--lr", "1e30", "--name", "boom", "--checkpoint-every", "1")
+    assert code == 1
+    assert "stopping. The last good checkpoint is in" in capsys.readouterr().out
+    assert (tmp_path / "boom" / "checkpoints" / "latest").is_file()
+    assert not (tmp_path / "boom" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [*TINY, "--out", str(tmp_path), "--steps", "3", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "train.py", *common, "--name", "one"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
+         *common, "--name", "two"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = read_state_dict(tmp_path / "one" / "transformer.safetensors")
+    b = read_state_dict(tmp_path / "two" / "transformer.safetensors")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst  # the same maths, summed in another order across the two processes
+    assert a["final_layer.linear.weight"].abs().sum() > 0  # trained away from its zero initialisation
+
+
+def test_unknown_config_key_is_an_error_listing_the_valid_keys(tmp_path):
+    (tmp_path / "bad.toml").write_text('steps = 3\nlearning_rate = 0.1\n')
+    out = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "bad.toml")], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2
+    assert "unknown key(s) learning_rate" in out.stderr and "valid keys: semantic" in out.stderr
+
+
+def test_config_file_sets_fields_and_flags_win():
+    import argparse
+
+    from minflux.runs import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, train.TrainConfig)
+    args = parser.parse_args(["--steps", "7", "--target-only", "false"])
+    cfg = config_from_args(train.TrainConfig, args)
+    assert cfg.steps == 7 and cfg.target_only is False and cfg.semantic == "xattn_rope"
+
+
+def test_bad_semantic_mode_is_rejected():
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--semantic", "telepathy"])
+    assert e.value.code == 2
