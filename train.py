@@ -3,14 +3,14 @@
     python train.py                                   the embedded default: a small FLUX trained from scratch
                                                       on CPU, on generated [visible | infrared | semantic] scenes
     python train.py --semantic none                   the same without the semantic map (the ablation)
-    python train.py --finetune runs/vis2ir-xattn_rope fine-tune a finished small run with LoRA
+    python train.py --finetune runs/vis2ir-zeroconv   fine-tune a finished small run with LoRA
     python train.py --repo FLUX.1-Fill-dev --data triptychs/    LoRA on the official Fill model (GPU)
     torchrun --nproc_per_node=2 train.py ...          the same, data-parallel (gloo on CPU, NCCL on CUDA)
 
 One step (seeds 000/001; minflux/vis2ir.py has the shapes): encode the triptych with the frozen VAE into
 x_0, the Fill condition and the semantic tokens; draw t and ε; x_t = (1 − t) x_0 + t ε; inject the semantic
-map; the transformer predicts v; loss = MSE(v, ε − x_0) on the target half. Every flag below is a field of
-TrainConfig; `--config file.toml` sets the same fields. The last line printed is the run folder.
+map; the transformer predicts v; loss = MSE(v, ε − x_0). Every flag below is a field of TrainConfig;
+`--config file.toml` sets the same fields. The last line printed is the run folder.
 """
 
 import argparse
@@ -55,7 +55,7 @@ from minflux.weights import WeightsError, read_state_dict, save_atomic
 @dataclass
 class TrainConfig:
     # what to learn
-    semantic: str = "xattn_rope"
+    semantic: str = "zeroconv"
     adapter_layers: int = 1
     adapter_heads: int = 8
     data: str | None = None
@@ -179,16 +179,6 @@ def load_data(cfg: TrainConfig):
 
 def frozen_parts(cfg: TrainConfig, train_set, run: Path, device, dtype):
     """(ae, clip, t5): official weights when given, else the embedded default's small components."""
-    if cfg.repo:
-        repo = Path(cfg.repo)
-        cfg.flux = cfg.flux or str(repo / "transformer")
-        cfg.ae = cfg.ae or str(repo / "vae" if (repo / "vae").is_dir() else repo / "ae.safetensors")
-        cfg.clip = cfg.clip or str(repo / "text_encoder")
-        cfg.t5 = cfg.t5 or str(repo / "text_encoder_2")
-    if cfg.finetune:
-        done = Path(cfg.finetune)
-        cfg.flux, cfg.ae = cfg.flux or str(done / "transformer.safetensors"), cfg.ae or str(done / "ae.safetensors")
-        cfg.clip, cfg.t5 = cfg.clip or str(done / "text_encoder"), cfg.t5 or str(done / "text_encoder_2")
     if cfg.flux:
         missing = [name for name in ("ae", "clip", "t5") if getattr(cfg, name) is None]
         if missing:
@@ -200,15 +190,15 @@ def frozen_parts(cfg: TrainConfig, train_set, run: Path, device, dtype):
 
     spec = configs[cfg.preset]
     cache = Path(cfg.out) / "cache"
-    if rank() == 0:  # the other processes wait, then read what rank 0 made
-        panels = torch.stack([p for i in range(min(len(train_set), 512)) for p in split_triptych(train_set[i]["triptych"])])
+    scenes = range(min(len(train_set), 512))
+    panels = torch.stack([p for i in scenes for p in split_triptych(train_set[i]["triptych"])])  # [1536, 3, 64, 64]
+    if rank() == 0:  # rank 0 trains and writes them; the other processes wait, then read them
         train_autoencoder(spec.ae_params, panels, cfg.vae_steps, cache, seed=cfg.seed, log=log)
         build_text_encoders(run, captions(train_set), cfg.t5_max_length, seed=cfg.seed)
     if dist.is_initialized():
         dist.barrier()
-    panels = torch.stack([p for i in range(min(len(train_set), 512)) for p in split_triptych(train_set[i]["triptych"])])
-    ae = train_autoencoder(spec.ae_params, panels, cfg.vae_steps, cache, seed=cfg.seed, log=lambda *a: None)
-    clip, t5 = build_text_encoders(run, captions(train_set), cfg.t5_max_length, seed=cfg.seed)
+    ae = train_autoencoder(spec.ae_params, panels, cfg.vae_steps, cache, seed=cfg.seed, log=lambda *a: None)  # cached
+    clip, t5 = build_text_encoders(run, captions(train_set), cfg.t5_max_length, seed=cfg.seed)  # written: loaded
     if rank() == 0:
         save_atomic(ae.state_dict(), run / "ae.safetensors", metadata=_ae_metadata(ae))
     return ae.to(device), clip, t5
@@ -242,11 +232,13 @@ def encode_dataset(data, ae, clip, t5, cfg: TrainConfig, device, dtype) -> dict:
 
 
 def build_model(cfg: TrainConfig, device, dtype) -> tuple[Vis2IR, list, list]:
-    """The Fill transformer with the semantic injection; (model, base/LoRA params, adapter params)."""
+    """The Fill transformer with the semantic injection: (model, its trained transformer parameters — all of them
+    from scratch, the LoRA's with given weights — and the injection's parameters)."""
     if cfg.flux:
         flux = load_flux(cfg.flux, device=device, dtype=dtype)
         flux.requires_grad_(False)
-        lora = inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)
+        targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+        trained = inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=targets)
     else:
         torch.manual_seed(cfg.seed)
         flux = Flux(configs[cfg.preset].params)
@@ -254,11 +246,11 @@ def build_model(cfg: TrainConfig, device, dtype) -> tuple[Vis2IR, list, list]:
             flux.final_layer.linear.weight.zero_()
             flux.final_layer.linear.bias.zero_()
         flux.variant = cfg.preset
-        lora = list(flux.parameters())
+        trained = list(flux.parameters())
     flux.gradient_checkpointing = cfg.gradient_checkpointing
     model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads).to(device, dtype)
     adapter = [p for n, p in model.named_parameters() if not n.startswith("flux.")]
-    return model, lora, adapter
+    return model, trained, adapter
 
 
 def memory_estimate(model: Vis2IR, n_trained: int, batch: int, seq: int, checkpointing: bool) -> str:
@@ -338,6 +330,29 @@ def _cfg_of(run: Path) -> TrainConfig:
 # --- the run -------------------------------------------------------------------------------------------------
 
 
+def resolve_weight_paths(cfg: TrainConfig) -> TrainConfig:
+    """--repo and --finetune name folders; the files inside fill --flux, --ae, --clip, --t5 where not given."""
+    if cfg.repo:
+        repo = Path(cfg.repo)
+        cfg = replace(
+            cfg,
+            flux=cfg.flux or str(repo / "transformer"),
+            ae=cfg.ae or str(repo / "vae" if (repo / "vae").is_dir() else repo / "ae.safetensors"),
+            clip=cfg.clip or str(repo / "text_encoder"),
+            t5=cfg.t5 or str(repo / "text_encoder_2"),
+        )
+    if cfg.finetune:
+        done = Path(cfg.finetune)
+        cfg = replace(
+            cfg,
+            flux=cfg.flux or str(done / "transformer.safetensors"),
+            ae=cfg.ae or str(done / "ae.safetensors"),
+            clip=cfg.clip or str(done / "text_encoder"),
+            t5=cfg.t5 or str(done / "text_encoder_2"),
+        )
+    return cfg
+
+
 def parse(argv) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
@@ -352,7 +367,7 @@ def parse(argv) -> TrainConfig:
     if cfg.preset not in configs or configs[cfg.preset].params.in_channels != 384:
         fill = [n for n, s in configs.items() if s.params.in_channels == 384]
         parser.error(f"--preset {cfg.preset}: expected a Fill preset ({', '.join(fill)})")
-    return cfg
+    return resolve_weight_paths(cfg)
 
 
 def main(argv=None) -> int:
@@ -387,7 +402,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     n_train = sum(p.numel() for g in groups for p in g["params"])
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trained"
-        f"{' (LoRA + adapter)' if cfg.flux else ''}; adapter {sum(p.numel() for p in adapter_params):,}")  # fmt: skip
+        f"{' (LoRA + adapter)' if cfg.flux else ''}; semantic injection {sum(p.numel() for p in adapter_params):,}")  # fmt: skip
     seq = enc["x0"].shape[1] + enc["txt"].shape[1]
     log(memory_estimate(model, n_train, cfg.batch_size // world(), seq, cfg.gradient_checkpointing))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model

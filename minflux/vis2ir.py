@@ -9,7 +9,8 @@ The training step of seeds 000/001, with the seeds' shapes (512-pixel panels, ba
                              + the packed 8×8 mask (256)
     semantic [B, 1024, 64]   packed latent of the semantic panel (frozen VAE, no gradient)
     x_t = (1 − t) x_0 + t ε;  x_t' = injection(x_t, semantic)  → cat(x_t', x_cond) [B, 2048, 384]
-    v = FLUX-Fill(...) [B, 2048, 64];  loss = MSE(v, ε − x_0), by default over the target half only
+    v = FLUX-Fill(...) [B, 2048, 64];  loss = MSE(v, ε − x_0) over the whole diptych (the sampler denoises
+    both halves), or with target_only over the target half alone
 
 Design choice (the seeds write [B, 2048, 64] for the semantic tokens, but a 512×512 panel packs to
 [B, 1024, 64]): the semantic panel is encoded alone, 1024 tokens, and its tokens get the position ids of
@@ -22,7 +23,11 @@ Semantic injection modes, for the seeds' ablations:
     zeroconv    seed 002 plan A: a zero-initialised linear map of the semantic tokens added to x_cond
     xattn       seed 001 exactly: SemanticConditioningAdapter on x_t, no positions
     xattn_rope  the same with RoPE on Q and K from the tokens' 2D ids
+    blocks      seed 002 plan B: inside every double and single block, the image tokens attend to the
+                semantic tokens (projected to the transformer's width), zero-gated, with positions
 """
+
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -30,9 +35,9 @@ from torch import Tensor, nn
 
 from minflux.data import split_triptych
 from minflux.flow import fill_condition, interpolate, latent_ids, pack, prepare_img_ids, velocity_target
-from minflux.semantic import SemanticConditioningAdapter
+from minflux.semantic import SemanticConditioningAdapter, SemanticCrossAttention
 
-SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope")
+SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope", "blocks")
 
 
 def target_mask(batch: int, height: int, width: int, device=None) -> Tensor:
@@ -65,11 +70,46 @@ def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_al
         "img_ids": latent_ids(z),  # [B, 2048, 3]
         "target_tokens": pack(mask[:, :, ::8, ::8].expand(-1, 4, -1, -1))[..., 0] > 0.5,  # [B, 2048] bool
     }
-    if semantic in ("zeroconv", "xattn", "xattn_rope"):
+    if semantic in ("zeroconv", "xattn", "xattn_rope", "blocks"):
         s = ae.encode(sem_img, sample=False)  # [B, 16, 64, 64]
         out["semantic"] = pack(s)  # [B, 1024, 64]
         out["semantic_ids"] = right_half_ids(B, s.shape[2] // 2, s.shape[3] // 2, device=s.device)  # [B, 1024, 3]
     return out
+
+
+class BlockInjection(nn.Module):
+    """Seed 002 plan B: a zero-gated cross-attention to the semantic tokens after every transformer block.
+
+    The transformer's own code is left as it is: each block gets a forward hook that, while Vis2IR runs it,
+    lets the block's image tokens attend to the semantic tokens. Each SemanticCrossAttention's zero-initialised
+    scale is its gate, so at initialisation the blocks compute exactly what they computed before.
+    """
+
+    def __init__(self, flux: nn.Module, heads: int):
+        super().__init__()
+        p = flux.params
+        self.proj = nn.Linear(64, p.hidden_size)  # semantic tokens to the transformer's width: [B, 1024, 3072]
+        self.double_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth))
+        self.single_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth_single_blocks))
+        self.context = None  # (semantic [B, 1024, 3072], positions, text length) while Vis2IR runs the blocks
+        for block, attn in zip(flux.double_blocks, self.double_attn):
+            block.register_forward_hook(partial(self._after_double, attn))
+        for block, attn in zip(flux.single_blocks, self.single_attn):
+            block.register_forward_hook(partial(self._after_single, attn))
+
+    def _after_double(self, attn, block, args, output):
+        if self.context is None:
+            return output
+        img, txt = output  # [B, 2048, 3072], [B, 512, 3072]
+        semantic, positions, _ = self.context
+        return attn(img, semantic, positions), txt
+
+    def _after_single(self, attn, block, args, output):
+        if self.context is None:
+            return output
+        semantic, positions, n_txt = self.context
+        txt, img = output[:, :n_txt], output[:, n_txt:]  # [B, 512, 3072], [B, 2048, 3072]
+        return torch.cat((txt, attn(img, semantic, positions)), dim=1)
 
 
 class Vis2IR(nn.Module):
@@ -92,6 +132,8 @@ class Vis2IR(nn.Module):
             self.zero_conv = nn.Linear(64, 320)  # a 1×1 convolution on the packed tokens
             nn.init.zeros_(self.zero_conv.weight)
             nn.init.zeros_(self.zero_conv.bias)
+        if semantic == "blocks":
+            self.blocks = BlockInjection(flux, heads)
 
     def inject(self, x_t: Tensor, x_cond: Tensor, semantic: Tensor | None, semantic_ids: Tensor | None, img_ids):
         """(x_t, x_cond) → (x_t', x_cond'), the semantic map injected as the mode says."""
@@ -109,12 +151,18 @@ class Vis2IR(nn.Module):
         x_t, x_cond = img[..., :64], img[..., 64:]  # [B, 2048, 64], [B, 2048, 320]
         x_t, x_cond = self.inject(x_t, x_cond, semantic, semantic_ids, img_ids)
         img = torch.cat((x_t, x_cond), dim=-1)  # [B, 2048, 384]
-        return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # [B, 2048, 64]
+        if self.semantic != "blocks":
+            return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # [B, 2048, 64]
+        self.blocks.context = (self.blocks.proj(semantic), (img_ids, semantic_ids), txt.shape[1])
+        try:
+            return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        finally:
+            self.blocks.context = None
 
 
 def vis2ir_loss(
     model: Vis2IR, batch: dict, txt: Tensor, txt_ids: Tensor, y: Tensor, t: Tensor, noise: Tensor,
-    guidance: Tensor | None = None, target_only: bool = True,
+    guidance: Tensor | None = None, target_only: bool = False,
 ) -> Tensor:  # fmt: skip
     """Flow-matching loss of one batch (the output of encode_triptych plus text embeddings)."""
     x0 = batch["x0"]  # [B, 2048, 64]

@@ -9,13 +9,12 @@ import json
 import math
 
 import pytest
-import sentencepiece
 import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration, T5TokenizerFast
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-from minflux.t5 import T5_XXL, T5Encoder, T5Tokenizer, clamp_fp16, load_t5, relative_position_bucket
+from minflux.t5 import T5_XXL, T5Encoder, T5Tokenizer, clamp_fp16, load_t5, relative_position_bucket, write_t5_tokenizer
 from minflux.weights import WeightsError
 
 VOCAB = 256  # covers the trained sentencepiece pieces and the 100 <extra_id_N>
@@ -206,22 +205,7 @@ MAX_LENGTH = 64
 
 def train_sentencepiece(folder):
     """A tiny unigram model with T5's special ids: <pad> 0, </s> 1, <unk> 2, no <s>."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_TEXT),
-        model_prefix=str(folder / "spiece"),
-        model_type="unigram",
-        vocab_size=150,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    (folder / "spiece.vocab").unlink()
-    return folder
+    return write_t5_tokenizer(folder, "\n".join(TRAINING_TEXT), vocab_size=150)
 
 
 @pytest.fixture(scope="module")

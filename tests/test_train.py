@@ -27,7 +27,7 @@ def run_train(tmp_path, *args) -> int:
 
 @pytest.mark.slow
 def test_default_pipeline_writes_a_complete_run_folder(tmp_path, capsys):
-    assert run_train(tmp_path, "--steps", "6", "--name", "smoke") == 0
+    assert run_train(tmp_path, "--steps", "6", "--name", "smoke", "--semantic", "xattn_rope") == 0
     run = tmp_path / "smoke"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)  # the last line is the run folder
     for name in ("transformer.safetensors", "adapter.safetensors", "ae.safetensors", "config.toml", "metrics.json",
@@ -41,6 +41,7 @@ def test_default_pipeline_writes_a_complete_run_folder(tmp_path, capsys):
     assert [r["step"] for r in lines] == list(range(1, 7)) and all("scales" in r for r in lines)
     # the adapter's scale starts at 0 and moves once trained
     assert lines[-1]["scales"][0] != 0.0
+    assert json.loads((run / "metrics.json").read_text())["semantic"] == "xattn_rope"
 
 
 @pytest.mark.slow
@@ -115,19 +116,57 @@ def test_unknown_config_key_is_an_error_listing_the_valid_keys(tmp_path):
     assert "unknown key(s) learning_rate" in out.stderr and "valid keys: semantic" in out.stderr
 
 
-def test_config_file_sets_fields_and_flags_win():
+def test_config_file_sets_fields_and_flags_win(tmp_path):
     import argparse
 
     from minflux.runs import add_config_flags, config_from_args
 
+    (tmp_path / "c.toml").write_text('steps = 5\nlr = 0.5\nsemantic = "none"\n')
     parser = argparse.ArgumentParser()
     add_config_flags(parser, train.TrainConfig)
-    args = parser.parse_args(["--steps", "7", "--target-only", "false"])
+    args = parser.parse_args(["--config", str(tmp_path / "c.toml"), "--steps", "7", "--target-only", "true"])
     cfg = config_from_args(train.TrainConfig, args)
-    assert cfg.steps == 7 and cfg.target_only is False and cfg.semantic == "xattn_rope"
+    assert train.TrainConfig().target_only is False  # so True below is the flag at work
+    assert (cfg.steps, cfg.lr, cfg.semantic, cfg.target_only) == (7, 0.5, "none", True)
 
 
 def test_bad_semantic_mode_is_rejected():
     with pytest.raises(SystemExit) as e:
         train.parse(["--semantic", "telepathy"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
+    """The official-weights path on CPU: a finished small run's files are loaded like the official ones."""
+    assert run_train(tmp_path, "--steps", "2", "--name", "base", "--semantic", "xattn") == 0
+    base = tmp_path / "base"
+    code = run_train(tmp_path, "--steps", "2", "--name", "lora", "--semantic", "xattn", "--finetune", str(base),
+                     "--lora-rank", "4")  # fmt: skip
+    assert code == 0
+    run = tmp_path / "lora"
+    assert (run / "lora.safetensors").is_file() and not (run / "transformer.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "(LoRA + adapter)" in out and "memory estimate: weights" in out
+    lora = read_state_dict(run / "lora.safetensors")
+    assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # trained
+    import sample
+
+    assert sample.main(["--run", str(run), "--num", "2", "--steps", "2"]) == 0
+
+
+@pytest.mark.slow
+def test_training_on_a_folder_of_triptychs_skips_and_counts_bad_files(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (192, 64), (10 * i, 100, 200)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text("a scene, infrared view")
+    Image.new("RGB", (100, 64)).save(folder / "wrong_width.png")
+    code = run_train(tmp_path, "--steps", "2", "--name", "folder", "--data", str(folder), "--heldout-samples", "2")
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unusable file(s)" in out and "wrong_width.png" in out
+    assert "data: 11 train, 1 held-out" in out

@@ -1,0 +1,118 @@
+"""The vis2ir step of seeds 000/001: shapes at the seeds' sizes, the injection modes, the loss."""
+
+import pytest
+import torch
+from torch import nn
+
+from minflux.model import Flux
+from minflux.presets import configs
+from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, right_half_ids, vis2ir_loss
+
+
+class PoolAE(nn.Module):
+    """A stand-in with the VAE's interface and shapes ([B, 3, H, W] -> [B, 16, H/8, W/8]), cheap at 512 px."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 16, 1)
+
+    def encode(self, x, sample=False):
+        return self.proj(nn.functional.avg_pool2d(x, 8))
+
+
+def test_encode_triptych_gives_the_seeds_shapes():
+    triptych = torch.randn(4, 3, 512, 1536)  # seed 000: [B, 3, 512, 1536] = [visible | infrared | semantic]
+    with torch.no_grad():
+        out = encode_triptych(PoolAE(), triptych, "xattn_rope")
+    assert out["x0"].shape == (4, 2048, 64)
+    assert out["x_cond"].shape == (4, 2048, 320)
+    assert out["semantic"].shape == (4, 1024, 64)  # a 512×512 panel: 32 × 32 tokens, not the seeds' 2048
+    assert out["img_ids"].shape == out["semantic_ids"].shape[:1] + (2048, 3)
+    assert out["target_tokens"].sum().item() == 4 * 1024  # the right half of each 32 × 64 token grid
+    # the Fill condition's mask channels are 1 exactly on the target half
+    assert torch.equal(out["x_cond"][..., 64:].mean(-1) == 1.0, out["target_tokens"])
+
+
+def test_semantic_tokens_carry_the_ids_of_the_target_half():
+    ids = right_half_ids(1, 2, 3)  # a 2 × 3 semantic grid beside a 2 × 6 diptych grid
+    assert ids[0].tolist() == [[0, 0, 3], [0, 0, 4], [0, 0, 5], [0, 1, 3], [0, 1, 4], [0, 1, 5]]
+
+
+def small_fill(seed=0):
+    torch.manual_seed(seed)
+    return Flux(configs["flux-small-fill"].params)
+
+
+def batch(b=2, h=4, w=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    from minflux.flow import prepare_img_ids
+
+    ids = prepare_img_ids(b, h, w)
+    return {
+        "x0": torch.randn(b, h * w, 64, generator=g),
+        "x_cond": torch.randn(b, h * w, 320, generator=g),
+        "img_ids": ids,
+        "target_tokens": ids[..., 2] >= w // 2,
+        "semantic": torch.randn(b, h * w // 2, 64, generator=g),
+        "semantic_ids": right_half_ids(b, h, w // 2),
+    }
+
+
+@pytest.mark.parametrize("mode", SEMANTIC_MODES)
+def test_every_injection_mode_is_the_identity_at_initialisation(mode):
+    model = Vis2IR(small_fill(), mode)
+    b = batch()
+    x_t, x_cond = model.inject(b["x0"], b["x_cond"], b["semantic"], b["semantic_ids"], b["img_ids"])
+    assert torch.equal(x_t, b["x0"]) and torch.equal(x_cond, b["x_cond"])
+
+
+def test_zeroconv_adds_the_semantic_map_to_the_target_half_only():
+    model = Vis2IR(small_fill(), "zeroconv")
+    nn.init.normal_(model.zero_conv.weight)
+    b = batch()
+    _, x_cond = model.inject(b["x0"], b["x_cond"], b["semantic"], b["semantic_ids"], b["img_ids"])
+    changed = (x_cond != b["x_cond"]).any(-1)
+    assert torch.equal(changed, b["target_tokens"])
+
+
+def test_loss_is_the_velocity_error_over_the_chosen_tokens():
+    from minflux.flow import interpolate, prepare_txt_ids
+
+    model = Vis2IR(small_fill(), "none")
+    b = batch()
+    txt, txt_ids, y = torch.randn(2, 5, 64), prepare_txt_ids(2, 5), torch.randn(2, 64)
+    t, noise = torch.tensor([0.3, 0.8]), torch.randn(2, 32, 64)
+    with torch.no_grad():
+        v = model(torch.cat((interpolate(b["x0"], noise, t), b["x_cond"]), -1), b["img_ids"], txt, txt_ids, t, y)
+        err = (v - (noise - b["x0"])).pow(2).mean(-1)  # [2, 32]
+        target = vis2ir_loss(model, b, txt, txt_ids, y, t, noise, target_only=True)
+        whole = vis2ir_loss(model, b, txt, txt_ids, y, t, noise, target_only=False)
+    assert torch.allclose(target, err[b["target_tokens"]].mean())
+    assert torch.allclose(whole, err.mean())
+    assert not torch.allclose(target, whole)
+
+
+def test_vis2ir_needs_a_fill_transformer():
+    with pytest.raises(ValueError, match="Fill transformer"):
+        Vis2IR(Flux(configs["flux-small"].params), "none")
+    with pytest.raises(ValueError, match="semantic mode"):
+        Vis2IR(small_fill(), "telepathy")
+
+
+def test_block_injection_is_the_identity_until_its_gates_open():
+    from minflux.flow import prepare_txt_ids
+
+    flux = small_fill()
+    model = Vis2IR(flux, "blocks", heads=8)
+    b = batch()
+    args = (torch.cat((b["x0"], b["x_cond"]), -1), b["img_ids"], torch.randn(2, 5, 64), prepare_txt_ids(2, 5),
+            torch.tensor([0.3, 0.8]), torch.randn(2, 64))  # fmt: skip
+    with torch.no_grad():
+        plain = flux(*args)
+        assert torch.equal(model(*args, semantic=b["semantic"], semantic_ids=b["semantic_ids"]), plain)
+        for attn in [*model.blocks.double_attn, *model.blocks.single_attn]:
+            attn.scale.fill_(0.5)
+        gated = model(*args, semantic=b["semantic"], semantic_ids=b["semantic_ids"])
+        assert not torch.allclose(gated, plain, atol=1e-4)
+        assert torch.equal(flux(*args), plain)  # outside Vis2IR the hooks pass the blocks' outputs through
+    assert len(model.blocks.double_attn) == flux.params.depth and len(model.blocks.single_attn) == flux.params.depth_single_blocks
