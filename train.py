@@ -44,12 +44,11 @@ from minflux.runs import (
     read_toml,
     save_png,
     to_toml,
-    write_atomic,
     write_text_atomic,
 )
 from minflux.t5 import load_t5
 from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, generate_infrared, vis2ir_loss
-from minflux.weights import WeightsError, read_state_dict, save_atomic
+from minflux.weights import WeightsError, read_state_dict, save_atomic, write_atomic
 
 
 @dataclass

@@ -8,9 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import tomllib
 import typing
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from minflux.weights import write_atomic
 
 # --- configs: dataclass <-> flags <-> TOML -----------------------------------------------------------------
 
@@ -89,21 +89,6 @@ def to_toml(config) -> str:
 
 
 # --- atomic files ----------------------------------------------------------------------------------------
-
-
-def write_atomic(path, write) -> Path:
-    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -174,16 +174,22 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
 # --- writing ---------------------------------------------------------------------------------------------
 
 
-def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
+def write_atomic(path, write) -> Path:
+    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file, even after a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
