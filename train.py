@@ -276,7 +276,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def trainable_state(model: Vis2IR, cfg: TrainConfig) -> dict:
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("flux.")}
+    sd = model.injection_state_dict()
     if cfg.flux:  # LoRA: only the LoRA tensors of the transformer
         sd.update({k: v for k, v in model.state_dict().items() if ".lora_" in k or k.endswith(".alpha")})
     else:
@@ -509,7 +509,7 @@ def finish(run, cfg, model, ae, held, heldout_set, losses, step, train_seconds, 
         save_lora(model.flux, run / "lora.safetensors")
     else:
         save_flux(model.flux, run / "transformer.safetensors", variant=cfg.preset)
-    adapter = {k: v for k, v in model.state_dict().items() if not k.startswith("flux.")}
+    adapter = model.injection_state_dict()
     if adapter:
         save_atomic(adapter, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})
     write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")

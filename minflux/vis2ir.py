@@ -135,6 +135,10 @@ class Vis2IR(nn.Module):
         if semantic == "blocks":
             self.blocks = BlockInjection(flux, heads)
 
+    def injection_state_dict(self) -> dict[str, Tensor]:
+        """The semantic injection's tensors alone (adapter.safetensors): every key outside the transformer."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("flux.")}
+
     def inject(self, x_t: Tensor, x_cond: Tensor, semantic: Tensor | None, semantic_ids: Tensor | None, img_ids):
         """(x_t, x_cond) → (x_t', x_cond'), the semantic map injected as the mode says."""
         if self.semantic in ("xattn", "xattn_rope"):
@@ -233,7 +237,7 @@ def load_run(run, device="cpu", dtype=None) -> dict:
     if (run / "lora.safetensors").exists():
         load_lora(flux, run / "lora.safetensors")
     model = Vis2IR(flux, cfg.get("semantic", "xattn_rope"), cfg.get("adapter_layers", 1), cfg.get("adapter_heads", 8))
-    adapter = {k: v for k, v in model.state_dict().items() if not k.startswith("flux.")}
+    adapter = model.injection_state_dict()
     if adapter:
         sd = read_state_dict(run / "adapter.safetensors", dtype=dtype)
         missing = set(adapter) - set(sd)
