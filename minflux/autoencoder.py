@@ -251,12 +251,14 @@ class AutoEncoder(nn.Module):
                 DiagonalGaussian() whose `sample` defaults to True), or return the mean (False, deterministic).
         tile:   encode in overlapping tile x tile pixel windows (a multiple of 8) to bound memory; None: whole.
         """
+        x = x.contiguous(memory_format=torch.channels_last)  # see `decode`
         if tile is None:
             moments = self.encoder(x)  # [B, 32, 64, 64]
         else:
             moments = tiled(self.encoder, x, tile, align=self.downscale)
-        # Tiles are blended before sampling, so the noise is drawn once, over the whole latent.
-        z = diagonal_gaussian(moments, sample)  # [B, 16, 64, 64]
+        # Tiles are blended before sampling, so the noise is drawn once, over the whole latent (in the standard
+        # layout: randn_like follows the memory order, so channels-last would place the same draws elsewhere).
+        z = diagonal_gaussian(moments.contiguous(), sample)  # [B, 16, 64, 64]
         return self.scale_factor * (z - self.shift_factor)
 
     def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
@@ -265,9 +267,13 @@ class AutoEncoder(nn.Module):
         tile: decode in overlapping tile x tile latent windows (64 latents = 512 pixels); None: whole.
         """
         z = z / self.scale_factor + self.shift_factor  # undo encode's normalisation
+        # Channels-last ([B, H, W, C] in memory) is the layout the CPU's oneDNN convolutions (and cuDNN's tensor
+        # cores) run natively; every layer keeps it, so the tensors are not reordered at each conv. The same
+        # numbers in a different memory order: decode 5% and encode 20% faster on a 2-core CPU, 256×256.
+        z = z.contiguous(memory_format=torch.channels_last)
         if tile is None:
-            return self.decoder(z)
-        return tiled(self.decoder, z, tile)
+            return self.decoder(z).contiguous()
+        return tiled(self.decoder, z, tile).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

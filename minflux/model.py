@@ -68,15 +68,19 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · scale, computed in float32. Used on queries and keys (QK-norm) to keep logits tame."""
+    """x / rms(x) · scale, rms(x) = sqrt(mean(x²) + 1e-6). Used on queries and keys (QK-norm) to keep logits tame.
+
+    The official code writes it out in float32: `x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+    + 1e-6)`, then casts and multiplies by the scale. F.rms_norm computes the same in one pass (in float32 inside
+    for bf16 inputs); in float32 the two are bit-identical.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        rrms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
-        return (x.float() * rrms).to(x.dtype) * self.scale
+        return nn.functional.rms_norm(x, self.scale.shape, self.scale.to(x.dtype), eps=1e-6)
 
 
 class QKNorm(nn.Module):
@@ -159,7 +163,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = feed_forward(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        # img [B, 4096, 3072], txt [B, 512, 3072], vec [B, 3072], pe [B, 1, 4608, 64, 2, 2]
+        # img [B, 4096, 3072], txt [B, 512, 3072], vec [B, 3072], pe [B, 1, 4608, 64] (complex)
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
@@ -280,7 +284,7 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)  # [B, 512, 4096] -> [B, 512, 3072]
 
         ids = torch.cat((txt_ids, img_ids), dim=1)  # [B, 4608, 3]
-        pe = embed_ids(ids, self.params.axes_dim, self.params.theta)  # [B, 1, 4608, 64, 2, 2], shared by all blocks
+        pe = embed_ids(ids, self.params.axes_dim, self.params.theta)  # [B, 1, 4608, 64] complex, for all blocks
 
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, pe)

@@ -126,7 +126,8 @@ class T5Attention(nn.Module):
         distance = position[None, :] - position[:, None]  # [L, L]: key − query
         buckets = relative_position_bucket(distance, self.num_buckets, self.max_distance)  # [L, L]
         bias = self.relative_attention_bias(buckets)  # [L, L, 64]
-        return rearrange(bias, "Lq Lk H -> 1 H Lq Lk")  # [1, 64, 512, 512]
+        # contiguous: attention reads it in every layer, and would otherwise copy the permuted view each time
+        return rearrange(bias, "Lq Lk H -> 1 H Lq Lk").contiguous()  # [1, 64, 512, 512]
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
         q, k, v = (rearrange(proj(x), "B L (H D) -> B H L D", H=self.num_heads) for proj in (self.q, self.k, self.v))

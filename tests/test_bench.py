@@ -1,0 +1,95 @@
+"""The benchmark runs end to end on a tiny configuration, with and without the reference libraries.
+
+No timing is asserted: only that every case ran, timed both libraries, and wrote the fields the README
+table is made from.
+"""
+
+import json
+import sys
+
+import pytest
+
+from minflux import bench
+
+CASES = [c for c in bench.ALL_CASES if c != "matmul"]
+
+
+def run(tmp_path, *flags) -> dict:
+    path = tmp_path / "bench.json"
+    flags = ["--runs", "1", "--warmup", "1", "--min-seconds", "0", "--threads", "1", "--no-memory", *flags]
+    bench.main(["--config", "tiny", "--json", str(path), *flags])
+    return json.loads(path.read_text())
+
+
+def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    report = run(tmp_path)
+    results = report["results"]["tiny"]
+    assert set(results) == set(bench.ALL_CASES)
+    assert results["matmul"]["fp32_tflops"] > 0 and results["matmul"]["bf16_tflops"] > 0
+    for case in CASES:
+        r = results[case]
+        assert r["minflux_s"] > 0 and r["reference_s"] > 0, case
+        assert r["ratio"] == pytest.approx(r["minflux_s"] / r["reference_s"]), case
+        if case in bench.TARGETS:
+            assert r["target"] == bench.TARGETS[case] and isinstance(r["meets_target"], bool)
+    for case in ("forward-fp32", "forward-bf16"):
+        assert 0 < results[case]["minflux_mfu"] and 0 < results[case]["reference_mfu"]
+    # bf16 is compared with the fp32 output of the same weights; both libraries stay close to it
+    assert results["forward-bf16"]["minflux_bf16_error"] < 0.1
+    assert report["machine"]["diffusers"] is not None
+
+
+def test_bench_without_the_reference_libraries_times_minflux_alone(tmp_path, monkeypatch):
+    for lib in ("diffusers", "transformers", "peft"):
+        monkeypatch.setitem(sys.modules, lib, None)  # `import diffusers` now raises ImportError
+    report = run(tmp_path, "--cases", ",".join(CASES))
+    assert report["machine"]["diffusers"] is None
+    results = report["results"]["tiny"]
+    assert set(results) == {"matmul", *CASES}  # matmul is added for the forward cases' MFU
+    for case in CASES:
+        r = results[case]
+        assert r["minflux_s"] > 0 and "reference_s" not in r and "ratio" not in r, case
+        assert "not installed" in r["note"], case
+    assert "not installed" in bench.table(report)
+
+
+def test_bench_measures_peak_memory_in_a_subprocess():
+    memory = bench.memory_in_subprocess("tiny", "forward-fp32", "minflux", gradient_checkpointing=False)
+    assert memory["peak_mb"] > 0 and memory["work_mb"] >= 0
+
+
+def test_flux_flops_matches_pytorchs_flop_counter():
+    """The analytic count (used for the MFU) against torch.utils.flop_counter on a real forward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minflux.attention import attention_backend
+
+    cfg = bench.CONFIGS["tiny"]
+    model = bench.random_flux(cfg.flux, "cpu", torch.float32)
+    inputs = bench.flux_inputs(cfg.flux, cfg.latent, cfg.txt_tokens, torch.float32, "cpu")
+    with torch.no_grad(), attention_backend("explicit"), FlopCounterMode(display=False) as counter:
+        model(**inputs)  # explicit: the counter sees the attention's two matrix products (not the CPU SDPA kernel)
+    expected = bench.flux_flops(cfg.flux, img_tokens=inputs["img"].shape[1], txt_tokens=cfg.txt_tokens)
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cpu_bf16_attention_path_is_as_close_to_float32_as_sdpa():
+    """On the CPU, "auto" computes bf16 attention by the explicit formula (faster there); its error against
+    float32 must stay of the order of SDPA's own bf16 error. Measured here: mean and max |Δ| 1.4× SDPA's."""
+    import torch
+    import torch.nn.functional as F
+
+    from minflux.attention import attention_backend, scaled_dot_product
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 300, 64, generator=g) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    with attention_backend("sdpa"):
+        fused = scaled_dot_product(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    ours = scaled_dot_product(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()  # "auto": the explicit path
+    mean_ours, mean_fused = (ours - exact).abs().mean(), (fused - exact).abs().mean()
+    assert mean_ours < 2 * mean_fused and (ours - exact).abs().max() < 2 * (fused - exact).abs().max()
