@@ -43,13 +43,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         kind = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = dict(type=kind, metavar=kind.__name__.upper())
+        if kind is bool:  # "--trace" alone means true; "--trace false" is also accepted
+            flag = dict(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=_parse_bool if kind is bool else kind,
             default=None,  # None = not given, so the TOML file or the dataclass default applies
-            metavar=kind.__name__.upper() if kind is not bool else "BOOL",
             help=f"{helps.get(f.name, '')} (default: {default})".strip(),
+            **flag,
         )
     parser.add_argument("--config", type=Path, help="a TOML file setting the same fields; flags win over it")
 
@@ -111,10 +113,10 @@ def save_png(image: Image.Image, path, text: dict[str, str] | None = None) -> Pa
 class Progress:
     """One line, rewritten in place on a terminal: step, rate, ETA, and whatever the caller adds."""
 
-    def __init__(self, total: int, label: str = "", stream=sys.stdout):
-        self.total, self.label, self.stream = total, label, stream
+    def __init__(self, total: int, label: str = "", stream=None):
+        self.total, self.label, self.stream = total, label, stream or sys.stdout
         self.start = time.perf_counter()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def update(self, step: int, **fields) -> None:
         elapsed = time.perf_counter() - self.start

@@ -1,0 +1,635 @@
+"""Shape traces and parameter tables: every tensor's shape at every stage, and every component's size.
+
+    python -m minflux.trace flux-dev-kontext            one 1024×1024 Kontext step, seed 003's walk-through
+    python -m minflux.trace vis2ir --batch 4            one vis2ir training step, seeds 000/001's DEBUG shapes
+    python -m minflux.trace flux-dev --params           parameter counts of every component and block type
+
+The presets are built at full size on torch's meta device: tensors there have shapes and dtypes but no
+storage, so FLUX.1-dev, its VAE, CLIP-L and T5-XXL run through a whole step in seconds, with no weights and
+no memory. The trace is recorded from the real code (the same modules and functions a real run calls), not
+re-derived: `shape_trace()` hooks the minflux modules and wraps the minflux functions while it is open.
+
+Use in a script (train.py and sample.py take `--trace`):
+
+    from minflux.trace import shape_trace, parameter_table
+    with shape_trace():                 # prints one line per stage when the block ends
+        loss = vis2ir_loss(model, batch, txt, txt_ids, y, t, noise)
+    print(parameter_table({"transformer": model.flux, "ae": ae}))
+
+A trace line reads `stage (producer)   inputs → outputs   ×calls`: the stage is the module's path in its
+model (block numbers folded into `*`) or the function's name; lines are in the order the data flows, a
+stage inside another indented under it; a stage that repeats with the same shapes (19 double blocks, 50
+sampling steps) is printed once, with its number of calls.
+"""
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import re
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
+
+# --- what is traced --------------------------------------------------------------------------------------
+
+# Modules printed as a stage wherever they appear (by class name, so a refactor does not break the trace).
+STAGE_MODULES = {
+    "Flux", "Vis2IR", "Encoder", "Decoder", "CLIPTextModel", "T5Encoder", "MLPEmbedder", "Modulation",
+    "DoubleStreamBlock", "SingleStreamBlock", "LastLayer", "SemanticConditioningAdapter",
+    "SemanticCrossAttention", "BlockInjection",
+}  # fmt: skip
+# The direct children of these are stages too: the Linear, norm and MLP layers that seed 003 walks through.
+EXPANDED_MODULES = {"Flux", "DoubleStreamBlock", "SingleStreamBlock", "SelfAttention", "Vis2IR"}
+
+# Functions traced by name: (module, function). Every module that imported one of them (minflux's own, the
+# running script, a test) gets the traced version while the trace is open.
+TRACED_FUNCTIONS = [
+    ("minflux.data", "split_triptych"),
+    ("minflux.vis2ir", "target_mask"),
+    ("minflux.vis2ir", "encode_triptych"),
+    ("minflux.vis2ir", "vis2ir_loss"),
+    ("minflux.vis2ir", "generate_infrared"),
+    ("minflux.flow", "pack"),
+    ("minflux.flow", "unpack"),
+    ("minflux.flow", "pack_mask"),
+    ("minflux.flow", "fill_condition"),
+    ("minflux.flow", "prepare_img_ids"),
+    ("minflux.flow", "prepare_txt_ids"),
+    ("minflux.flow", "latent_ids"),
+    ("minflux.flow", "sample_t"),
+    ("minflux.flow", "interpolate"),
+    ("minflux.flow", "velocity_target"),
+    ("minflux.flow", "denoise"),
+    ("minflux.model", "timestep_embedding"),
+    ("minflux.attention", "embed_ids"),
+    ("minflux.attention", "attention"),
+]
+# Methods traced on their class: (module, class, method).
+TRACED_METHODS = [
+    ("minflux.autoencoder", "AutoEncoder", "encode"),
+    ("minflux.autoencoder", "AutoEncoder", "decode"),
+    ("minflux.model", "SelfAttention", "split_heads"),
+    ("minflux.vis2ir", "Vis2IR", "inject"),
+    ("minflux.clip", "CLIPTokenizer", "__call__"),
+    ("minflux.t5", "T5Tokenizer", "__call__"),
+]
+
+
+def _attention_note(inputs: dict, output) -> str:
+    """Seed 003 writes the joint q, k, v before the transpose, as [B, L, H, D]; minflux keeps [B, H, L, D]."""
+    q = inputs.get("q")
+    if isinstance(q, Tensor) and q.ndim == 4:
+        B, H, L, D = q.shape
+        return f"heads [B, L, H, D] = {fmt_shape((B, L, H, D))}, [B, H, L, D] = {fmt_shape(q.shape)}"
+    return ""
+
+
+NOTES = {"attention": _attention_note}
+
+# --- formatting --------------------------------------------------------------------------------------------
+
+
+def fmt_shape(shape) -> str:
+    """The seeds' notation: [B, 2048, 64]."""
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _tensors(x) -> list[Tensor]:
+    """Every tensor in a (nested) value, in order."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return [t for f in dataclasses.fields(x) for t in _tensors(getattr(x, f.name))]
+    return []
+
+
+def _collapse(shapes: list[str]) -> str:
+    """["[1, 1, 3072]"] * 6 → "6 × [1, 1, 3072]"; other runs listed with commas."""
+    out, i = [], 0
+    while i < len(shapes):
+        j = i
+        while j < len(shapes) and shapes[j] == shapes[i]:
+            j += 1
+        out.append(shapes[i] if j - i == 1 else f"{j - i} × {shapes[i]}")
+        i = j
+    return ", ".join(out)
+
+
+def fmt_value(x) -> str:
+    """Shapes of a value: a tensor, a tuple/list of them, a dict (with its keys), a dataclass of tensors."""
+    if isinstance(x, Tensor):
+        return fmt_shape(x.shape)
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {fmt_value(v)}" for k, v in x.items() if _tensors(v))
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, str) for v in x):
+        return f"[{len(x)} str]"
+    if isinstance(x, str):
+        return "[1 str]"
+    return _collapse([fmt_shape(t.shape) for t in _tensors(x)])
+
+
+def fmt_inputs(inputs: dict) -> str:
+    """Named inputs that hold tensors (or prompts): "img [1, 4096, 64], txt [1, 512, 4096]"."""
+    parts = []
+    for name, value in inputs.items():
+        if _tensors(value) or "prompt" in name:
+            parts.append(f"{name} {fmt_value(value)}")
+    return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(fn) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bind(fn, args, kwargs, skip_self: bool = False) -> dict:
+    """The call's arguments by parameter name (positional ones too), as the function names them."""
+    sig = _signature(getattr(fn, "__func__", fn))  # a bound method: its function, `self` first
+    skip_self = skip_self or hasattr(fn, "__func__")
+    if sig is None:
+        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+    try:
+        bound = sig.bind_partial(*((None,) if hasattr(fn, "__func__") else ()), *args, **kwargs).arguments
+    except TypeError:
+        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+    out = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if skip_self and i == 0:
+            continue
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:  # **kwargs of the callee, flattened
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+# --- the trace ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    """One line of the trace."""
+
+    depth: int  # nesting: a stage called inside another is one deeper
+    label: str  # "double_blocks.*.img_attn.qkv (Linear)" or "pack"
+    parent: str = ""  # the label of the stage it runs in
+    inputs: str = ""
+    outputs: str = ""
+    note: str = ""
+    calls: int = 1
+    done: bool = False
+
+    @property
+    def key(self):
+        return (self.depth, self.parent, self.label, self.inputs, self.outputs)
+
+    def line(self, width: int) -> str:
+        label = "  " * self.depth + self.label
+        text = f"{label:<{width}}  {self.inputs} → {self.outputs}"
+        if self.calls > 1:
+            text += f"   ×{self.calls}"
+        if self.note:
+            text += f"   ({self.note})"
+        return text
+
+
+class ShapeTrace:
+    """The state of one `shape_trace()`: the stages seen so far, in data-flow order, repeats folded."""
+
+    def __init__(self, max_depth: int = 6):
+        self.max_depth = max_depth
+        self.stages: list[Stage] = []
+        self._seen: dict[tuple, Stage] = {}
+        self._open: list[Stage | None] = []  # the stages being computed, innermost last
+        self._names: dict[nn.Module, tuple[str, str | None]] = {}  # module → (path label, parent class)
+        self._roots: dict[nn.Module, str] = {}
+
+    # ... entering and leaving a stage
+    def enter(self, label: str | None) -> None:
+        if label is None or len([s for s in self._open if s is not None]) >= self.max_depth:
+            self._open.append(None)
+            return
+        outer = [s for s in self._open if s is not None]
+        stage = Stage(depth=len(outer), label=label, parent=outer[-1].label if outer else "")
+        self.stages.append(stage)
+        self._open.append(stage)
+
+    def leave(self, inputs: dict, output, note: str = "") -> None:
+        stage = self._open.pop()
+        if stage is None:
+            return
+        stage.inputs, stage.outputs, stage.note, stage.done = fmt_inputs(inputs), fmt_value(output), note, True
+        first = self._seen.get(stage.key)
+        if first is None:
+            self._seen[stage.key] = stage
+            return
+        first.calls += 1  # a repeat: fold it into the first line
+        if self.stages and self.stages[-1] is stage:
+            self.stages.pop()
+        else:  # its own stages were new (rare): keep them, drop only this line
+            self.stages.remove(stage)
+
+    def abandon(self) -> None:
+        """A stage raised: close it without output."""
+        stage = self._open.pop()
+        if stage is not None and stage in self.stages and not stage.done:
+            stage.outputs = "(raised)"
+            stage.done = True
+
+    # ... naming modules
+    def name_module(self, module: nn.Module) -> tuple[str | None, str | None]:
+        """(label, parent class name) of a module, registering the tree of a model seen for the first time."""
+        if module not in self._names and type(module).__name__ in STAGE_MODULES:
+            root = self._roots.get(module, type(module).__name__)
+            for path, sub in module.named_modules():
+                if sub not in self._names:
+                    self._names[sub] = (_fold(f"{root}.{path}" if path else root), None)
+            for path, sub in module.named_modules():  # parents: for the "children of EXPANDED_MODULES" rule
+                for child_name, child in sub.named_children():
+                    label, _ = self._names[child]
+                    self._names[child] = (label, type(sub).__name__)
+        return self._names.get(module, (None, None))
+
+    def module_label(self, module: nn.Module) -> str | None:
+        path, parent = self.name_module(module)
+        cls = type(module).__name__
+        if path is None or not (cls in STAGE_MODULES or parent in EXPANDED_MODULES):
+            return None
+        return f"{path} ({cls})" if not path.endswith(cls) else path
+
+    # ... output
+    def lines(self) -> list[str]:
+        width = max((2 * s.depth + len(s.label) for s in self.stages), default=0)
+        return [s.line(width) for s in self.stages]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def find(self, label: str) -> list[Stage]:
+        """The stages whose label contains `label`."""
+        return [s for s in self.stages if label in s.label]
+
+
+def _fold(path: str) -> str:
+    """double_blocks.7.img_attn → double_blocks.*.img_attn: repeated blocks share one line."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path)
+
+
+_ACTIVE: ShapeTrace | None = None
+
+
+def _traced(fn, label: str, skip_self: bool = False):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        trace = _ACTIVE
+        if trace is None:
+            return fn(*args, **kwargs)
+        name = label
+        if skip_self and args and isinstance(args[0], nn.Module):  # a module's method: named by the module's path
+            path, _ = trace.name_module(args[0])
+            name = f"{path}.{fn.__name__}" if path else label
+        trace.enter(name)
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            trace.abandon()
+            raise
+        inputs = _bind(fn, args, kwargs, skip_self)
+        note = NOTES[label](inputs, out) if label in NOTES else ""
+        trace.leave(inputs, out, note)
+        return out
+
+    wrapper.__minflux_traced__ = fn
+    return wrapper
+
+
+def _patch_functions() -> list[tuple[object, str, object]]:
+    """Swap in the traced functions and methods everywhere they were imported; returns what to restore."""
+    import importlib
+
+    restore = []
+    originals = {}
+    for mod_name, name in TRACED_FUNCTIONS:
+        try:
+            fn = getattr(importlib.import_module(mod_name), name)
+        except (ImportError, AttributeError):
+            continue  # the function moved or went away: trace the rest
+        originals[fn] = _traced(fn, name)
+    for holder in [m for m in list(sys.modules.values()) if m is not None]:  # minflux, the script, any importer
+        for attr, value in list(getattr(holder, "__dict__", {}).items()):
+            try:
+                if callable(value) and not isinstance(value, type) and value in originals:
+                    restore.append((holder, attr, value))
+                    setattr(holder, attr, originals[value])
+            except TypeError:  # an unhashable callable: not one of ours
+                continue
+    for mod_name, cls_name, method in TRACED_METHODS:
+        try:
+            cls = getattr(importlib.import_module(mod_name), cls_name)
+        except (ImportError, AttributeError):
+            continue
+        fn = cls.__dict__.get(method)
+        if fn is None:
+            continue
+        label = f"{cls_name}.{method}" if method != "__call__" else cls_name
+        restore.append((cls, method, fn))
+        setattr(cls, method, _traced(fn, label, skip_self=True))
+    return restore
+
+
+@contextmanager
+def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.Module):
+    """Record the shape of every stage run inside the block; print the trace when it ends (to `file`, default
+    stdout), unless `quiet`.
+
+    Modules are named by their path in the outermost minflux model they run in (`Flux`, `Vis2IR`, ...);
+    pass `flux=model` to name a model's root yourself. `max_depth` bounds the nesting that is printed.
+    Yields the ShapeTrace: `.lines()`, `.text()`, `.stages`, `.find(label)`.
+    """
+    global _ACTIVE
+    if _ACTIVE is not None:
+        raise RuntimeError("shape_trace: a trace is already open")
+    trace = ShapeTrace(max_depth)
+    for label, module in names.items():
+        trace._roots[module] = label
+
+    def pre_hook(module, args):
+        trace.enter(trace.module_label(module))
+
+    def post_hook(module, args, kwargs, output):
+        if not trace._open:
+            return
+        inputs = _bind(module.forward, args, kwargs)
+        trace.leave(inputs, output)
+
+    restore = _patch_functions()
+    handles = [
+        module_hooks.register_module_forward_pre_hook(pre_hook),
+        module_hooks.register_module_forward_hook(post_hook, with_kwargs=True),
+    ]
+    _ACTIVE = trace
+    try:
+        yield trace
+    finally:
+        _ACTIVE = None
+        for h in handles:
+            h.remove()
+        for holder, attr, value in reversed(restore):
+            setattr(holder, attr, value)
+        if not quiet:
+            print(trace.text(), file=file or sys.stdout, flush=True)
+
+
+# --- parameter tables -----------------------------------------------------------------------------------------
+
+
+def _count(params) -> tuple[int, int]:
+    """(total, trainable) over distinct parameters (T5's shared embedding is counted once)."""
+    seen, total, trainable = set(), 0, 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
+def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int = 2) -> list[tuple[str, int, int, str]]:
+    """(label, total, trainable, note) for a module and, down to max_depth, its children. A ModuleList of equal
+    blocks is one row, "19 × DoubleStreamBlock", followed by the parts of one block; a wrapper with a single
+    child (CLIP's text_model, T5's encoder) is looked through."""
+    total, trainable = _count(module.parameters())
+    rows = [("  " * depth + f"{name} ({type(module).__name__})", total, trainable, "")]
+    children = [(n, c) for n, c in module.named_children() if _count(c.parameters())[0]]
+    while len(children) == 1 and not isinstance(children[0][1], nn.ModuleList):  # look through a wrapper
+        prefix, wrapper = children[0]
+        children = [(f"{prefix}.{n}", c) for n, c in wrapper.named_children() if _count(c.parameters())[0]]
+    if depth >= max_depth:
+        return rows
+    for child_name, child in children:
+        if isinstance(child, nn.ModuleList) and len(child):
+            kinds = {type(b).__name__ for b in child}
+            t, tr = _count(child.parameters())
+            kind = kinds.pop() if len(kinds) == 1 else "blocks"
+            each = _count(child[0].parameters())[0]
+            rows.append(("  " * (depth + 1) + f"{child_name} ({len(child)} × {kind})", t, tr, f"{each:,} each"))
+            if depth + 2 <= max_depth and kind != "blocks":  # the parts of one block, once
+                for part_name, part in child[0].named_children():
+                    pt, ptr = _count(part.parameters())
+                    if pt:
+                        label = "  " * (depth + 2) + f"{part_name} ({type(part).__name__})"
+                        rows.append((label, pt, ptr, "in one block"))
+        else:
+            rows += parameter_rows(child_name, child, depth + 1, max_depth)
+    return rows
+
+
+def parameter_table(parts: dict[str, nn.Module] | nn.Module, max_depth: int = 2) -> str:
+    """A model summary: parameters of each component and of its children (block types folded), trainable and
+    frozen, and the total. `parts`: {"transformer": flux, "ae": ae, ...} or one module. Works on meta models."""
+    if isinstance(parts, nn.Module):
+        parts = {type(parts).__name__.lower(): parts}
+    rows = []
+    for name, module in parts.items():
+        rows += parameter_rows(name, module, 0, max_depth)
+    all_params = [p for m in parts.values() for p in m.parameters()]
+    total, trainable = _count(all_params)
+    rows.append(("total", total, trainable, ""))
+    width = max(len(r[0]) for r in rows)
+    header = f"{'component':<{width}}  {'parameters':>15}  {'trainable':>15}  {'frozen':>15}"
+    lines = [header, "-" * len(header)]
+    for label, t, tr, note in rows:
+        if label == "total":
+            lines.append("-" * len(header))
+        lines.append(f"{label:<{width}}  {t:>15,}  {tr:>15,}  {t - tr:>15,}" + (f"  {note}" if note else ""))
+    return "\n".join(lines)
+
+
+# --- full-size models on the meta device ------------------------------------------------------------------------
+
+
+def meta_components(preset: str, t5_length: int | None = None) -> dict[str, nn.Module]:
+    """The preset's transformer, VAE, CLIP and T5, built on the meta device (no storage: no memory, no time).
+
+    The official presets get CLIP-L and T5-XXL; the small presets get the embedded default's small encoders,
+    whose widths match their vec_in_dim and context_in_dim."""
+    from minflux.autoencoder import AutoEncoder
+    from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
+    from minflux.model import Flux
+    from minflux.presets import configs
+    from minflux.t5 import T5_XXL, T5Encoder, T5Params
+
+    spec = configs[preset]
+    p = spec.params
+    clip_params = CLIP_L if p.vec_in_dim == 768 else CLIPParams(512, p.vec_in_dim, 4 * p.vec_in_dim, 2, 2)
+    t5_params = T5_XXL if p.context_in_dim == 4096 else T5Params(160, p.context_in_dim, 32, 2 * p.context_in_dim, 2, 2)
+    with torch.device("meta"):
+        return {
+            "transformer": Flux(p),
+            "ae": AutoEncoder(spec.ae_params),
+            "clip": CLIPTextModel(clip_params),
+            "t5": T5Encoder(t5_params),
+        }
+
+
+def trace_preset(preset: str, height: int = 1024, width: int = 1024, batch: int = 1, steps: int = 1,
+                 t5_length: int | None = None, quiet: bool = False) -> ShapeTrace:  # fmt: skip
+    """One sampling step of a preset at full size on the meta device, traced. Text-to-image for dev and schnell,
+    inpainting for Fill (an image and a mask), editing for Kontext (a reference image appended to the sequence):
+    the walk-through of seed 003 for flux-dev-kontext at 1024×1024."""
+    from minflux import flow  # called through the module, so that the traced versions run
+    from minflux.presets import configs
+
+    spec = configs[preset]
+    parts = meta_components(preset)
+    flux, ae, clip, t5 = parts["transformer"], parts["ae"], parts["clip"], parts["t5"]
+    L = t5_length or spec.t5_max_length
+    meta = torch.device("meta")
+    h, w = height // 16, width // 16  # token grid: VAE ×8, then 2×2 packing
+    with torch.no_grad(), shape_trace(quiet, transformer=flux, ae=ae, clip=clip, t5=t5) as trace:
+        clip_ids = torch.zeros(batch, clip.params.max_position_embeddings, dtype=torch.long, device=meta)  # [1, 77]
+        _, pooled = clip(clip_ids)  # [1, 768]
+        txt = t5(torch.zeros(batch, L, dtype=torch.long, device=meta))  # [1, 512, 4096]
+        txt_ids = flow.prepare_txt_ids(batch, L, device=meta)
+        noise = torch.randn(batch, h * w, 4 * ae.params.z_channels, device=meta)  # [1, 4096, 64]
+        img_ids = flow.prepare_img_ids(batch, h, w, device=meta)
+        kwargs = {}
+        if flux.params.in_channels > 64:  # Fill: the image with the area to fill erased, and the mask
+            image = torch.randn(batch, 3, height, width, device=meta)
+            mask = torch.ones(batch, 1, height, width, device=meta)
+            kwargs["img_cond"] = flow.fill_condition(ae, image, mask)  # [1, 4096, 320]
+        elif spec.name.endswith("kontext"):  # Kontext: the reference image's tokens follow the noise's
+            reference = torch.randn(batch, 3, height, width, device=meta)  # [1, 3, 1024, 1024]
+            kwargs["img_cond_seq"] = flow.pack(ae.encode(reference))  # [1, 16, 128, 128] -> [1, 4096, 64]
+            kwargs["img_cond_seq_ids"] = flow.prepare_img_ids(batch, h, w, axis0=1.0, device=meta)
+        timesteps = flow.get_schedule(steps, h * w, shift=spec.shift)
+        latent = flow.denoise(flux, noise, img_ids, txt, txt_ids, pooled, timesteps, guidance=spec.guidance, **kwargs)
+        ae.decode(flow.unpack(latent, height, width))  # [1, 4096, 64] -> [1, 16, 128, 128] -> [1, 3, 1024, 1024]
+    return trace
+
+
+def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_length: int = 512,
+                 quiet: bool = False) -> ShapeTrace:  # fmt: skip
+    """One vis2ir training step (seeds 000/001) at the seeds' size: FLUX.1-Fill-dev, 512-pixel panels."""
+    from minflux import flow, vis2ir  # called through the modules, so that the traced versions run
+
+    parts = meta_components("flux-dev-fill")
+    ae, clip, t5 = parts["ae"], parts["clip"], parts["t5"]
+    meta = torch.device("meta")
+    with torch.device("meta"):
+        model = vis2ir.Vis2IR(parts["transformer"], semantic)
+    with torch.no_grad(), shape_trace(quiet, ae=ae, clip=clip, t5=t5) as trace:
+        triptych = torch.randn(batch, 3, panel, 3 * panel, device=meta)  # [4, 3, 512, 1536]
+        encoded = vis2ir.encode_triptych(ae, triptych, semantic)
+        _, y = clip(torch.zeros(batch, 77, dtype=torch.long, device=meta))  # [4, 768]
+        txt = t5(torch.zeros(batch, t5_length, dtype=torch.long, device=meta))  # [4, 512, 4096]
+        t = flow.sample_t(batch, device=meta)  # [4]
+        noise = torch.randn(encoded["x0"].shape, device=meta)  # [4, 2048, 64]
+        guidance = torch.ones(batch, device=meta)
+        txt_ids = flow.prepare_txt_ids(batch, t5_length, device=meta)
+        vis2ir.vis2ir_loss(model, encoded, txt, txt_ids, y, t, noise, guidance)  # x_t, the injection, FLUX-Fill, loss
+    return trace
+
+
+def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
+    """Seeds 000/001's DEBUG lines, filled in from the trace: the seed's name, then the shape here."""
+    first = lambda label: (trace.find(label) or [None])[0]  # noqa: E731
+    named = lambda text: dict(re.findall(r"(\w+) (\[[^\]]*\])", text))  # noqa: E731  "x0 [4, 2048, 64], ..." → dict
+    enc = first("encode_triptych")
+    out = named(enc.outputs) if enc else {}
+    split = first("split_triptych")
+    ae_in = first("AutoEncoder.encode")
+    mask = first("target_mask")
+    adapter = first("SemanticConditioningAdapter")
+    flux = first("Flux")
+    loss = first("vis2ir_loss")
+    adapter_in = named(adapter.inputs) if adapter else {}
+    lines = [
+        f"triptych: {split.inputs.split(' ', 1)[1] if split else '?'}",
+        f"visible_img, target_img, semantic_img: {split.outputs if split else '?'}",
+        f"diptych: {ae_in.inputs.split(' ', 1)[1] if ae_in else '?'}",
+        f"mask_diptych: {mask.outputs if mask else '?'}",
+        f"x_0: {out.get('x0', '?')}",
+        f"x_cond: {out.get('x_cond', '?')}",
+        f"semantic_tokens: {out.get('semantic', 'none (this --semantic mode encodes no semantic tokens)')}",
+    ]
+    if adapter:
+        lines += [f"x_t: {adapter_in.get('image_feat', '?')}", f"x_t_enhanced: {adapter.outputs}"]
+    if flux:
+        lines.append(f"hidden_states (final): {named(flux.inputs).get('img', '?')}")
+    if loss:
+        lines.append(f"loss: {loss.outputs}")
+    return lines
+
+
+def main(argv=None) -> int:
+    from minflux.presets import configs
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", help=f"vis2ir, or a preset: {', '.join(configs)}")
+    parser.add_argument("--height", type=int, default=None, help="image height (default 1024; vis2ir: the panel, 512)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 1024)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the seeds')")
+    parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
+    parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
+    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, seed 001's)")
+    parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
+    args = parser.parse_args(argv)
+    if args.preset != "vis2ir" and args.preset not in configs:
+        parser.error(f"unknown preset {args.preset!r}: expected vis2ir or one of {', '.join(configs)}")
+
+    if args.params:
+        if args.preset == "vis2ir":
+            from minflux.vis2ir import Vis2IR
+
+            parts = meta_components("flux-dev-fill")
+            with torch.device("meta"):
+                model = Vis2IR(parts["transformer"], args.semantic)
+            for m in parts.values():
+                m.requires_grad_(False)  # the seeds' setup: FLUX, VAE and text encoders frozen, the adapter trained
+            injection = {k: v for k, v in model.named_children() if k != "flux"}  # the adapter
+            parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
+        else:
+            parts = meta_components(args.preset)
+            for name in ("ae", "clip", "t5"):  # frozen in FLUX: only the transformer is ever trained
+                parts[name].requires_grad_(False)
+        print(parameter_table(parts))
+        return 0
+
+    start = time.perf_counter()
+    if args.preset == "vis2ir":
+        panel = args.height or 512
+        batch = args.batch or 4
+        print(f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
+              f"--semantic {args.semantic}")  # fmt: skip
+        try:
+            trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512)
+        except ValueError as e:
+            parser.error(str(e))
+        print("\nseeds 000/001 DEBUG lines, from this trace:")
+        for line in vis2ir_debug_lines(trace):
+            print(f"[DEBUG] {line}")
+    else:
+        height, width, batch = args.height or 1024, args.width or 1024, args.batch or 1
+        print(f"{args.preset}: {args.steps} sampling step(s) at {height}×{width}, batch {batch}, on the meta device")
+        trace_preset(args.preset, height, width, batch, args.steps, args.t5_length)
+    print(f"\ntraced in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Shape traces and parameter tables (minflux/trace.py), checked against the seeds' numbers.
+
+The full-size traces run on the meta device: FLUX.1-dev, its VAE, CLIP-L and T5-XXL with no weights.
+"""
+
+import re
+
+import pytest
+import torch
+
+import minflux
+from minflux import flow
+from minflux.trace import meta_components, parameter_table, shape_trace, trace_preset
+
+
+@pytest.fixture(scope="module")
+def kontext():
+    """seed 003's walk-through: flux-dev-kontext, 1024×1024, a 512-token prompt, one step."""
+    return trace_preset("flux-dev-kontext", 1024, 1024, batch=1, steps=1, quiet=True)
+
+
+def line(trace, label):
+    """The first stage whose label contains `label`."""
+    found = trace.find(label)
+    assert found, f"no stage {label!r} in the trace:\n{trace.text()}"
+    return found[0]
+
+
+def test_kontext_trace_reproduces_seed_003_shapes(kontext):
+    clip = line(kontext, "clip")
+    assert "[1, 77]" in clip.inputs and "[1, 768]" in clip.outputs
+    t5 = line(kontext, "t5")
+    assert "[1, 512]" in t5.inputs and t5.outputs == "[1, 512, 4096]"
+    assert line(kontext, "AutoEncoder.encode").outputs == "[1, 16, 128, 128]"
+    assert line(kontext, "pack").outputs == "[1, 4096, 64]"
+    img_in = line(kontext, "img_in")
+    assert img_in.inputs == "input [1, 8192, 64]" and img_in.outputs == "[1, 8192, 3072]"
+    assert line(kontext, "txt_in").outputs == "[1, 512, 3072]"
+    attention = line(kontext, "attention")
+    assert "[1, 8704, 24, 128]" in attention.note and "q [1, 24, 8704, 128]" in attention.inputs
+    assert line(kontext, "mlp_act").outputs == "[1, 8704, 12288]"
+    assert line(kontext, "linear2").inputs == "input [1, 8704, 15360]"
+    assert line(kontext, "linear2").outputs == "[1, 8704, 3072]"
+    assert line(kontext, "final_layer").outputs == "[1, 8192, 64]"
+    assert line(kontext, "denoise").outputs == "[1, 4096, 64]"
+    assert line(kontext, "unpack").outputs == "[1, 16, 128, 128]"
+    assert line(kontext, "AutoEncoder.decode").outputs == "[1, 3, 1024, 1024]"
+
+
+def test_kontext_trace_is_in_data_flow_order_with_blocks_folded(kontext):
+    labels = [s.label for s in kontext.stages]
+    order = ["clip", "t5", "AutoEncoder.encode", "denoise", "transformer (Flux)", "transformer.img_in",
+             "transformer.double_blocks.* (DoubleStreamBlock)", "transformer.single_blocks.* (SingleStreamBlock)",
+             "transformer.final_layer", "unpack", "AutoEncoder.decode"]  # fmt: skip
+    positions = [next(i for i, l in enumerate(labels) if l.startswith(o)) for o in order]
+    assert positions == sorted(positions)
+    assert line(kontext, "double_blocks.* (DoubleStreamBlock)").calls == 19
+    assert line(kontext, "single_blocks.* (SingleStreamBlock)").calls == 38
+    assert len(kontext.stages) < 80  # one line per stage, not one per call
+
+
+def test_kontext_trace_command_prints_the_walk_through(capsys):
+    from minflux.trace import main
+
+    assert main(["flux-dev-kontext"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"img_in \(Linear\)\s+input \[1, 8192, 64\] → \[1, 8192, 3072\]", out)
+    assert re.search(r"traced in [\d.]+ s", out)
+
+
+def test_vis2ir_trace_command_prints_the_seeds_debug_shapes(capsys):
+    """`python -m minflux.trace vis2ir --batch 4`: seeds 000/001's DEBUG lines, read from the printed output."""
+    from minflux.trace import main
+
+    assert main(["vis2ir", "--batch", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    debug = dict(l[len("[DEBUG] ") :].split(": ", 1) for l in lines if l.startswith("[DEBUG]"))
+    assert debug["triptych"] == "[4, 3, 512, 1536]"
+    assert debug["visible_img, target_img, semantic_img"] == "3 × [4, 3, 512, 512]"
+    assert debug["diptych"] == "[4, 3, 512, 1024]"
+    assert debug["mask_diptych"] == "[4, 1, 512, 1024]"
+    assert debug["x_0"] == "[4, 2048, 64]"
+    assert debug["x_cond"] == "[4, 2048, 320]"
+    assert debug["semantic_tokens"] == "[4, 1024, 64]"  # minflux's design: the semantic panel alone
+    assert debug["x_t"] == debug["x_t_enhanced"] == "[4, 2048, 64]"
+    assert debug["hidden_states (final)"] == "[4, 2048, 384]"
+    assert any(re.search(r"Vis2IR\.adapter \(SemanticConditioningAdapter\)", l) for l in lines)
+
+
+def test_parameter_table_gives_the_official_counts():
+    table = parameter_table(meta_components("flux-dev"))
+    for count in ("11,901,408,320", "83,819,683", "123,060,480", "4,762,310,656"):
+        assert count in table, table
+    assert "double_blocks (19 × DoubleStreamBlock)" in table and "single_blocks (38 × SingleStreamBlock)" in table
+
+
+def test_vis2ir_params_count_the_adapter_not_the_seeds_number(capsys):
+    from minflux.trace import main
+
+    main(["vis2ir", "--params"])
+    out = capsys.readouterr().out
+    adapter = next(l for l in out.splitlines() if l.startswith("adapter"))
+    assert re.split(r"\s{2,}", adapter)[1:4] == ["16,897", "16,897", "0"]  # parameters, trainable, frozen
+    total = next(l for l in out.splitlines() if l.startswith("total"))
+    assert re.split(r"\s{2,}", total)[2] == "16,897"  # only the adapter trains
+    assert "33,088" not in out
+
+
+def test_shape_trace_of_a_real_model_matches_its_output_and_cleans_up():
+    """A small model on the CPU, called twice: the trace's shapes are the real ones, the repeats fold, and
+    closing the trace restores every function and removes every hook."""
+    torch.manual_seed(0)
+    params = minflux.configs["flux-small"].params
+    model = minflux.Flux(params)
+    img, txt = torch.randn(2, 16, 64), torch.randn(2, 5, params.context_in_dim)
+    args = (img, flow.prepare_img_ids(2, 4, 4), txt, flow.prepare_txt_ids(2, 5), torch.rand(2), torch.randn(2, 64))
+    pack_before = flow.pack
+    with shape_trace(quiet=True) as trace:
+        out = model(*args)
+        model(*args)
+    assert line(trace, "Flux").outputs == str(list(out.shape))
+    assert line(trace, "Flux").calls == 2
+    assert line(trace, "double_blocks.* (DoubleStreamBlock)").calls == 2 * params.depth
+    assert flow.pack is pack_before and minflux.vis2ir.pack is pack_before
+    assert not hasattr(minflux.model.attention, "__minflux_traced__")
+    with shape_trace(quiet=True) as empty:  # hooks are gone: a second trace starts from nothing
+        pass
+    model(*args)
+    assert empty.stages == []
