@@ -1,27 +1,36 @@
 """Sample from minflux.
 
-    python sample.py                      infrared images for held-out scenes, from the latest `python train.py` run
-    python sample.py --run runs/NAME      ... from that run
+    python sample.py                                   infrared for held-out scenes, from the latest `python train.py` run
+    python sample.py --run runs/NAME --visible v.png --semantic-map s.png      vis2ir on your own images
+    python sample.py --repo FLUX.1-schnell --prompt "a fox in the snow"      text-to-image (schnell or dev)
+    python sample.py --repo FLUX.1-Fill-dev --image photo.png --mask mask.png --prompt "a red door"
+    python sample.py --repo FLUX.1-Kontext-dev --image ref.png --prompt "make it winter"
+    python sample.py --repo FLUX.1-dev --from outputs/img_0003.png          again, from the settings in a PNG
 
-Writes a grid PNG [visible | semantic | generated | ground truth] and prints the held-out PSNR; the last line
-printed is the output path. Text-to-image, Fill and Kontext with the official weights come with the
-sampling issue; `minflux.denoise` already runs them from Python.
+With official weights, --repo is one official repo folder (BFL or diffusers layout); --flux/--ae/--clip/--t5
+name the files one by one instead. Each image is written to --output-dir with its settings in PNG text chunks
+(read back by --from). Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps and
+guidance 3.5, Fill 50 and 30, Kontext 30 and 2.5. The last line printed is the last file written.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from minflux.data import SyntheticTriptychs, TriptychFolder, split_triptych
+from minflux.data import DataError, SyntheticTriptychs, TriptychFolder, split_triptych
 from minflux.flow import prepare_txt_ids
-from minflux.runs import image_grid, save_png
+from minflux.runs import Progress, image_grid, save_png
 from minflux.vis2ir import encode_triptych, generate_infrared, load_run
 from minflux.weights import WeightsError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def latest_run(out: Path) -> Path | None:
@@ -30,20 +39,175 @@ def latest_run(out: Path) -> Path | None:
     return finished[-1].parent if finished else None
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, help="a train.py run folder (default: the latest under --runs)")
-    parser.add_argument("--runs", type=Path, default=Path("runs"), help="where train.py writes its runs")
-    parser.add_argument("--num", type=int, default=8, help="held-out scenes to generate")
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's sample_steps)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    parser.add_argument("--output", type=Path, default=None, help="the PNG to write (default: RUN/sample-SEED.png)")
-    args = parser.parse_args(argv)
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("the embedded default and vis2ir (a train.py run)")
+    g.add_argument("--run", type=Path, help="a train.py run folder (default: the latest under --runs)")
+    g.add_argument("--runs", type=Path, default=Path("runs"), help="where train.py writes its runs")
+    g.add_argument("--num", type=int, default=8, help="held-out scenes to generate")
+    g.add_argument("--visible", type=Path, nargs="+", help="visible image(s) to translate to infrared")
+    g.add_argument("--semantic-map", type=Path, nargs="+", help="their semantic maps (class colours), one each")
+    g.add_argument("--output", type=Path, default=None, help="the held-out grid PNG (default: RUN/sample-SEED.png)")
 
-    run = args.run or latest_run(args.runs)
-    if run is None:
-        print(f"sample.py: no finished run under {args.runs}/; train one first with:  python train.py", file=sys.stderr)
-        return 2
+    g = p.add_argument_group("official weights")
+    g.add_argument("--repo", type=Path, help="an official repo folder (FLUX.1-dev, -schnell, -Fill-dev, -Kontext-dev)")
+    g.add_argument("--flux", type=Path, help="the transformer: flux1-*.safetensors or a diffusers transformer/ folder")
+    g.add_argument("--ae", type=Path, help="ae.safetensors or a diffusers vae/ folder")
+    g.add_argument("--clip", type=Path, help="CLIP-L: a text_encoder/ folder (its tokenizer/ beside it) or file")
+    g.add_argument("--t5", type=Path, help="T5-XXL: a text_encoder_2/ folder (its tokenizer_2/ beside it) or file")
+    g.add_argument("--variant", help="the preset when the weights cannot tell (flux-dev-kontext has dev's shapes)")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (kohya, diffusers, BFL, XLabs or minflux file), scale 1 by default; repeat for more")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", help="the prompt (vis2ir: default empty)")
+    g.add_argument("--negative-prompt", help="a negative prompt, used with --true-cfg above 1 (two passes a step)")
+    g.add_argument("--true-cfg", type=float, default=None, help="true classifier-free guidance scale (default 1: off)")
+    g.add_argument("--image", type=Path, help="Fill: the image to paint into; Kontext: the reference image")
+    g.add_argument("--mask", type=Path, help="Fill: white where the model paints, the image's size")
+    g.add_argument("--width", type=int, help="pixels, rounded to a multiple of 16 (default 1024; Fill/Kontext: the image's)")
+    g.add_argument("--height", type=int, help="pixels, rounded to a multiple of 16")
+    g.add_argument("--steps", type=int, help="Euler steps (default: the model's official number)")
+    g.add_argument("--guidance", type=float, help="the guidance embedding's value (dev, Fill, Kontext)")
+    g.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed + i - 1 (default 0)")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate")
+    g.add_argument("--max-length", type=int, help="T5 tokens (default 512, schnell 256)")
+    g.add_argument("--from", dest="settings_from", type=Path, help="take unset options from a minflux PNG's settings")
+    g.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where images are written")
+
+    g = p.add_argument_group("study")
+    g.add_argument("--trace", action="store_true", help="print the tensor shapes of every stage, one line each")
+    g.add_argument("--params", action="store_true", help="print the parameter table of every component")
+
+    g = p.add_argument_group("device")
+    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
+    return p.parse_args(argv)
+
+
+def apply_settings(args) -> None:
+    """Fill the options not given on the command line from the text chunks of an earlier image."""
+    from minflux.pipeline import read_settings
+
+    s = read_settings(args.settings_from)
+    if s.get("software") != "minflux":
+        raise DataError(args.settings_from, "holds no minflux settings (its PNG text chunks lack software=minflux)")
+    fields = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
+              "steps": ("steps", int), "width": ("width", int), "height": ("height", int),
+              "true_cfg": ("true_cfg_scale", float), "image": ("image", Path), "mask": ("mask", Path)}  # fmt: skip
+    for arg, (key, kind) in fields.items():
+        if getattr(args, arg) is None and key in s:
+            setattr(args, arg, kind(s[key]))
+    if args.guidance is None and s.get("guidance", "none") != "none":
+        args.guidance = float(s["guidance"])
+    if not args.lora and s.get("loras"):
+        args.lora = s["loras"].split(", ")
+    if args.variant is None and s.get("variant", "custom") != "custom":
+        args.variant = s["variant"]
+
+
+def lora_and_scale(spec: str) -> tuple[Path, float]:
+    """"style.safetensors:0.8" -> (Path("style.safetensors"), 0.8); no scale -> 1.0."""
+    m = re.fullmatch(r"(.+):(-?[0-9.]+)", spec)
+    return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
+
+
+def next_index(folder: Path) -> int:
+    taken = [int(m[1]) for p in folder.glob("img_*.png") if (m := re.fullmatch(r"img_(\d+)\.png", p.name))]
+    return max(taken, default=-1) + 1
+
+
+def write_images(images, folder: Path) -> list[Path]:
+    """Each image as img_NNNN.png after the highest index already there; written atomically."""
+    from minflux.pipeline import save_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    start = next_index(folder)
+    return [save_image(im, folder / f"img_{start + i:04d}.png") for i, im in enumerate(images)]
+
+
+def maybe_trace(on: bool):
+    """--trace: the shape of every stage of what runs inside, printed when it ends (minflux/trace.py)."""
+    from minflux.trace import shape_trace
+
+    return shape_trace() if on else contextlib.nullcontext()
+
+
+def print_params(args, parts: dict) -> None:
+    if args.params:
+        from minflux.trace import parameter_table
+
+        print(parameter_table(parts))
+
+
+def print_timings(timings: dict[str, float]) -> None:
+    print("time per stage: " + " | ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+
+
+def official(args) -> int:
+    """Text-to-image, Fill or Kontext with official weights (or any FLUX in their layouts)."""
+    from minflux.pipeline import FluxPipeline
+
+    device = torch.device(args.device) if args.device else None
+    start = time.perf_counter()
+    pipe = FluxPipeline.from_files(
+        repo=args.repo, flux=args.flux, ae=args.ae, clip=args.clip, t5=args.t5, variant=args.variant,
+        device=device, dtype=DTYPES.get(args.dtype), offload=args.offload, max_length=args.max_length,
+    )  # fmt: skip
+    for spec in args.lora:
+        path, scale = lora_and_scale(spec)
+        layers = pipe.load_lora(path, scale)
+        print(f"LoRA {path} (scale {scale:g}): {len(layers)} layers")
+    load_seconds = time.perf_counter() - start
+    d = pipe.defaults
+    steps = args.steps or d.num_steps
+    guidance = args.guidance if args.guidance is not None else d.guidance
+    print(f"{pipe.model.variant or 'custom'} ({pipe.task}) on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}"
+          f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
+          f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}")  # fmt: skip
+    if args.prompt is None:
+        raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
+    print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    progress = Progress(steps, label="denoise ")
+    with maybe_trace(args.trace):
+        images = pipe(
+            args.prompt, width=args.width, height=args.height, num_steps=steps, guidance=args.guidance,
+            seed=args.seed or 0, num_images=args.num_images, negative_prompt=args.negative_prompt,
+            true_cfg_scale=args.true_cfg or 1.0, image=args.image, mask=args.mask,
+            callback=lambda step, total: progress.update(step),
+        )  # fmt: skip
+    for note in pipe.notes:
+        print(f"note: {note}")
+    paths = write_images(images, args.output_dir)
+    print_timings({"load": load_seconds, **pipe.timings})
+    for path in paths:
+        print(path)
+    return 0
+
+
+def vis2ir(args, run: Path) -> int:
+    """The run's vis2ir model on the given visible images and semantic maps."""
+    from minflux.pipeline import Vis2IRPipeline
+
+    if not args.semantic_map or len(args.semantic_map) != len(args.visible):
+        raise ValueError(f"--visible names {len(args.visible)} image(s): give --semantic-map with one map for each")
+    device = torch.device(args.device) if args.device else None
+    pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
+    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    with maybe_trace(args.trace):
+        images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
+                      guidance=args.guidance, seed=args.seed or 0)  # fmt: skip
+    paths = write_images(images, args.output_dir)
+    print_timings(pipe.timings)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def held_out(args, run: Path) -> int:
+    """The embedded default: generated infrared for held-out scenes of the run's data, with the PSNR."""
     start = time.perf_counter()
     parts = load_run(run)
     cfg, model, ae = parts["config"], parts["model"], parts["ae"]
@@ -54,20 +218,22 @@ def main(argv=None) -> int:
         data = SyntheticTriptychs(args.num, cfg.get("panel_size", 64), "heldout", cfg.get("seed", 0))
     triptychs = torch.stack([data[i]["triptych"] for i in range(len(data))])  # [N, 3, 64, 192]
     prompts = [data[i]["caption"] for i in range(len(data))]
-    with torch.no_grad():
+    seed = args.seed or 0
+    print_params(args, {**dict(model.named_children()), "ae": ae, "clip": parts["clip"].model, "t5": parts["t5"].model})
+    with torch.no_grad(), maybe_trace(args.trace):
         batch = encode_triptych(ae, triptychs, cfg.get("semantic", "xattn_rope"))
         y, txt = parts["clip"](prompts), parts["t5"](prompts)
         steps = args.steps or cfg.get("sample_steps", 16)
         generated = generate_infrared(
             model, ae, batch, txt, prepare_txt_ids(len(prompts), txt.shape[1]), y, steps,
-            cfg.get("guidance", 1.0), seed=args.seed,
+            cfg.get("guidance", 1.0), seed=seed,
         )  # fmt: skip
     visible, truth, semantic = split_triptych(triptychs)
     mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
     psnr = 10 * math.log10(1 / mse)
     rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(data))]
-    output = args.output or run / f"sample-{args.seed}.png"
-    settings = {"run": str(run), "seed": args.seed, "steps": steps, "semantic": cfg.get("semantic"), "psnr": f"{psnr:.2f}"}
+    output = args.output or run / f"sample-{seed}.png"
+    settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.get("semantic"), "psnr": f"{psnr:.2f}"}
     save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), output, text=settings)
     print(f"{len(data)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
           f"mse {mse:.5f}, psnr {psnr:.2f} dB")  # fmt: skip
@@ -76,9 +242,23 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
-        sys.exit(main())
-    except (WeightsError, ValueError) as e:
+        if args.settings_from is not None:
+            apply_settings(args)
+        if args.repo or args.flux:
+            return official(args)
+        run = args.run or latest_run(args.runs)
+        if run is None:
+            print(f"sample.py: no finished run under {args.runs}/; train one first with:  python train.py",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return vis2ir(args, run) if args.visible else held_out(args, run)
+    except (WeightsError, DataError, ValueError, FileNotFoundError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Train FLUX.1-Fill for visible → infrared translation (vis2ir), guided by a semantic map.
+"""Train FLUX.1-Fill for visible → infrared translation (vis2ir), guided by a semantic map; or a text-to-image
+LoRA on FLUX.1 dev or schnell (t2i).
 
     python train.py                                   the embedded default: a small FLUX trained from scratch
                                                       on CPU, on generated [visible | infrared | semantic] scenes
@@ -6,14 +7,18 @@
     python train.py --finetune runs/vis2ir-zeroconv   fine-tune a finished small run with LoRA
     python train.py --repo FLUX.1-Fill-dev --data triptychs/    LoRA on the official Fill model (GPU)
     torchrun --nproc_per_node=2 train.py ...          the same, data-parallel (gloo on CPU, NCCL on CUDA)
+    python train.py --task t2i --repo FLUX.1-dev --data photos/     a LoRA from images with same-named .txt
+                                                      captions (minflux/t2i.py has the step)
 
 One step (seeds 000/001; minflux/vis2ir.py has the shapes): encode the triptych with the frozen VAE into
 x_0, the Fill condition and the semantic tokens; draw t and ε; x_t = (1 − t) x_0 + t ε; inject the semantic
-map; the transformer predicts v; loss = MSE(v, ε − x_0). Every flag below is a field of TrainConfig;
+map; the transformer predicts v; loss = MSE(v, ε − x_0). t2i is the same step on plain images: no Fill
+condition, no semantic map, the caption's embeddings. Every flag below is a field of TrainConfig;
 `--config file.toml` sets the same fields. The last line printed is the run folder.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -21,6 +26,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,13 +34,13 @@ import torch.distributed as dist
 
 from minflux.autoencoder import load_ae
 from minflux.clip import load_clip
-from minflux.data import SyntheticTriptychs, TriptychFolder, split_triptych
+from minflux.data import CaptionFolder, SyntheticTriptychs, TriptychFolder, split_triptych
 from minflux.embedded import build_text_encoders, train_autoencoder
-from minflux.flow import prepare_txt_ids, sample_t, shift_mu
+from minflux.flow import prepare_img_ids, prepare_txt_ids, sample_t, shift_mu
 from minflux.loaders import load_flux, save_flux
-from minflux.lora import inject_lora, load_lora, save_lora
+from minflux.lora import inject_lora, load_lora, lora_layers, save_lora
 from minflux.model import Flux
-from minflux.presets import configs
+from minflux.presets import configs, spec_for
 from minflux.runs import (
     Progress,
     add_config_flags,
@@ -46,9 +52,20 @@ from minflux.runs import (
     to_toml,
     write_text_atomic,
 )
+from minflux.t2i import draw_batch, generate, t2i_loss
+from minflux.t2i import encode_dataset as encode_captioned
 from minflux.t5 import load_t5
+from minflux.trace import parameter_table, shape_trace
 from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, generate_infrared, vis2ir_loss
-from minflux.weights import WeightsError, read_state_dict, save_atomic, write_atomic
+from minflux.weights import WeightsError, read_shapes, read_state_dict, save_atomic, write_atomic
+
+
+# t2i trains a LoRA on a 12 B transformer: the settings of common FLUX LoRA recipes (kohya's sd-scripts,
+# ai-toolkit), where the from-scratch vis2ir defaults would not fit. Given flags and TOML keys win.
+T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10, "checkpoint_every": 250,
+                "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
+TASKS = ("vis2ir", "t2i")
+LORA_FORMATS = ("minflux", "kohya", "diffusers")
 
 
 @dataclass
@@ -62,6 +79,12 @@ class TrainConfig:
     panel_size: int = 64
     train_samples: int = 2000
     heldout_samples: int = 32
+    # which task: vis2ir (the fields above) or t2i (the fields below; data and on_error serve both)
+    task: str = "vis2ir"
+    resolution: int = 512
+    buckets: bool = False
+    default_caption: str | None = None
+    caption_dropout: float = 0.0
     # weights: none given = the embedded default, a small preset trained from scratch
     preset: str = "flux-small-fill"
     repo: str | None = None
@@ -73,6 +96,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_targets: str | None = None
+    lora_format: str = "minflux"
     # optimisation
     steps: int = 1300
     batch_size: int = 16
@@ -97,19 +121,30 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    # for study: what runs, shape by shape
+    trace: bool = False
+    params: bool = False
 
     HELP = {
+        "task": "vis2ir (Fill + semantic map, on triptychs) or t2i (a LoRA on dev/schnell from images with .txt "
+        "captions; its defaults differ: " + ", ".join(f"{k} {v}" for k, v in {**T2I_DEFAULTS, "t5_max_length":
+        "512 (dev) / 256 (schnell)"}.items()) + ")",
         "semantic": f"how the semantic map is injected: {', '.join(SEMANTIC_MODES)}",
         "adapter_layers": "SemanticCrossAttention layers",
         "adapter_heads": "heads per SemanticCrossAttention layer",
-        "data": "a folder of triptychs, or of visible/ infrared/ semantic/ folders; none = generated scenes",
+        "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
+        "scenes); t2i: a folder of images, each with a same-named .txt caption",
         "on_error": "an unusable data file: 'skip' (and count) or 'stop'",
         "panel_size": "panel side in pixels (a multiple of 16)",
         "train_samples": "generated training scenes",
         "heldout_samples": "held-out scenes (generated), or held-out files (taken from the folder's end)",
+        "resolution": "t2i: image side in pixels (a multiple of 16); images are scaled and centre-cropped to it",
+        "buckets": "t2i: aspect-ratio buckets of about resolution² pixels instead of square crops",
+        "default_caption": "t2i: the caption of an image without a .txt file (default: such an image is an error)",
+        "caption_dropout": "t2i: probability of training a step's image with the empty caption",
         "preset": "the architecture trained from scratch when no weights are given",
         "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
-        "flux": "FLUX.1-Fill transformer weights (file or folder)",
+        "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i",
         "ae": "autoencoder weights",
         "clip": "CLIP-L text encoder (folder or file)",
         "t5": "T5-XXL text encoder (folder or file)",
@@ -117,6 +152,7 @@ class TrainConfig:
         "lora_rank": "LoRA rank (LoRA is used with given weights or --finetune)",
         "lora_alpha": "LoRA alpha (default: the rank)",
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
+        "lora_format": "lora.safetensors layout: minflux (official names), kohya (sd-scripts, ComfyUI) or diffusers",
         "steps": "optimisation steps",
         "batch_size": "global batch size (split across processes under torchrun)",
         "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10)",
@@ -126,19 +162,21 @@ class TrainConfig:
         "t_sampling": "training time distribution: logit_normal or uniform (shifted by image size)",
         "target_only": "count the loss on the target half of the diptych only",
         "max_grad_norm": "gradient clipping: the gradient's norm is scaled down to at most this",
-        "guidance": "guidance value fed to guidance-distilled models (official Fill)",
-        "t5_max_length": "T5 tokens per prompt (512 for the official dev models)",
+        "guidance": "guidance value fed in training to guidance-distilled models (dev, official Fill)",
+        "t5_max_length": "T5 tokens per prompt (512 for the official dev models, 256 for schnell)",
         "vae_steps": "training steps of the embedded default's VAE (cached)",
         "seed": "seed of everything random",
-        "sample_steps": "Euler steps of the held-out evaluation",
+        "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "out": "folder holding the run folders",
-        "name": "run folder name (default: vis2ir-<semantic>)",
+        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
         "stop_at": "stop after this step with a checkpoint (for jobs with a time limit; continue with --resume)",
         "resume": "a run folder to continue from its last checkpoint",
         "device": "auto, cpu or cuda",
         "dtype": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16",
         "gradient_checkpointing": "recompute block activations in backward to save memory",
+        "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
+        "params": "print the parameter table of every component, trainable and frozen",
     }
 
 
@@ -230,9 +268,13 @@ def encode_dataset(data, ae, clip, t5, cfg: TrainConfig, device, dtype) -> dict:
     return encoded
 
 
-def build_model(cfg: TrainConfig, device, dtype) -> tuple[Vis2IR, list, list]:
+def build_model(cfg: TrainConfig, device, dtype) -> tuple[Vis2IR | Flux, list, list]:
     """The Fill transformer with the semantic injection: (model, its trained transformer parameters — all of them
-    from scratch, the LoRA's with given weights — and the injection's parameters)."""
+    from scratch, the LoRA's with given weights — and the injection's parameters). t2i: the dev or schnell
+    transformer with LoRA, (flux, its LoRA parameters, [])."""
+    if cfg.task == "t2i":
+        flux = build_t2i_model(cfg, device, dtype)
+        return flux, [p for p in flux.parameters() if p.requires_grad], []
     if cfg.flux:
         flux = load_flux(cfg.flux, device=device, dtype=dtype)
         flux.requires_grad_(False)
@@ -252,11 +294,27 @@ def build_model(cfg: TrainConfig, device, dtype) -> tuple[Vis2IR, list, list]:
     return model, trained, adapter
 
 
-def memory_estimate(model: Vis2IR, n_trained: int, batch: int, seq: int, checkpointing: bool) -> str:
+def build_t2i_model(cfg: TrainConfig, device, dtype) -> Flux:
+    """The frozen dev/schnell transformer with LoRA. The LoRA weights are kept in fp32 (their AdamW updates are
+    smaller than bf16 can resolve); under bf16 autocast the forward pass still runs in bf16."""
+    flux = load_flux(cfg.flux, device=device, dtype=dtype)
+    if flux.params.in_channels != 64:
+        raise WeightsError(f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
+                           f"({flux.variant or 'custom'}); --task t2i trains FLUX.1 dev or schnell (64)")  # fmt: skip
+    flux.requires_grad_(False)
+    inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)
+    for layer in lora_layers(flux).values():
+        layer.lora_down.float()
+        layer.lora_up.float()
+    flux.gradient_checkpointing = cfg.gradient_checkpointing
+    return flux
+
+
+def memory_estimate(model: Vis2IR | Flux, n_trained: int, batch: int, seq: int, checkpointing: bool) -> str:
     """A rough budget, printed before the first step: weights, what training adds per trained parameter
     (its gradient and AdamW's two fp32 moments), and activations (about 30 hidden-size tensors per token in a
     block kept for backward, or one per block with gradient checkpointing)."""
-    p = model.flux.params
+    p = model.params if isinstance(model, Flux) else model.flux.params
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     size = next(model.parameters()).element_size()
     trained = n_trained * (size + 8)
@@ -272,11 +330,62 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
 
 
+# --- one step: the loss of a batch drawn from the cache ----------------------------------------------------------
+# Every process draws the same global batch, times and noise from `gen`, then keeps its share.
+
+
+def vis2ir_step(model, enc: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    B, per_rank = cfg.batch_size, cfg.batch_size // world()
+    idx = torch.randint(len(enc["x0"]), (B,), generator=gen)
+    t = sample_t(B, cfg.t_sampling, mu=shift_mu(enc["x0"].shape[1]), generator=gen)
+    noise = torch.randn((B, *enc["x0"].shape[1:]), generator=gen)
+    mine = slice(rank() * per_rank, (rank() + 1) * per_rank)  # this process's share of the global batch
+    batch = {k: v[idx[mine]].to(device) for k, v in enc.items()}
+    txt_ids = prepare_txt_ids(per_rank, batch["txt"].shape[1], device=device)
+    guidance = torch.full((per_rank,), cfg.guidance, device=device, dtype=dtype)
+    return vis2ir_loss(
+        model, batch, batch["txt"], txt_ids, batch["y"], t[mine].to(device, dtype), noise[mine].to(device, dtype),
+        guidance, target_only=cfg.target_only,
+    )  # fmt: skip
+
+
+def t2i_step(model, enc: dict, cfg: TrainConfig, gen: torch.Generator, device, dtype, shift: bool) -> torch.Tensor:
+    B, per_rank = cfg.batch_size, cfg.batch_size // world()
+    batch = draw_batch(enc, B, gen, cfg.caption_dropout)  # x0 [B, 1024, 64], txt [B, 512, 4096], y [B, 768]
+    width, height = batch["size"]
+    t = sample_t(B, cfg.t_sampling, mu=shift_mu(batch["x0"].shape[1]) if shift else None, generator=gen)
+    noise = torch.randn(batch["x0"].shape, generator=gen)
+    mine = slice(rank() * per_rank, (rank() + 1) * per_rank)
+    x0, txt, y = (batch[k][mine].to(device, dtype) for k in ("x0", "txt", "y"))
+    t, noise = t[mine].to(device, dtype), noise[mine].to(device, dtype)
+    img_ids = prepare_img_ids(per_rank, height // 16, width // 16, device=device)  # [B, 1024, 3]
+    txt_ids = prepare_txt_ids(per_rank, txt.shape[1], device=device)  # [B, 512, 3]
+    guidance = torch.full((per_rank,), cfg.guidance, device=device, dtype=dtype)  # dev's; schnell ignores it
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # fp32 LoRA, bf16 maths
+        return t2i_loss(model, x0, img_ids, txt, txt_ids, y, t, noise, guidance)
+
+
+# --- for study: --trace and --params ------------------------------------------------------------------------
+
+
+def maybe_trace(on: bool, what: str):
+    """--trace: the shape of every stage of what runs inside, printed when it ends (minflux/trace.py)."""
+    if not on or rank() != 0:
+        return contextlib.nullcontext()
+    log(f"--trace: {what}")
+    return shape_trace()
+
+
+def print_params(cfg: TrainConfig, parts: dict, what: str) -> None:
+    if cfg.params and rank() == 0:
+        log(f"--params: {what}\n{parameter_table(parts)}")
+
+
 # --- checkpoints -------------------------------------------------------------------------------------------
 
 
-def trainable_state(model: Vis2IR, cfg: TrainConfig) -> dict:
-    sd = model.injection_state_dict()
+def trainable_state(model: Vis2IR | Flux, cfg: TrainConfig) -> dict:
+    sd = model.injection_state_dict() if isinstance(model, Vis2IR) else {}
     if cfg.flux:  # LoRA: only the LoRA tensors of the transformer
         sd.update({k: v for k, v in model.state_dict().items() if ".lora_" in k or k.endswith(".alpha")})
     else:
@@ -356,17 +465,42 @@ def parse(argv) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     if args.resume:  # the run's own config, then whatever this command line changes
-        given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
-        cfg = replace(_cfg_of(Path(args.resume)), **{"stop_at": None, **given})  # an old --stop-at is done
+        cfg = replace(_cfg_of(Path(args.resume)), **{"stop_at": None, **{k: getattr(args, k) for k in given}})
     else:
         cfg = config_from_args(TrainConfig, args)
+        given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
+        if cfg.task == "t2i":
+            cfg = replace(cfg, **{k: v for k, v in T2I_DEFAULTS.items() if k not in given})
+    if cfg.task not in TASKS:
+        parser.error(f"--task {cfg.task}: expected one of {', '.join(TASKS)}")
+    if cfg.lora_format not in LORA_FORMATS:
+        parser.error(f"--lora-format {cfg.lora_format}: expected one of {', '.join(LORA_FORMATS)}")
     if cfg.semantic not in SEMANTIC_MODES:
         parser.error(f"--semantic {cfg.semantic}: expected one of {', '.join(SEMANTIC_MODES)}")
     if cfg.preset not in configs or configs[cfg.preset].params.in_channels != 384:
         fill = [n for n, s in configs.items() if s.params.in_channels == 384]
         parser.error(f"--preset {cfg.preset}: expected a Fill preset ({', '.join(fill)})")
-    return resolve_weight_paths(cfg)
+    cfg = resolve_weight_paths(cfg)
+    if cfg.task == "t2i":
+        if not cfg.data:
+            parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
+        if not cfg.flux:
+            parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
+                         "or --flux, --ae, --clip and --t5")  # fmt: skip
+        if cfg.resolution % 16 or cfg.resolution < 16:
+            parser.error(f"--resolution {cfg.resolution}: expected a multiple of 16 (VAE ×8, then 2×2 packing)")
+        if not 0 <= cfg.caption_dropout < 1:
+            parser.error(f"--caption-dropout {cfg.caption_dropout}: expected a probability in [0, 1)")
+        if "t5_max_length" not in given and not args.resume:  # as the official pipelines: dev 512, schnell 256
+            cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)
+    return cfg
+
+
+def has_guidance_embedding(flux_path) -> bool:
+    """dev has a guidance embedding, schnell has none: told from the weights' key names, no tensor read."""
+    return any("guidance_in." in k or "guidance_embedder." in k for k in read_shapes(flux_path))
 
 
 def main(argv=None) -> int:
@@ -378,20 +512,34 @@ def main(argv=None) -> int:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or f"vis2ir-{cfg.semantic}")
+    default_name = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
+    run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)
     run.mkdir(parents=True, exist_ok=True)
     if rank() == 0 and not cfg.resume:
         write_text_atomic(run / "config.toml", to_toml(cfg))
     torch.manual_seed(cfg.seed)
 
     # 1. data and the frozen parts; everything they compute is computed once
-    train_set, heldout_set = load_data(cfg)
-    ae, clip, t5 = frozen_parts(cfg, train_set, run, device, dtype)
-    enc = encode_dataset(train_set, ae, clip, t5, cfg, device, dtype)
-    held = encode_dataset(heldout_set, ae, clip, t5, cfg, device, dtype)
+    if cfg.task == "t2i":
+        train_set = CaptionFolder(cfg.data, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets)
+        ae, clip, t5 = frozen_parts(cfg, train_set, run, device, dtype)
+        print_params(cfg, {"ae": ae, "clip": clip.model, "t5": t5.model}, "the frozen parts")
+        with maybe_trace(cfg.trace, "encoding the data (images, captions)"):
+            enc = encode_captioned(train_set, ae, clip, t5, dtype)
+        ae.to("cpu")  # the VAE waits on the CPU for samples.png
+        log_t2i_data(train_set, enc, cfg)
+    else:
+        train_set, heldout_set = load_data(cfg)
+        ae, clip, t5 = frozen_parts(cfg, train_set, run, device, dtype)
+        print_params(cfg, {"ae": ae, "clip": clip.model, "t5": t5.model}, "the frozen parts")
+        with maybe_trace(cfg.trace, "encoding the data (triptychs, captions)"):
+            enc = encode_dataset(train_set, ae, clip, t5, cfg, device, dtype)
+        held = encode_dataset(heldout_set, ae, clip, t5, cfg, device, dtype)
+        log(f"data: {len(train_set)} train, {len(heldout_set)} held-out; x0 {list(enc['x0'].shape[1:])}, "
+            f"x_cond {list(enc['x_cond'].shape[1:])}, text {list(enc['txt'].shape[1:])}")  # fmt: skip
     del clip, t5  # the text encoders are done: free them before the transformer trains
-    log(f"data: {len(train_set)} train, {len(heldout_set)} held-out; x0 {list(enc['x0'].shape[1:])}, "
-        f"x_cond {list(enc['x_cond'].shape[1:])}, text {list(enc['txt'].shape[1:])}")  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     # 2. the trainable model and its optimiser
     model, base_params, adapter_params = build_model(cfg, device, dtype)
@@ -400,9 +548,17 @@ def main(argv=None) -> int:
         groups.append({"params": adapter_params, "lr": cfg.adapter_lr or cfg.lr, "name": "adapter"})
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     n_train = sum(p.numel() for g in groups for p in g["params"])
-    log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trained"
-        f"{' (LoRA + adapter)' if cfg.flux else ''}; semantic injection {sum(p.numel() for p in adapter_params):,}")  # fmt: skip
-    seq = enc["x0"].shape[1] + enc["txt"].shape[1]
+    if cfg.task == "t2i":
+        log(f"model: {getattr(model, 'variant', None) or 'custom'}, {sum(p.numel() for p in model.parameters()):,} "
+            f"parameters, {n_train:,} trained (LoRA rank {cfg.lora_rank})")  # fmt: skip
+        seq = max(x.shape[1] for x in enc["x0"]) + enc["txt"].shape[1]
+        step_loss = partial(t2i_step, shift=spec_for(model).shift)
+    else:
+        log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {n_train:,} trained"
+            f"{' (LoRA + adapter)' if cfg.flux else ''}; semantic injection {sum(p.numel() for p in adapter_params):,}")  # fmt: skip
+        seq = enc["x0"].shape[1] + enc["txt"].shape[1]
+        step_loss = vis2ir_step
+    print_params(cfg, {"transformer": model} if isinstance(model, Flux) else dict(model.named_children()), "the model")
     log(memory_estimate(model, n_train, cfg.batch_size // world(), seq, cfg.gradient_checkpointing))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
 
@@ -416,30 +572,20 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda s, f: stop.update(signal=s))
 
     # 3. the loop
-    B, per_rank = cfg.batch_size, cfg.batch_size // world()
-    mu = shift_mu(enc["x0"].shape[1])
     progress = Progress(cfg.steps, label="step ")
     log_file = open(run / "log.jsonl", "a", buffering=1) if rank() == 0 else None  # line-buffered: a crash loses no line
     start = time.perf_counter()
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
+    first_step = step
     while step < last and stop["signal"] is None:
-        idx = torch.randint(len(enc["x0"]), (B,), generator=gen)
-        t = sample_t(B, cfg.t_sampling, mu=mu, generator=gen)
-        noise = torch.randn((B, *enc["x0"].shape[1:]), generator=gen)
-        mine = slice(rank() * per_rank, (rank() + 1) * per_rank)  # this process's share of the global batch
-        batch = {k: v[idx[mine]].to(device) for k, v in enc.items()}
-        txt_ids = prepare_txt_ids(per_rank, batch["txt"].shape[1], device=device)
-        guidance = torch.full((per_rank,), cfg.guidance, device=device, dtype=dtype)
         for g in opt.param_groups:  # seed 002's first stage trains the adapter alone
             base_lr = cfg.adapter_lr or cfg.lr if g["name"] == "adapter" else cfg.lr
             g["lr"] = base_lr * lr_factor(step, cfg)
             if g["name"] == "transformer" and step < cfg.adapter_warmup_steps:
                 g["lr"] = 0.0
 
-        loss = vis2ir_loss(
-            ddp, batch, batch["txt"], txt_ids, batch["y"], t[mine].to(device, dtype), noise[mine].to(device, dtype),
-            guidance, target_only=cfg.target_only,
-        )  # fmt: skip
+        with maybe_trace(cfg.trace and step == first_step, "the first training step"):
+            loss = step_loss(ddp, enc, cfg, gen, device, dtype)
         if not math.isfinite(loss.item()):
             log(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good checkpoint is in {run / 'checkpoints'}")
             return 1
@@ -478,12 +624,15 @@ def main(argv=None) -> int:
         return 0
 
     # 4. held-out evaluation and the run folder
-    if rank() == 0:
+    if rank() == 0 and cfg.task == "t2i":
+        finish_t2i(run, cfg, model, ae, enc, train_set, losses, step, train_seconds, device, dtype)
+    elif rank() == 0:
         finish(run, cfg, model, ae, held, heldout_set, losses, step, train_seconds, device, dtype)
     if dist.is_initialized():
         dist.barrier()
+    log(run)  # while the ranks are known: printed once
+    if dist.is_initialized():
         dist.destroy_process_group()
-    log(run)
     return 0
 
 
@@ -506,7 +655,7 @@ def finish(run, cfg, model, ae, held, heldout_set, losses, step, train_seconds, 
         "adapter_scales": model.adapter.scales if hasattr(model, "adapter") else [],
     }
     if cfg.flux:
-        save_lora(model.flux, run / "lora.safetensors")
+        save_lora(model.flux, run / "lora.safetensors", format=cfg.lora_format)
     else:
         save_flux(model.flux, run / "transformer.safetensors", variant=cfg.preset)
     adapter = model.injection_state_dict()
@@ -521,6 +670,52 @@ def finish(run, cfg, model, ae, held, heldout_set, losses, step, train_seconds, 
     grid = image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"])
     save_png(grid, run / "samples.png", text={"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
     log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
+
+
+def log_t2i_data(data: CaptionFolder, enc: dict, cfg: TrainConfig):
+    if data.n_skipped:  # unreadable at the check, or when encoded
+        log(f"data: skipped {data.n_skipped} unusable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    if data.n_default_captions:
+        log(f"data: {data.n_default_captions} image(s) without a .txt caption get {cfg.default_caption!r}")
+    sizes = ", ".join(f"{w}×{h} ({len(x)})" for (w, h), x in zip(enc["sizes"], enc["x0"]))
+    log(f"data: {len(data)} images, {len(enc['texts']) - 1} distinct captions; sizes {sizes}; "
+        f"text {list(enc['txt'].shape[1:])}")  # fmt: skip
+
+
+@torch.no_grad()
+def finish_t2i(run, cfg, model, ae, enc, data, losses, step, train_seconds, device, dtype):
+    """lora.safetensors, metrics.json, loss.png, and samples.png: [training image | generated from its caption]."""
+    model.eval()
+    save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
+    metrics = {
+        "task": "t2i",
+        "train_seconds": train_seconds,
+        "steps": step,
+        "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
+        "images": len(data),
+        "lora_format": cfg.lora_format,
+    }
+    write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    save_png(line_plot({"loss": _smooth(losses)}, "training loss (t2i)"), run / "loss.png")
+    if cfg.sample_steps <= 0:
+        return
+    spec = spec_for(model)
+    guidance, shift = spec.guidance, spec.shift
+    ae.to(device)
+    width, height = data.sizes[0]
+    rows, prompts = [], []
+    for i in [i for i in range(len(data)) if data.sizes[i] == (width, height)][:4]:  # one size: one grid
+        sample = data[i]
+        k = enc["texts"].index(sample["caption"])
+        txt, y = enc["txt"][k : k + 1].to(device), enc["y"][k : k + 1].to(device)  # [1, 512, 4096], [1, 768]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            image = generate(model, ae, txt, y, width, height, cfg.sample_steps, guidance, shift, seed=cfg.seed + i)
+        rows.append([sample["image"], image[0].float().cpu()])  # [3, 512, 512] each
+        prompts.append(sample["caption"])
+    text = {"steps": cfg.sample_steps, "guidance": guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt
+    save_png(image_grid(rows, captions=["training image", "generated"]), run / "samples.png", text=text)
+    ae.to("cpu")
+    log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {guidance}")
 
 
 def _smooth(xs: list[float], k: int = 20) -> list[float]:

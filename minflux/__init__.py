@@ -48,6 +48,9 @@ from minflux.lora import (
 from minflux.data import CLASSES, DataError, SyntheticTriptychs, TriptychFolder, make_scene, split_triptych
 from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, generate_infrared, vis2ir_loss
 
+# sampling pipelines
+from minflux.pipeline import FluxPipeline, Vis2IRPipeline
+
 # semantic conditioning
 from minflux.semantic import SemanticConditioningAdapter, SemanticCrossAttention
 

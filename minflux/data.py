@@ -1,4 +1,4 @@
-"""Data for vis2ir training: triptychs [visible | infrared | semantic], generated procedurally or read from folders.
+"""Training data: vis2ir triptychs [visible | infrared | semantic], generated or read; image + caption folders.
 
 The task (seeds 000-002): from a visible image and its semantic map, generate the infrared view. Each example
 is one image of three square panels side by side, which the trainer splits along the width:
@@ -29,6 +29,10 @@ colour does no better), 0.149 knowing the caption's class counts, 0.0051 knowing
 
 Real data: `TriptychFolder` reads a folder of triptych images, or three aligned folders visible/, infrared/,
 semantic/, with optional captions, and reports every file it cannot use by its path.
+
+Text-to-image data: `CaptionFolder` reads a folder of images with same-named .txt captions (the layout of
+kohya's sd-scripts, ai-toolkit and diffusers' DreamBooth scripts), resized and centre-cropped to one square
+size or to aspect-ratio buckets.
 """
 
 import math
@@ -39,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -301,7 +305,31 @@ def _fit(panel: Image.Image, size: int | None, semantic: bool) -> Image.Image:
     return panel
 
 
-class TriptychFolder(Dataset):
+class _Folder(Dataset):
+    """What the folder data sets share: a file that cannot be used raises DataError under on_error="stop";
+    under "skip" it is left out and listed in `skipped` as (path, why)."""
+
+    def __init__(self, root, on_error: str):
+        if on_error not in ("skip", "stop"):
+            raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
+        self.root, self.on_error = Path(root), on_error
+        self.skipped: list[tuple[Path, str]] = []
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _reject(self, e: DataError):
+        if self.on_error == "stop":
+            raise e
+        self.skipped.append((e.path, e.why))
+
+    def _all_skipped(self) -> DataError:
+        return DataError(self.root, f"all {len(self.skipped)} images were skipped; the first: "
+                                    f"{self.skipped[0][0]}: {self.skipped[0][1]}")  # fmt: skip
+
+
+class TriptychFolder(_Folder):
     """Real vis2ir data in one of two layouts, chosen by what `root` holds:
 
         root/a.png, root/b.jpg, ...            triptychs [visible | infrared | semantic], width = 3 × height
@@ -322,15 +350,12 @@ class TriptychFolder(Dataset):
     """
 
     def __init__(self, root, size: int | None = None, on_error: str = "skip"):
-        if on_error not in ("skip", "stop"):
-            raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
-        self.root, self.on_error = Path(root), on_error
+        super().__init__(root, on_error)
         if not self.root.is_dir():
             raise DataError(self.root, "no such folder")
         if size is not None and size < 16:
             raise ValueError(f"size must be at least 16, got {size}")
         self.size = None if size is None else size // 16 * 16
-        self.skipped: list[tuple[Path, str]] = []
         self._bad: set[int] = set()
 
         folders = [p for p in PANELS if (self.root / p).is_dir()]
@@ -352,17 +377,7 @@ class TriptychFolder(Dataset):
             if not self.skipped:
                 raise DataError(self.root, "no images found; expected triptych images (width = 3 × height) "
                                            "or folders visible/, infrared/ and semantic/")
-            raise DataError(self.root, f"all {len(self.skipped)} images were skipped; the first: "
-                                       f"{self.skipped[0][0]}: {self.skipped[0][1]}")
-
-    @property
-    def n_skipped(self) -> int:
-        return len(self.skipped)
-
-    def _reject(self, e: DataError):
-        if self.on_error == "stop":
-            raise e
-        self.skipped.append((e.path, e.why))
+            raise self._all_skipped()
 
     def _match_folders(self) -> list[tuple[Path, Path, Path]]:
         """Pair visible/, infrared/ and semantic/ by stem; a file without both partners is rejected by name."""
@@ -431,3 +446,115 @@ class TriptychFolder(Dataset):
     def __repr__(self) -> str:
         return (f"TriptychFolder({str(self.root)!r}, {len(self)} triptychs, layout={self.layout}, "
                 f"size={self.size}, {self.n_skipped} skipped)")
+
+
+# --- text-to-image data: images with same-named captions ----------------------------------------------------
+
+# Aspect-ratio buckets (width : height). Each becomes a size of about resolution² pixels, sides multiples of 16.
+BUCKET_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1, 4 / 3, 3 / 2, 16 / 9, 2)
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) per ratio of BUCKET_RATIOS: the area of a resolution² square, sides snapped to 16."""
+    snap = lambda x: max(16, round(x / 16) * 16)  # noqa: E731
+    sizes = [(snap(resolution * math.sqrt(r)), snap(resolution / math.sqrt(r))) for r in BUCKET_RATIOS]
+    return list(dict.fromkeys(sizes))  # small resolutions snap some ratios to one size: keep it once
+
+
+class CaptionFolder(_Folder):
+    """Text-to-image training data: root/a.png with its caption in root/a.txt, root/b.jpg with root/b.txt, ...
+
+    Every image becomes `resolution` × `resolution` pixels (a multiple of 16: VAE ×8, then 2×2 packing): scaled
+    to cover the square, then centre-cropped. With buckets=True each image gets instead the size of
+    `bucket_sizes(resolution)` nearest its aspect ratio, so a portrait keeps its portrait framing; the trainer
+    draws each batch from one size. EXIF orientation is applied, so phone photos stand the right way up.
+
+    A caption is the .txt file's text, stripped (an empty file is the empty caption). An image without a .txt
+    gets `default_caption`; with default_caption=None that is an error naming every such image (not a file to
+    skip: the folder is missing text, not holding a broken file). An image that cannot be read, or is smaller
+    than 16 px, raises DataError with its path under on_error="stop"; under on_error="skip" it is left out and
+    listed in `skipped` as (path, why). A file that passes the check but fails to decode later is replaced by
+    the next good image of the same size, and listed the same way.
+
+    Each sample: dict(image=[3, H, W] float in [-1, 1], caption=str).
+    """
+
+    def __init__(self, root, resolution: int = 512, default_caption: str | None = None, on_error: str = "skip",
+                 buckets: bool = False):  # fmt: skip
+        super().__init__(root, on_error)
+        if resolution % 16 or resolution < 16:
+            raise ValueError(f"resolution must be a multiple of 16 (VAE ×8, then 2×2 packing), got {resolution}")
+        self.resolution = resolution
+        if not self.root.is_dir():
+            raise DataError(self.root, "no such folder")
+        files = _images(self.root)
+        if not files:
+            raise DataError(self.root, f"no images found; expected image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                                       " each with a same-named .txt caption")
+        uncaptioned = [f for f in files if not f.with_suffix(".txt").is_file()]
+        if uncaptioned and default_caption is None:
+            names = ", ".join(f.name for f in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
+            raise DataError(uncaptioned[0], f"no caption file {uncaptioned[0].with_suffix('.txt').name} "
+                                            f"({len(uncaptioned)} of {len(files)} images have none: {names}); "
+                                            "write one per image, or pass a default caption (--default-caption)")
+        self.default_caption = default_caption
+        self.n_default_captions = len(uncaptioned)
+        choices = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
+
+        self.items: list[Path] = []
+        self.sizes: list[tuple[int, int]] = []  # (width, height) each image is made, in pixels
+        self._bad: set[int] = set()
+        for f in files:
+            try:
+                w, h = _probe(f)
+                if min(w, h) < 16:
+                    raise DataError(f, f"is {w}×{h} pixels; images must be at least 16 pixels on each side")
+            except DataError as e:
+                self._reject(e)
+                continue
+            self.items.append(f)
+            self.sizes.append(min(choices, key=lambda s: abs(math.log((s[0] / s[1]) / (w / h)))))  # nearest ratio
+        if not self.items:
+            raise self._all_skipped()
+
+    def caption(self, i: int) -> str:
+        path = self.items[i].with_suffix(".txt")
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else self.default_caption
+
+    def captions(self) -> list[str]:
+        """Every image's caption, in order (read without decoding the images)."""
+        return [self.caption(i) for i in range(len(self))]
+
+    def load(self, i: int) -> dict:
+        """Sample i, or DataError naming the file that failed to decode."""
+        path, size = self.items[i], self.sizes[i]
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as e:
+            raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
+        im = ImageOps.fit(im, size, Image.Resampling.LANCZOS)  # scale to cover, centre-crop to width × height
+        image = np.asarray(im, np.float32) / 127.5 - 1  # [H, W, 3] in [-1, 1]
+        return dict(image=torch.from_numpy(np.ascontiguousarray(rearrange(image, "h w c -> c h w"))),
+                    caption=self.caption(i))  # fmt: skip
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of a data set of {len(self)}")
+        same_size = [j for j in [(i + k) % len(self) for k in range(len(self))] if self.sizes[j] == self.sizes[i]]
+        for j in same_size:  # i, then the next good image of its size
+            if j in self._bad:
+                continue
+            try:
+                return self.load(j)
+            except DataError as e:
+                self._reject(e)
+                self._bad.add(j)
+        raise DataError(self.root, f"every one of the {len(same_size)} images of size {self.sizes[i]} failed to decode")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:
+        return (f"CaptionFolder({str(self.root)!r}, {len(self)} images, resolution={self.resolution}, "
+                f"{len(set(self.sizes))} size(s), {self.n_skipped} skipped)")

@@ -51,9 +51,21 @@ configs: dict[str, ModelSpec] = {
     # Fill: the model input is [noisy latent 64 | masked-image latent 64 | 8×8-packed mask 256] = 384 channels
     "flux-dev-fill": ModelSpec("flux-dev-fill", replace(FLUX_DEV, in_channels=384), AE_FLUX, guidance=30.0),
     # Kontext: the weights have the dev shapes; the reference image is appended to the sequence instead
-    "flux-dev-kontext": ModelSpec("flux-dev-kontext", FLUX_DEV, AE_FLUX, num_steps=28, guidance=2.5),
+    "flux-dev-kontext": ModelSpec("flux-dev-kontext", FLUX_DEV, AE_FLUX, num_steps=30, guidance=2.5),
     "flux-small": ModelSpec("flux-small", FLUX_SMALL, AE_SMALL, num_steps=20, guidance=0.0, shift=True),
     "flux-small-fill": ModelSpec(
         "flux-small-fill", replace(FLUX_SMALL, in_channels=384), AE_SMALL, num_steps=20, guidance=0.0
     ),
 }
+
+
+def spec_for(model) -> ModelSpec:
+    """The preset whose sampling defaults a loaded model takes: its variant's (read from the weights or the file
+    name by load_flux), else those of its kind: schnell's without a guidance embedding (4 steps, no shift, no
+    guidance, 256 T5 tokens), Fill's with 384 input channels, dev's otherwise."""
+    variant = getattr(model, "variant", None)
+    if variant in configs:
+        return configs[variant]
+    if not model.params.guidance_embed:
+        return configs["flux-schnell"]
+    return configs["flux-dev-fill" if model.params.in_channels == 384 else "flux-dev"]

@@ -27,6 +27,7 @@ Semantic injection modes, for the seeds' ablations:
                 semantic tokens (projected to the transformer's width), zero-gated, with positions
 """
 
+import math
 from functools import partial
 
 import torch
@@ -145,7 +146,7 @@ class Vis2IR(nn.Module):
             positions = (img_ids, semantic_ids) if self.semantic == "xattn_rope" else None
             x_t = self.adapter(x_t, semantic, positions)  # [B, 2048, 64]
         elif self.semantic == "zeroconv":
-            h = int(img_ids[0, :, 1].max().item()) + 1  # token rows; the semantic grid is h × (w/2)
+            h = math.isqrt(semantic.shape[1])  # the panels are square: the semantic grid is h × h, the diptych's h × 2h
             added = rearrange(self.zero_conv(semantic), "b (h w) c -> b h w c", h=h)  # [B, 32, 32, 320]
             added = torch.cat((torch.zeros_like(added), added), dim=2)  # nothing on the visible half
             x_cond = x_cond + rearrange(added, "b h w c -> b (h w) c")  # [B, 2048, 320]
@@ -206,7 +207,8 @@ def generate_infrared(
     )  # [B, 2048, 64]
     h = int(batch["img_ids"][0, :, 1].max()) + 1  # token rows
     w = int(batch["img_ids"][0, :, 2].max()) + 1  # token columns
-    diptych = ae.decode(unpack(latent.float(), 16 * h, 16 * w))  # [B, 3, 512, 1024]
+    ae_dtype = next(ae.parameters()).dtype  # bf16 on CUDA: the latent meets the decoder in its dtype
+    diptych = ae.decode(unpack(latent.to(ae_dtype), 16 * h, 16 * w))  # [B, 3, 512, 1024]
     return diptych[..., diptych.shape[-1] // 2 :]  # the target half: [B, 3, 512, 512]
 
 

@@ -1,11 +1,13 @@
 """sample.py on the embedded default: it finds the latest run, writes a grid with its settings, says what to do
 when there is no run."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import sample
@@ -27,6 +29,37 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     image = Image.open(output)
     assert image.text["run"] == str(tmp_path / "tiny") and image.text["seed"] == "0" and image.text["steps"] == "2"
     assert image.size[0] > 4 * 64  # four panels per row: visible, semantic, generated, ground truth
+
+    # vis2ir on one's own images: a visible image and a semantic map, as files of another size
+    from minflux.data import SyntheticTriptychs, split_triptych
+    from minflux.pipeline import Vis2IRPipeline
+    from minflux.runs import to_pil
+
+    panels = [split_triptych(SyntheticTriptychs(2, 64, "heldout")[i]["triptych"][None]) for i in range(2)]
+    for i, (visible, _, semantic) in enumerate(panels):
+        to_pil(visible[0]).resize((96, 96)).save(tmp_path / f"visible{i}.png")
+        to_pil(semantic[0]).resize((96, 96), Image.Resampling.NEAREST).save(tmp_path / f"semantic{i}.png")
+    argv = ["--run", str(tmp_path / "tiny"), "--visible", str(tmp_path / "visible0.png"), "--semantic-map",
+            str(tmp_path / "semantic0.png"), "--steps", "2", "--output-dir", str(tmp_path / "ir")]  # fmt: skip
+    assert sample.main(argv) == 0
+    written = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert written == tmp_path / "ir" / "img_0000.png"
+    infrared = Image.open(written)
+    assert infrared.size == (64, 64) and infrared.text["task"] == "vis2ir" and infrared.text["steps"] == "2"
+    # the semantic map reaches the model: another map, the same visible image and seed, another result
+    pipe = Vis2IRPipeline.from_run(tmp_path / "tiny", device="cpu")
+    a = pipe(tmp_path / "visible0.png", tmp_path / "semantic0.png", num_steps=2, output="tensor")
+    b = pipe(tmp_path / "visible0.png", tmp_path / "semantic1.png", num_steps=2, output="tensor")
+    assert a.shape == (1, 3, 64, 64) and not torch.equal(a, b)
+    assert sample.main([*argv[:4], "--steps", "2"]) == 2  # a visible image without its semantic map
+    assert "give --semantic-map with one map for each" in capsys.readouterr().err
+
+    # --trace and --params: one line per stage, in the seeds' notation; a parameter table
+    assert sample.main(["--runs", str(tmp_path), "--num", "1", "--steps", "1", "--trace", "--params"]) == 0
+    out = capsys.readouterr().out
+    assert "encode_triptych" in out and "triptych [1, 3, 64, 192] → x0 [1, 32, 64], x_cond [1, 32, 320]" in out
+    assert re.search(r"^\s+unpack\s+tokens \[1, 32, 64\] → \[1, 16, 8, 16\]$", out, re.M)  # inside generate_infrared
+    assert "flux (Flux)" in out and "double_blocks (2 × DoubleStreamBlock)" in out and "\ntotal " in out
 
 
 def test_sample_without_a_run_says_which_command_to_run_first(tmp_path):

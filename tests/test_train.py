@@ -153,6 +153,15 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     import sample
 
     assert sample.main(["--run", str(run), "--num", "2", "--steps", "2"]) == 0
+    # vis2ir on one's own images: the LoRA and the adapter on the base its config names
+    from PIL import Image
+
+    from minflux.pipeline import Vis2IRPipeline
+
+    pipe = Vis2IRPipeline.from_run(run, device="cpu")
+    assert pipe.model.flux.double_blocks[0].img_attn.qkv.__class__.__name__ == "LoRALinear"
+    image = pipe(Image.new("RGB", (80, 80), (30, 120, 30)), Image.new("RGB", (80, 80), (200, 0, 0)), num_steps=2)[0]
+    assert image.size == (64, 64) and image.info["task"] == "vis2ir"
 
 
 @pytest.mark.slow
@@ -170,3 +179,15 @@ def test_training_on_a_folder_of_triptychs_skips_and_counts_bad_files(tmp_path, 
     out = capsys.readouterr().out
     assert "skipped 1 unusable file(s)" in out and "wrong_width.png" in out
     assert "data: 11 train, 1 held-out" in out
+
+
+def test_trace_and_params_print_the_shapes_of_a_step_and_the_parameter_tables(tmp_path, capsys):
+    assert run_train(tmp_path, "--steps", "1", "--trace", "--params", "--sample-steps", "1") == 0
+    out = capsys.readouterr().out
+    assert "--trace: encoding the data (triptychs, captions)" in out and "--trace: the first training step" in out
+    assert "split_triptych        x [16, 3, 64, 192] → 3 × [16, 3, 64, 64]" in out  # the 16 training scenes
+    loss_line = next(line for line in out.splitlines() if line.startswith("vis2ir_loss"))
+    assert "noise [4, 32, 64]" in loss_line and loss_line.endswith("→ []")  # batch 4: the scalar loss
+    assert "Vis2IR.flux (Flux)" in out and "img [4, 32, 384]" in out  # cat(x_t, x_cond) into the Fill model
+    assert "--params: the frozen parts" in out and "--params: the model" in out
+    assert "zero_conv (Linear)                                20,800           20,800" in out

@@ -1,0 +1,375 @@
+"""The sampling pipelines end to end against diffusers' FluxPipeline and FluxFillPipeline.
+
+One small random model of every part (transformer, VAE, CLIP, T5 with tokenizer files built here) is saved in
+the diffusers repo layout. minflux loads the folder through its own loaders; diffusers runs the same objects.
+Same prompt, same tokenizer files, same initial noise (minflux draws image i's noise from
+torch.Generator().manual_seed(seed + i); diffusers gets that list of generators), and the images must agree
+in [0, 1] pixels.
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minflux.data import DataError
+from minflux.flow import pack
+from minflux.model import Flux
+from minflux.pipeline import FluxPipeline, initial_noise, read_settings, save_image, snap
+from minflux.weights import WeightsError
+from tests.flux_helpers import TINY, diffusers_flux, randomize_
+from tests.text_fixtures import write_clip_tokenizer
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+TEXT_DIM, POOLED_DIM = 32, 48  # T5 d_model, CLIP hidden size
+FLUX = replace(TINY, context_in_dim=TEXT_DIM, vec_in_dim=POOLED_DIM, hidden_size=64, num_heads=2, depth=1,
+               depth_single_blocks=2, axes_dim=[8, 12, 12])  # fmt: skip
+VARIANTS = {"dev": FLUX, "schnell": replace(FLUX, guidance_embed=False), "fill": replace(FLUX, in_channels=384)}
+PROMPT = "a photo of a cat sitting on a red chair"
+
+
+def random_vae():
+    """diffusers' AutoencoderKL of the FLUX layout (4 levels, so 8× downsampling), small and random. The encoder's
+    log-variance is pinned at diffusers' lower clamp (std 3e-7): diffusers' Fill pipeline encodes the masked
+    image with a draw from the posterior, minflux with its mean, and this makes the two the same."""
+    from tests.test_autoencoder import diffusers_config
+    from minflux.autoencoder import AutoEncoderParams
+
+    params = AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               z_channels=16, scale_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(**diffusers_config(params)).eval()
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[16:] = 0
+        vae.encoder.conv_out.bias[16:] = -100
+    return vae
+
+
+def text_encoders(root):
+    """A small CLIP and T5 in the official folder layout, with tokenizer folders learned here."""
+    from tests.test_t5 import randomize as randomize_t5, train_sentencepiece
+
+    clip_tok = write_clip_tokenizer(root / "tokenizer")
+    vocab = len(transformers.CLIPTokenizer.from_pretrained(clip_tok))
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=vocab, hidden_size=POOLED_DIM, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1,
+    )).eval()  # fmt: skip
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in clip.named_parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / (p.shape[1] ** 0.5 if "embedding" not in name else 1))
+    train_sentencepiece(root / "tokenizer_2")
+    t5 = randomize_t5(transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=256, d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+    )))  # fmt: skip
+    clip.save_pretrained(root / "text_encoder")
+    t5.save_pretrained(root / "text_encoder_2")
+    return clip, t5
+
+
+def scheduler(shift: bool):
+    return diffusers.FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=1.0,
+        use_dynamic_shifting=shift,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    """{variant: (repo folder in the diffusers layout, diffusers pipeline of the same objects)}."""
+    shared = tmp_path_factory.mktemp("parts")
+    clip, t5 = text_encoders(shared)
+    vae = random_vae()
+    out = {}
+    for name, params in VARIANTS.items():
+        root = tmp_path_factory.mktemp(name)
+        for folder in ("tokenizer", "tokenizer_2"):
+            (root / folder).symlink_to(shared / folder)
+        for folder in ("text_encoder", "text_encoder_2"):
+            (root / folder).symlink_to(shared / folder)
+        transformer = diffusers_flux(params, randomize_(Flux(params), seed=1).state_dict())
+        transformer.save_pretrained(root / "transformer")
+        vae.save_pretrained(root / "vae")
+        parts = dict(
+            scheduler=scheduler(shift=name != "schnell"), vae=vae, text_encoder=clip, text_encoder_2=t5,
+            tokenizer=transformers.CLIPTokenizer.from_pretrained(shared / "tokenizer"),
+            tokenizer_2=transformers.T5TokenizerFast.from_pretrained(shared / "tokenizer_2"), transformer=transformer,
+        )  # fmt: skip
+        cls = diffusers.FluxFillPipeline if name == "fill" else diffusers.FluxPipeline
+        out[name] = root, cls(**parts)
+        if name == "dev":  # Kontext has dev's shapes: the same weights, driven by diffusers' Kontext pipeline
+            out["kontext"] = root, diffusers.FluxKontextPipeline(**parts)
+    return out
+
+
+def compare(ours: torch.Tensor, reference: np.ndarray) -> float:
+    """max |Δ| in [0, 1] pixels; also checks the images are not saturated flat, so the comparison means something."""
+    ref = torch.from_numpy(reference).permute(0, 3, 1, 2)  # [N, H, W, 3] -> [N, 3, H, W]
+    assert ours.shape == ref.shape
+    inside = ((ref > 0.01) & (ref < 0.99)).float().mean().item()
+    assert inside > 0.5, f"only {inside:.0%} of the reference pixels are inside (0, 1): a weak comparison"
+    return (ours - ref).abs().max().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_text_to_image_matches_diffusers_flux_pipeline(repos, variant):
+    root, reference = repos[variant]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    cfg = dict(negative_prompt="blurry, low quality", true_cfg_scale=2.5) if variant == "dev" else {}
+    ours = pipe(PROMPT, width=64, height=48, num_steps=4, guidance=3.5, seed=7, num_images=2, output="tensor", **cfg)
+    expected = reference(
+        PROMPT, width=64, height=48, num_inference_steps=4, guidance_scale=3.5, num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)], output_type="np",
+        max_sequence_length=pipe.t5.tokenizer.max_length, **cfg,
+    ).images  # fmt: skip
+    err = compare(ours, expected)
+    print(f"{variant}: max |Δ| = {err:.2e} in [0, 1] pixels")
+    assert err <= 1e-3
+    # the official defaults: schnell's T5 length is 256 and it has no guidance embedding
+    assert pipe.t5.tokenizer.max_length == (256 if variant == "schnell" else 512)
+
+
+@pytest.mark.slow
+def test_fill_matches_diffusers_flux_fill_pipeline(repos, tmp_path):
+    root, reference = repos["fill"]
+    g = torch.Generator().manual_seed(5)
+    image = Image.fromarray((torch.rand(48, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
+    mask = np.zeros((48, 64), np.uint8)
+    mask[8:40, 24:56] = 255
+    mask = Image.fromarray(mask)
+    image.save(tmp_path / "image.png"), mask.save(tmp_path / "mask.png")
+
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    assert pipe.task == "fill"
+    ours = pipe(PROMPT, image=tmp_path / "image.png", mask=tmp_path / "mask.png", num_steps=4, guidance=30.0, seed=3,
+                output="tensor")  # fmt: skip
+    expected = reference(
+        PROMPT, image=image, mask_image=mask, width=64, height=48, num_inference_steps=4, guidance_scale=30.0,
+        latents=pack(initial_noise([3], 48, 64)), generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images  # fmt: skip
+    err = compare(ours, expected)
+    print(f"fill: max |Δ| = {err:.2e} in [0, 1] pixels")
+    assert err <= 1e-3
+
+
+def kontext_pipeline(root) -> FluxPipeline:
+    """The dev-like weights as a Kontext model: Kontext has dev's shapes, only its name tells it apart."""
+    from minflux import load_ae, load_clip, load_flux, load_t5
+
+    model = load_flux(root)
+    model.variant = "flux-dev-kontext"
+    parts = load_ae(root / "vae"), load_clip(root / "text_encoder"), load_t5(root / "text_encoder_2")
+    return FluxPipeline(model, *parts, device="cpu")
+
+
+@pytest.mark.slow
+def test_kontext_matches_diffusers_flux_kontext_pipeline(repos):
+    root, reference = repos["kontext"]
+    pipe = kontext_pipeline(root)
+    assert pipe.task == "kontext" and pipe.defaults.num_steps == 30 and pipe.defaults.guidance == 2.5
+    g = torch.Generator().manual_seed(6)
+    ref_image = Image.fromarray((torch.rand(832, 1248, 3, generator=g) * 255).to(torch.uint8).numpy())  # a trained size
+    ours = pipe(PROMPT, image=ref_image, width=64, height=48, num_steps=3, guidance=2.5, seed=2, output="tensor")
+    expected = reference(
+        image=ref_image, prompt=PROMPT, width=64, height=48, max_area=64 * 48, num_inference_steps=3,
+        guidance_scale=2.5, generator=[torch.Generator().manual_seed(2)], output_type="np",
+    ).images  # fmt: skip
+    err = compare(ours, expected)
+    print(f"kontext: max |Δ| = {err:.2e} in [0, 1] pixels")
+    assert err <= 1e-3
+    # the reference matters: another reference image, another result (by far more than the parity error)
+    other = pipe(PROMPT, image=ref_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), width=64, height=48,
+                 num_steps=3, guidance=2.5, seed=2, output="tensor")  # fmt: skip
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_the_mask_changes_the_fill_output(repos):
+    """The Fill condition reaches the model: two masks give two images (the parity above is not a dead path)."""
+    root, _ = repos["fill"]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    a = pipe("x", image=image, mask=Image.new("L", (32, 32), 255), num_steps=2, output="tensor")
+    b = pipe("x", image=image, mask=Image.new("L", (32, 32), 0), num_steps=2, output="tensor")
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_kontext_resizes_the_reference_to_a_trained_resolution_and_appends_its_tokens(repos, monkeypatch):
+    root, _ = repos["dev"]
+    pipe = kontext_pipeline(root)
+    seen = {}
+    real_forward = pipe.model.forward
+
+    def spy(img, img_ids, *args, **kwargs):
+        seen["img"], seen["ids"] = img.shape, img_ids
+        return real_forward(img, img_ids, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "forward", spy)
+    images = pipe("make it red", image=Image.new("RGB", (300, 200), (10, 200, 10)), num_steps=1, width=64, height=48)
+    assert pipe.notes[0] == "reference 300×200 → 1248×832 (Kontext's nearest trained size)"  # 3:2
+    assert images[0].size == (64, 48)
+    generated, reference = 3 * 4, (832 // 16) * (1248 // 16)
+    assert seen["img"] == (1, generated + reference, 64)
+    assert (seen["ids"][0, :generated, 0] == 0).all() and (seen["ids"][0, generated:, 0] == 1).all()
+
+
+def test_a_seed_gives_the_same_image_alone_or_in_a_batch(repos):
+    root, _ = repos["schnell"]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    batch = pipe(PROMPT, width=32, height=32, seed=10, num_images=3, output="tensor")
+    alone = pipe(PROMPT, width=32, height=32, seed=11, output="tensor")
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    assert (batch[0] - batch[1]).abs().max() > 1e-2
+
+
+def test_png_text_chunks_hold_the_settings_and_reproduce_the_image(repos, tmp_path):
+    root, _ = repos["dev"]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    image = pipe(PROMPT, width=40, height=33, num_steps=3, guidance=2.0, seed=4, negative_prompt="ugly",
+                 true_cfg_scale=1.5)[0]  # fmt: skip
+    assert image.size == (48, 32) and pipe.notes == ["width 40 → 48 (a multiple of 16)",
+                                                     "height 33 → 32 (a multiple of 16)"]  # fmt: skip
+    save_image(image, tmp_path / "a.png")
+    s = read_settings(tmp_path / "a.png")
+    assert s["prompt"] == PROMPT and s["seed"] == "4" and s["steps"] == "3" and s["guidance"] == "2"
+    assert (s["width"], s["height"], s["negative_prompt"], s["true_cfg_scale"]) == ("48", "32", "ugly", "1.5")
+    again = pipe(s["prompt"], width=int(s["width"]), height=int(s["height"]), num_steps=int(s["steps"]),
+                 guidance=float(s["guidance"]), seed=int(s["seed"]), negative_prompt=s["negative_prompt"],
+                 true_cfg_scale=float(s["true_cfg_scale"]))[0]  # fmt: skip
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "a.png")))
+
+
+def test_snap_rounds_to_the_nearest_multiple_of_16_with_a_note():
+    notes = []
+    assert [snap(1000, "width", notes), snap(1024, "height", notes), snap(5, "width", notes)] == [1008, 1024, 16]
+    assert notes == ["width 1000 → 1008 (a multiple of 16)", "width 5 → 16 (a multiple of 16)"]
+
+
+# --- bad input -------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_named(repos, tmp_path):
+    root, _ = repos["fill"]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    Image.new("L", (32, 48)).save(tmp_path / "mask.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match=r"mask.png: the mask is 32×48, the image 32×32"):
+        pipe("x", image=tmp_path / "image.png", mask=tmp_path / "mask.png")
+    with pytest.raises(DataError, match=r"broken.png: cannot be read as an image"):
+        pipe("x", image=tmp_path / "broken.png", mask=tmp_path / "mask.png")
+    with pytest.raises(DataError, match=r"missing.png: no such file"):
+        pipe("x", image=tmp_path / "missing.png", mask=tmp_path / "mask.png")
+    with pytest.raises(ValueError, match=r"needs an image and a mask"):
+        pipe("x")
+    t2i = FluxPipeline.from_files(repo=repos["dev"][0], device="cpu")
+    with pytest.raises(ValueError, match=r"text-to-image model"):
+        t2i("x", image=tmp_path / "image.png")
+    with pytest.raises(WeightsError, match=r"holds none of ae.safetensors, vae"):
+        FluxPipeline.from_files(repo=tmp_path, flux=root / "transformer")
+
+
+# --- sample.py with official-layout weights ---------------------------------------------------------------------
+
+
+def random_lora(repo, tmp_path, fmt="kohya"):
+    """A LoRA for the repo's transformer, with every up matrix random (an untrained one would change nothing)."""
+    from minflux.loaders import load_flux
+    from minflux.lora import inject_lora, save_lora
+
+    model = load_flux(repo)
+    for p in inject_lora(model, rank=4):
+        torch.nn.init.normal_(p, std=0.3)
+    return save_lora(model, tmp_path / f"lora-{fmt}.safetensors", format=fmt)
+
+
+@pytest.mark.slow
+def test_sample_py_writes_pngs_with_settings_and_reproduces_one_from_them(repos, tmp_path, capsys):
+    import sample
+
+    root, _ = repos["dev"]
+    lora = random_lora(root, tmp_path)
+    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "40", "--height", "32", "--steps", "3",
+            "--seed", "5", "--num-images", "2", "--lora", f"{lora}:0.7", "--device", "cpu"]  # fmt: skip
+    assert sample.main([*argv, "--output-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == str(tmp_path / "a" / "img_0001.png") and out[-2] == str(tmp_path / "a" / "img_0000.png")
+    assert sum(line.startswith("denoise ") for line in out) == 3  # a progress line per step
+    assert "note: width 40 → 48 (a multiple of 16)" in out
+    assert any(line.startswith("time per stage: load") and "| denoise" in line and "| decode" in line for line in out)
+    second = Image.open(out[-1])
+    assert second.text["seed"] == "6" and second.text["loras"] == f"{lora}:0.7" and second.text["width"] == "48"
+
+    # the same image from its own settings, through --from
+    assert sample.main(["--repo", str(root), "--from", out[-1], "--output-dir", str(tmp_path / "b")]) == 0
+    again = capsys.readouterr().out.splitlines()[-1]
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(second))
+    # and the LoRA mattered
+    assert sample.main([*argv[:-4], "--output-dir", str(tmp_path / "c")]) == 0  # without --lora
+    plain = capsys.readouterr().out.splitlines()[-1]
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(tmp_path / "a" / "img_0000.png")))
+
+
+def test_several_loras_stack_with_their_scales(repos, tmp_path):
+    root, _ = repos["schnell"]
+    a, b = random_lora(root, tmp_path, "kohya"), random_lora(root, tmp_path, "diffusers")
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    base = pipe("x", width=32, height=32, output="tensor")
+    pipe.load_lora(a, 0.5)
+    one = pipe("x", width=32, height=32, output="tensor")
+    pipe.load_lora(b, 0.5)
+    two = pipe("x", width=32, height=32, output="tensor")
+    assert (base - one).abs().max() > 1e-3 and (one - two).abs().max() > 1e-3
+    assert pipe("x", width=32, height=32)[0].info["loras"] == f"{a}:0.5, {b}:0.5"
+
+
+@pytest.mark.parametrize("case", ["missing weights", "unreadable image", "mask of the wrong size", "foreign LoRA"])
+def test_sample_py_bad_input_exits_non_zero_and_writes_nothing(repos, tmp_path, capsys, case):
+    import sample
+    from safetensors.torch import save_file
+
+    root, _ = repos["fill"]
+    Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
+    Image.new("L", (32, 32)).save(tmp_path / "mask.png")
+    args = ["--repo", str(root), "--prompt", "x", "--image", str(tmp_path / "image.png"), "--mask",
+            str(tmp_path / "mask.png"), "--steps", "1", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    if case == "missing weights":
+        args += ["--flux", str(tmp_path / "flux1-dev.safetensors")]
+        expected = "flux1-dev.safetensors"
+    elif case == "unreadable image":
+        (tmp_path / "image.png").write_bytes(b"not an image")
+        expected = "image.png: cannot be read as an image"
+    elif case == "mask of the wrong size":
+        Image.new("L", (32, 16)).save(tmp_path / "mask.png")
+        expected = "mask.png: the mask is 32×16, the image 32×32"
+    else:  # an SDXL LoRA: its keys name no layer of a FLUX transformer
+        sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}  # fmt: skip
+        save_file(sdxl, tmp_path / "sdxl.safetensors")
+        args += ["--lora", str(tmp_path / "sdxl.safetensors")]
+        expected = "sdxl.safetensors: no key names a linear layer of this model: a LoRA for another architecture?"
+    assert sample.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sample.py: ") and expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_py_exit_code_of_a_bad_input_in_a_process(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--flux", str(tmp_path / "nowhere.safetensors"), "--prompt", "x",
+         "--output-dir", str(tmp_path / "out")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2 and "nowhere.safetensors" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,197 @@
+"""train.py --task t2i: a LoRA on a dev-like and a schnell-like transformer from an image + caption folder.
+
+No downloads: tiny random "official" weights are written here in the official layouts (save_flux, the VAE's
+ae.safetensors, CLIP/T5 folders with tokenizers), and train.py reads them as it reads FLUX.1-dev.
+"""
+
+import json
+import math
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from minflux.autoencoder import AutoEncoder
+from minflux.data import CaptionFolder, DataError, bucket_sizes
+from minflux.embedded import build_text_encoders
+from minflux.flow import prepare_img_ids, prepare_txt_ids
+from minflux.loaders import load_flux, save_flux
+from minflux.lora import load_lora
+from minflux.model import Flux
+from minflux.presets import AE_SMALL, FLUX_SMALL
+from minflux.weights import read_state_dict, save_atomic
+
+# dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
+TINY_DEV = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1,
+                   guidance_embed=True)  # fmt: skip
+TINY_SCHNELL = replace(TINY_DEV, guidance_embed=False)
+CAPTIONS = ["a red square on white", "a blue circle on black", "a green stripe", "a yellow dot"]
+
+
+def _image(i: int, size=(40, 40)) -> Image.Image:
+    g = torch.Generator().manual_seed(i)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """{dev, schnell, ae, clip, t5}: paths of tiny weights in the official layouts."""
+    root = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    paths = {}
+    for name, params in (("dev", TINY_DEV), ("schnell", TINY_SCHNELL)):
+        paths[name] = save_flux(Flux(params), root / f"flux1-{name}-tiny.safetensors")
+    ae = AutoEncoder(AE_SMALL)
+    paths["ae"] = save_atomic(ae.state_dict(), root / "ae.safetensors",
+                              metadata={"minflux.ae_params": json.dumps(asdict(AE_SMALL))})  # fmt: skip
+    build_text_encoders(root, CAPTIONS, t5_max_length=8)
+    paths["clip"], paths["t5"] = root / "text_encoder", root / "text_encoder_2"
+    return paths
+
+
+@pytest.fixture
+def folder(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        _image(i).save(data / f"{i:02d}.png")
+        (data / f"{i:02d}.txt").write_text(caption + "\n")
+    return data
+
+
+def run_t2i(tmp_path, weights, data, *args, model="dev") -> int:
+    return train.main([
+        "--task", "t2i", "--data", str(data), "--flux", str(weights[model]), "--ae", str(weights["ae"]),
+        "--clip", str(weights["clip"]), "--t5", str(weights["t5"]), "--out", str(tmp_path / "runs"),
+        "--resolution", "32", "--batch-size", "2", "--lora-rank", "4", "--lr", "1e-2", "--t5-max-length", "8",
+        "--sample-steps", "2", "--gradient-checkpointing", "false", *args,
+    ])  # fmt: skip
+
+
+def _output(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img, txt = torch.randn(1, 4, 64, generator=g), torch.randn(1, 8, 64, generator=g)  # a 32-px image, 8 T5 tokens
+    y = torch.randn(1, 64, generator=g)
+    with torch.no_grad():
+        return model(img, prepare_img_ids(1, 2, 2), txt, prepare_txt_ids(1, 8), torch.tensor([0.5]), y,
+                     torch.tensor([1.0]))  # fmt: skip
+
+
+def test_dev_lora_trains_saves_and_changes_the_model(tmp_path, weights, folder, capsys):
+    assert run_t2i(tmp_path, weights, folder, "--steps", "4", "--name", "dev", "--caption-dropout", "0.5") == 0
+    run = tmp_path / "runs" / "dev"
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == str(run)  # the last line is the run folder
+    assert "data: 4 images, 4 distinct captions; sizes 32×32 (4)" in out and "memory estimate" in out
+    for name in ("lora.safetensors", "config.toml", "metrics.json", "log.jsonl", "loss.png", "samples.png"):
+        assert (run / name).is_file(), name
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4 and all(math.isfinite(x) and x > 0 for x in losses)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["task"] == "t2i" and metrics["images"] == 4
+    assert 'task = "t2i"' in (run / "config.toml").read_text()
+
+    base = load_flux(weights["dev"])
+    before = _output(base)
+    layers = load_lora(base, run / "lora.safetensors")
+    assert len(layers) == 13  # kohya's default: every linear layer of the double (10) and single (3) block
+    after = _output(base)
+    assert after.shape == before.shape and (after - before).abs().max() > 1e-4  # the LoRA was trained
+
+
+def test_resume_continues_exactly(tmp_path, weights, folder):
+    common = ["--steps", "4", "--caption-dropout", "0.5"]
+    assert run_t2i(tmp_path, weights, folder, *common, "--name", "straight") == 0
+    assert run_t2i(tmp_path, weights, folder, *common, "--stop-at", "2", "--name", "halves") == 0
+    halves = tmp_path / "runs" / "halves"
+    assert not (halves / "lora.safetensors").exists()
+    assert (halves / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert train.main(["--resume", str(halves)]) == 0
+    a = read_state_dict(tmp_path / "runs" / "straight" / "lora.safetensors")
+    b = read_state_dict(halves / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((halves / "log.jsonl").read_text().splitlines()) == 4  # 2 + 2 steps
+
+
+def test_schnell_with_buckets_in_kohya_format(tmp_path, weights, folder, capsys):
+    _image(9, size=(80, 40)).save(folder / "wide.png")  # 2:1: at resolution 32 the nearest bucket is 48 × 32
+    (folder / "wide.txt").write_text("a wide picture")
+    code = run_t2i(tmp_path, weights, folder, "--steps", "3", "--name", "schnell", "--buckets", "true",
+                   "--lora-format", "kohya", "--t5-max-length", "16", model="schnell")  # fmt: skip
+    assert code == 0
+    run = tmp_path / "runs" / "schnell"
+    out = capsys.readouterr().out
+    assert "sizes 32×32 (4), 48×32 (1)" in out  # two sizes: batches are drawn from one at a time
+    assert "t5_max_length = 16" in (run / "config.toml").read_text()  # the flag, not schnell's 256
+    lora = read_state_dict(run / "lora.safetensors")
+    assert all(k.startswith("lora_unet_") for k in lora)
+    base = load_flux(weights["schnell"])
+    assert base.params.guidance_embed is False
+    before = _output(base)
+    load_lora(base, run / "lora.safetensors")
+    assert (_output(base) - before).abs().max() > 1e-4
+
+
+def test_bf16_autocast_path_trains_fp32_lora_weights(tmp_path, weights, folder):
+    """The CUDA recipe (bf16 base, fp32 LoRA, autocast), run on the CPU."""
+    assert run_t2i(tmp_path, weights, folder, "--steps", "2", "--name", "bf16", "--dtype", "bf16",
+                   "--sample-steps", "0") == 0  # fmt: skip
+    lora = read_state_dict(tmp_path / "runs" / "bf16" / "lora.safetensors")
+    assert all(v.dtype == torch.float32 for k, v in lora.items()), {v.dtype for v in lora.values()}
+
+
+def test_missing_caption_is_an_error_naming_the_file_or_gets_the_default(tmp_path, weights, folder):
+    _image(7).save(folder / "nocaption.png")
+    with pytest.raises(DataError, match=r"nocaption\.png: no caption file nocaption\.txt .*--default-caption"):
+        run_t2i(tmp_path, weights, folder, "--steps", "1")
+    data = CaptionFolder(folder, resolution=32, default_caption="a photo")
+    assert data.captions() == [*CAPTIONS, "a photo"] and data.n_default_captions == 1
+
+
+def test_unreadable_image_is_skipped_and_counted_or_stops(tmp_path, weights, folder, capsys):
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "broken.txt").write_text("whatever")
+    assert run_t2i(tmp_path, weights, folder, "--steps", "1", "--name", "skip", "--sample-steps", "0") == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unusable file(s)" in out and "broken.png: cannot be read as an image" in out
+    with pytest.raises(DataError, match=r"broken\.png: cannot be read as an image"):
+        run_t2i(tmp_path, weights, folder, "--steps", "1", "--on-error", "stop")
+
+
+def test_images_are_cropped_to_the_resolution_or_their_bucket(tmp_path):
+    _image(0, size=(100, 60)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("  a caption \n")
+    square = CaptionFolder(tmp_path, resolution=48)[0]
+    assert square["image"].shape == (3, 48, 48) and square["caption"] == "a caption"
+    assert -1 <= square["image"].min() and square["image"].max() <= 1
+    bucketed = CaptionFolder(tmp_path, resolution=48, buckets=True)
+    assert bucketed.sizes[0] == (64, 32) and bucketed[0]["image"].shape == (3, 32, 64)  # 5:3 → 2:1 (64 × 32)
+    assert all(w % 16 == 0 and h % 16 == 0 for w, h in bucket_sizes(1024))
+
+
+def test_t2i_needs_weights_and_a_folder_and_a_resolution_of_16s(tmp_path, capsys):
+    for argv, message in (
+        (["--task", "t2i", "--data", str(tmp_path)], "trains a LoRA on official weights"),
+        (["--task", "t2i", "--flux", "x", "--ae", "x", "--clip", "x", "--t5", "x"], "needs --data FOLDER"),
+        (["--task", "t2i", "--data", str(tmp_path), "--flux", "x", "--resolution", "500"], "multiple of 16"),
+        (["--task", "paint"], "expected one of vis2ir, t2i"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            train.parse(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_t2i_defaults_apply_unless_given():
+    cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
+                       "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
+    assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
+    assert train.parse([]).lr == train.TrainConfig().lr  # vis2ir keeps its own
+
+
+def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):
+    common = ["--task", "t2i", "--data", "d", "--ae", "a", "--clip", "c", "--t5", "t"]
+    assert train.parse([*common, "--flux", str(weights["dev"])]).t5_max_length == 512
+    assert train.parse([*common, "--flux", str(weights["schnell"])]).t5_max_length == 256
