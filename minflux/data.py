@@ -314,6 +314,7 @@ class _Folder(Dataset):
             raise ValueError(f"on_error must be 'skip' or 'stop', got {on_error!r}")
         self.root, self.on_error = Path(root), on_error
         self.skipped: list[tuple[Path, str]] = []
+        self._bad: set[int] = set()  # items that passed the check but failed to decode when read
 
     @property
     def n_skipped(self) -> int:
@@ -323,6 +324,18 @@ class _Folder(Dataset):
         if self.on_error == "stop":
             raise e
         self.skipped.append((e.path, e.why))
+
+    def _first_good(self, candidates: list[int], what: str) -> dict:
+        """self.load of the first candidate that decodes; one that fails is skipped (and counted) from then on."""
+        for j in candidates:
+            if j in self._bad:
+                continue
+            try:
+                return self.load(j)
+            except DataError as e:
+                self._reject(e)
+                self._bad.add(j)
+        raise DataError(self.root, f"every one of the {len(candidates)} {what} failed to decode")
 
     def _all_skipped(self) -> DataError:
         return DataError(self.root, f"all {len(self.skipped)} images were skipped; the first: "
@@ -356,7 +369,6 @@ class TriptychFolder(_Folder):
         if size is not None and size < 16:
             raise ValueError(f"size must be at least 16, got {size}")
         self.size = None if size is None else size // 16 * 16
-        self._bad: set[int] = set()
 
         folders = [p for p in PANELS if (self.root / p).is_dir()]
         if folders and len(folders) < 3:
@@ -433,15 +445,7 @@ class TriptychFolder(_Folder):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of a data set of {len(self)}")
-        for j in [(i + k) % len(self) for k in range(len(self))]:  # i, then the next good one
-            if j in self._bad:
-                continue
-            try:
-                return self.load(j)
-            except DataError as e:
-                self._reject(e)
-                self._bad.add(j)
-        raise DataError(self.root, f"every one of the {len(self)} images failed to decode")
+        return self._first_good([(i + k) % len(self) for k in range(len(self))], "images")  # i, then the next good one
 
     def __repr__(self) -> str:
         return (f"TriptychFolder({str(self.root)!r}, {len(self)} triptychs, layout={self.layout}, "
@@ -503,7 +507,6 @@ class CaptionFolder(_Folder):
 
         self.items: list[Path] = []
         self.sizes: list[tuple[int, int]] = []  # (width, height) each image is made, in pixels
-        self._bad: set[int] = set()
         for f in files:
             try:
                 w, h = _probe(f)
@@ -542,15 +545,7 @@ class CaptionFolder(_Folder):
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of a data set of {len(self)}")
         same_size = [j for j in [(i + k) % len(self) for k in range(len(self))] if self.sizes[j] == self.sizes[i]]
-        for j in same_size:  # i, then the next good image of its size
-            if j in self._bad:
-                continue
-            try:
-                return self.load(j)
-            except DataError as e:
-                self._reject(e)
-                self._bad.add(j)
-        raise DataError(self.root, f"every one of the {len(same_size)} images of size {self.sizes[i]} failed to decode")
+        return self._first_good(same_size, f"images of size {self.sizes[i]}")  # i, then the next good one of its size
 
     def __len__(self) -> int:
         return len(self.items)
