@@ -25,9 +25,7 @@ from pathlib import Path
 import torch
 
 from minflux.data import DataError, SyntheticTriptychs, TriptychFolder, split_triptych
-from minflux.flow import prepare_txt_ids
 from minflux.runs import Progress, image_grid, save_png
-from minflux.vis2ir import encode_triptych, generate_infrared, load_run
 from minflux.weights import WeightsError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -208,9 +206,12 @@ def vis2ir(args, run: Path) -> int:
 
 def held_out(args, run: Path) -> int:
     """The embedded default: generated infrared for held-out scenes of the run's data, with the PSNR."""
+    from minflux.pipeline import Vis2IRPipeline
+
     start = time.perf_counter()
-    parts = load_run(run)
-    cfg, model, ae = parts["config"], parts["model"], parts["ae"]
+    device = torch.device(args.device) if args.device else None
+    pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
+    cfg = pipe.config
     if cfg.get("data"):
         data = TriptychFolder(cfg["data"], size=cfg.get("panel_size"), on_error="skip")
         data = torch.utils.data.Subset(data, range(max(0, len(data) - args.num), len(data)))
@@ -219,15 +220,10 @@ def held_out(args, run: Path) -> int:
     triptychs = torch.stack([data[i]["triptych"] for i in range(len(data))])  # [N, 3, 64, 192]
     prompts = [data[i]["caption"] for i in range(len(data))]
     seed = args.seed or 0
-    print_params(args, {**dict(model.named_children()), "ae": ae, "clip": parts["clip"].model, "t5": parts["t5"].model})
-    with torch.no_grad(), maybe_trace(args.trace):
-        batch = encode_triptych(ae, triptychs, cfg.get("semantic", "xattn_rope"))
-        y, txt = parts["clip"](prompts), parts["t5"](prompts)
-        steps = args.steps or cfg.get("sample_steps", 16)
-        generated = generate_infrared(
-            model, ae, batch, txt, prepare_txt_ids(len(prompts), txt.shape[1]), y, steps,
-            cfg.get("guidance", 1.0), seed=seed,
-        )  # fmt: skip
+    steps = args.steps or cfg.get("sample_steps", 16)
+    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    with maybe_trace(args.trace):
+        generated = pipe.infrared(triptychs, prompts, steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
     visible, truth, semantic = split_triptych(triptychs)
     mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
     psnr = 10 * math.log10(1 / mse)

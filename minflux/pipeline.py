@@ -99,8 +99,9 @@ def mask_to_tensor(mask: Image.Image) -> Tensor:
 
 def tensor_to_images(x: Tensor) -> list[Image.Image]:
     """Decoded images [B, 3, H, W] in [-1, 1] → PIL images."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in x]
+    from minflux.runs import to_pil
+
+    return [to_pil(img) for img in x]
 
 
 def save_image(image: Image.Image, path) -> Path:
@@ -398,39 +399,51 @@ class Vis2IRPipeline:
         dtype = dtype or default_dtype(device)
         return cls(load_run(run, device=device, dtype=dtype) | {"run": str(run)}, device, dtype)
 
+    def _settings(self, num_steps: int | None, guidance: float | None) -> tuple[int, float]:
+        """The run's sampling settings where none are given."""
+        num_steps = num_steps or self.config.get("sample_steps", 16)
+        return num_steps, self.config.get("guidance", 1.0) if guidance is None else guidance
+
+    @torch.no_grad()
+    def infrared(self, triptychs: Tensor, prompts: list[str], num_steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0) -> Tensor:  # fmt: skip
+        """Triptychs [N, 3, S, 3S] in [-1, 1] → the generated infrared panels [N, 3, S, S] in [-1, 1].
+
+        The triptychs' middle (target) panel is not read: the Fill condition erases it, and the generation
+        starts from noise. sample.py passes held-out triptychs, so it can compare with their target.
+        """
+        from minflux.vis2ir import encode_triptych, generate_infrared
+
+        num_steps, guidance = self._settings(num_steps, guidance)
+        t0 = time.perf_counter()
+        batch = encode_triptych(self.ae, triptychs.to(self.device, self.dtype), self.config.get("semantic", "xattn_rope"))
+        txt, y = self.t5(prompts).to(self.dtype), self.clip(prompts).to(self.dtype)
+        self.timings["encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        txt_ids = prepare_txt_ids(len(prompts), txt.shape[1], device=self.device)
+        infrared = generate_infrared(self.model, self.ae, batch, txt, txt_ids, y, num_steps, guidance, seed=seed)
+        self.timings["denoise + decode"] = time.perf_counter() - t0
+        return infrared  # [N, 3, S, S]
+
     @torch.no_grad()
     def __call__(self, visible, semantic, prompt: str = "", num_steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, output: str = "pil"):  # fmt: skip
         """visible, semantic: paths or PIL images, or equally long lists of them. Returns one infrared image each."""
         from minflux.data import _fit
-        from minflux.vis2ir import encode_triptych, generate_infrared
 
         visible = visible if isinstance(visible, (list, tuple)) else [visible]
         semantic = semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if len(visible) != len(semantic):
             raise ValueError(f"{len(visible)} visible image(s) but {len(semantic)} semantic map(s): give one map each")
         size = self.config.get("panel_size") or 512
-        num_steps = num_steps or self.config.get("sample_steps", 16)
-        guidance = self.config.get("guidance", 1.0) if guidance is None else guidance
+        num_steps, guidance = self._settings(num_steps, guidance)
         start = time.perf_counter()
         panels = []
         for v, s in zip(visible, semantic):
             v_img, s_img = _fit(read_image(v), size, semantic=False), _fit(read_image(s), size, semantic=True)
             v_t, s_t = image_to_tensor(v_img), image_to_tensor(s_img)  # [1, 3, S, S] each
             panels.append(torch.cat((v_t, torch.zeros_like(v_t), s_t), dim=-1))  # [1, 3, S, 3S], target empty
-        triptychs = torch.cat(panels).to(self.device, self.dtype)  # [N, 3, S, 3S]
-        prompts = [prompt] * len(panels)
-
-        t0 = time.perf_counter()
-        batch = encode_triptych(self.ae, triptychs, self.config.get("semantic", "xattn_rope"))
-        txt, y = self.t5(prompts).to(self.dtype), self.clip(prompts).to(self.dtype)
-        self.timings["encode"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        infrared = generate_infrared(
-            self.model, self.ae, batch, txt, prepare_txt_ids(len(prompts), txt.shape[1], device=self.device), y,
-            num_steps, guidance, seed=seed,
-        )  # [N, 3, S, S]  fmt: skip
-        self.timings["denoise + decode"] = time.perf_counter() - t0
+        infrared = self.infrared(torch.cat(panels), [prompt] * len(panels), num_steps, guidance, seed)  # [N, 3, S, S]
         self.timings["total"] = time.perf_counter() - start
         if output == "tensor":
             return ((infrared.float() + 1) / 2).clamp(0, 1).cpu()
