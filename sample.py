@@ -24,17 +24,11 @@ from pathlib import Path
 
 import torch
 
-from minflux.data import DataError, SyntheticTriptychs, TriptychFolder, split_triptych
-from minflux.runs import Progress, image_grid, save_png
-from minflux.weights import WeightsError
+from minflux.files.images import DataError, image_grid, read_settings, save_image, save_png
+from minflux.files.weights import WeightsError
+from minflux.tasks.runs import Progress, latest_run
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def latest_run(out: Path) -> Path | None:
-    """The most recently finished run under `out` (the one whose metrics.json is newest)."""
-    finished = sorted(out.glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return finished[-1].parent if finished else None
 
 
 def parse_args(argv):
@@ -87,8 +81,6 @@ def parse_args(argv):
 
 def apply_settings(args) -> None:
     """Fill the options not given on the command line from the text chunks of an earlier image."""
-    from minflux.pipeline import read_settings
-
     s = read_settings(args.settings_from)
     if s.get("software") != "minflux":
         raise DataError(args.settings_from, "holds no minflux settings (its PNG text chunks lack software=minflux)")
@@ -119,23 +111,21 @@ def next_index(folder: Path) -> int:
 
 def write_images(images, folder: Path) -> list[Path]:
     """Each image as img_NNNN.png after the highest index already there; written atomically."""
-    from minflux.pipeline import save_image
-
     folder.mkdir(parents=True, exist_ok=True)
     start = next_index(folder)
     return [save_image(im, folder / f"img_{start + i:04d}.png") for i, im in enumerate(images)]
 
 
 def maybe_trace(on: bool):
-    """--trace: the shape of every stage of what runs inside, printed when it ends (minflux/trace.py)."""
-    from minflux.trace import shape_trace
+    """--trace: the shape of every stage of what runs inside, printed when it ends (minflux/study/trace.py)."""
+    from minflux.study.trace import shape_trace
 
     return shape_trace() if on else contextlib.nullcontext()
 
 
 def print_params(args, parts: dict) -> None:
     if args.params:
-        from minflux.trace import parameter_table
+        from minflux.study.params import parameter_table
 
         print(parameter_table(parts))
 
@@ -168,7 +158,7 @@ def official(args) -> int:
     if args.prompt is None:
         raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
     print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
-    progress = Progress(steps, label="denoise ")
+    progress = Progress(steps * args.num_images, label="denoise ")
     with maybe_trace(args.trace):
         images = pipe(
             args.prompt, width=args.width, height=args.height, num_steps=steps, guidance=args.guidance,
@@ -207,31 +197,30 @@ def vis2ir(args, run: Path) -> int:
 def held_out(args, run: Path) -> int:
     """The embedded default: generated infrared for held-out scenes of the run's data, with the PSNR."""
     from minflux.pipeline import Vis2IRPipeline
+    from minflux.tasks.data import captions, triptychs
+    from minflux.tasks.scenes import split_triptych
+    from minflux.tasks.vis2ir import datasets
 
     start = time.perf_counter()
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     cfg = pipe.config
-    if cfg.get("data"):
-        data = TriptychFolder(cfg["data"], size=cfg.get("panel_size"), on_error="skip")
-        data = torch.utils.data.Subset(data, range(max(0, len(data) - args.num), len(data)))
-    else:
-        data = SyntheticTriptychs(args.num, cfg.get("panel_size", 64), "heldout", cfg.get("seed", 0))
-    triptychs = torch.stack([data[i]["triptych"] for i in range(len(data))])  # [N, 3, 64, 192]
-    prompts = [data[i]["caption"] for i in range(len(data))]
+    _, held = datasets(cfg, heldout=args.num)
+    held = torch.utils.data.Subset(held, range(min(args.num, len(held))))
+    scenes = triptychs(held)  # [N, 3, 64, 192]
     seed = args.seed or 0
-    steps = args.steps or cfg.get("sample_steps", 16)
+    steps = args.steps or cfg.sample_steps
     print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     with maybe_trace(args.trace):
-        generated = pipe.infrared(triptychs, prompts, steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
-    visible, truth, semantic = split_triptych(triptychs)
+        generated = pipe.infrared(scenes, captions(held), steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
+    visible, truth, semantic = split_triptych(scenes)
     mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
     psnr = 10 * math.log10(1 / mse)
-    rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(data))]
+    rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(held))]
     output = args.output or run / f"sample-{seed}.png"
-    settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.get("semantic"), "psnr": f"{psnr:.2f}"}
+    settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.semantic, "psnr": f"{psnr:.2f}"}
     save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), output, text=settings)
-    print(f"{len(data)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
+    print(f"{len(held)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
           f"mse {mse:.5f}, psnr {psnr:.2f} dB")  # fmt: skip
     print(json.dumps(settings))
     print(output)

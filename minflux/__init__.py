@@ -1,58 +1,67 @@
-"""minflux: FLUX.1 by hand in PyTorch. See README.md for a map of the files."""
+"""minflux: FLUX.1 by hand in PyTorch. See README.md for a map of the files.
+
+The model (this folder's top level) imports only torch, einops and math; files/ reads and writes files, tasks/
+holds what training needs, study/ the tools for reading and measuring, pipeline.py joins them for sampling.
+"""
 
 # the transformer
 from minflux.model import Flux, FluxParams
 from minflux.presets import ModelSpec, configs
-from minflux.loaders import load_flux, save_flux
 from minflux.attention import AttentionMaps, attention_backend
 
-# flow matching
-from minflux.flow import (
+# flow matching: one recipe for sampling, one loss for training
+from minflux.sampling import (
+    Inputs,
     denoise,
     fill_condition,
+    flow_matching_loss,
+    generate,
+    get_noise,
     get_schedule,
     interpolate,
     latent_ids,
     pack,
     pack_mask,
+    prepare,
+    prepare_fill,
     prepare_img_ids,
+    prepare_kontext,
     prepare_txt_ids,
     sample_t,
     unpack,
     velocity_target,
 )
 
-# autoencoder
-from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams, load_ae
+# autoencoder and text encoders
+from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
+from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
+from minflux.t5 import T5_XXL, T5Encoder, T5Params
 
-# text encoders
-from minflux.clip import CLIP_L, CLIPEmbedder, CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
-from minflux.t5 import T5_XXL, T5Embedder, T5Encoder, T5Params, T5Tokenizer, load_t5
-
-# LoRA
+# LoRA and the semantic injection
 from minflux.lora import (
     DEFAULT_TARGETS,
     TARGET_GROUPS,
     LoRALinear,
+    apply_lora,
     inject_lora,
-    load_lora,
     lora_layers,
     lora_parameters,
     merge_lora,
-    read_lora,
-    save_lora,
     unload_lora,
 )
+from minflux.semantic import SEMANTIC_MODES, SemanticConditioningAdapter, SemanticCrossAttention, Vis2IR
+
+# files: weights, LoRA files, tokenizers
+from minflux.files.weights import WeightsError
+from minflux.files.load import CLIPEmbedder, T5Embedder, find_weights, load_ae, load_clip, load_flux, load_t5, save_flux
+from minflux.files.lora_files import load_lora, read_lora, save_lora
+from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
+from minflux.files.images import DataError
 
 # data and the vis2ir task
-from minflux.data import CLASSES, DataError, SyntheticTriptychs, TriptychFolder, make_scene, split_triptych
-from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, generate_infrared, vis2ir_loss
+from minflux.tasks.scenes import CLASSES, SyntheticTriptychs, make_scene, split_triptych
+from minflux.tasks.data import CaptionFolder, TriptychFolder
+from minflux.tasks.vis2ir import encode_triptych, generate_infrared, prepare_vis2ir
 
 # sampling pipelines
 from minflux.pipeline import FluxPipeline, Vis2IRPipeline
-
-# semantic conditioning
-from minflux.semantic import SemanticConditioningAdapter, SemanticCrossAttention
-
-# weights I/O
-from minflux.weights import WeightsError

@@ -7,7 +7,7 @@ depend on those ids. With head_dim 128 the channels are split 16 / 56 / 56 acros
 Two attention paths compute the same softmax(Q Kᵀ / √d) V:
 - "sdpa": torch.nn.functional.scaled_dot_product_attention, which picks fused flash / memory-efficient
   kernels on CUDA.
-- "explicit": the formula written out, for reading, and for returning the attention maps (`AttentionMaps`).
+- "explicit": the formula written out, for reading, and for recording the attention maps (`AttentionMaps`).
 The default, "auto", picks the faster of the two for the tensors at hand (see `scaled_dot_product`).
 Choose one yourself with `with attention_backend("explicit"): ...`.
 
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from minflux import hooks
+
 _BACKEND = "auto"
-_MAPS = None  # an AttentionMaps while one is recording
 
 
 @contextmanager
@@ -37,29 +38,31 @@ def attention_backend(name: str):
         _BACKEND = previous
 
 
-class AttentionMaps:
+class AttentionMaps(hooks.Observer):
     """Records the attention probabilities of every attention call inside `with AttentionMaps() as maps:`.
 
-    Recording forces the explicit path. `maps.probs` is a list, one [B, H, L, L] tensor per call, in the
+    Recording runs the explicit path. `maps.probs` is a list, one [B, H, L, L] tensor per call, in the
     order the blocks ran (19 double blocks, then 38 single blocks, for each model call). To save memory,
-    `reduce` (e.g. `lambda p: p.mean(1)`) is applied to each map before it is stored.
+    `reduce` (e.g. `lambda p: p.mean(1)`) is applied to each map before it is stored; None is not stored.
     """
+
+    wants_attention = True
 
     def __init__(self, reduce=None):
         self.reduce = reduce or (lambda p: p)
         self.probs = []
 
+    def attention_probs(self, probs: torch.Tensor) -> None:
+        kept = self.reduce(probs.detach())
+        if kept is not None:
+            self.probs.append(kept)
+
     def __enter__(self):
-        global _MAPS
-        self._backend = attention_backend("explicit")
-        self._backend.__enter__()
-        _MAPS = self
-        return self
+        self._open = hooks.observing(self)
+        return self._open.__enter__()
 
     def __exit__(self, *exc):
-        global _MAPS
-        _MAPS = None
-        self._backend.__exit__(*exc)
+        return self._open.__exit__(*exc)
 
 
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,15 +78,18 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
       runs at the matrix-multiply peak.
     """
     cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-    if _BACKEND == "sdpa" or (_BACKEND == "auto" and not cpu_bf16):
+    observer = hooks.current()
+    recording = observer is not None and observer.wants_attention
+    if not recording and (_BACKEND == "sdpa" or (_BACKEND == "auto" and not cpu_bf16)):
         return F.scaled_dot_product_attention(q, k, v)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]; scaling q costs Lq·D, not Lq·Lk
     probs = scores.softmax(dim=-1)  # a bf16 softmax accumulates in float32 inside, as .float().softmax() would
-    if _MAPS is not None:
-        _MAPS.probs.append(_MAPS.reduce(probs.detach()))
+    if recording:
+        observer.attention_probs(probs)
     return probs @ v  # [B, H, Lq, D]
 
 
+@hooks.stage
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """Joint attention with RoPE. q, k, v [B, H, L, D]; pe [B, 1, L, D/2] from `embed_ids` → [B, L, H*D]."""
     q, k = apply_rope(q, k, pe)
@@ -104,6 +110,7 @@ def rope(pos: torch.Tensor, dim: int, theta: int) -> torch.Tensor:
     return torch.einsum("...n,d->...nd", pos.to(torch.float64), omega)  # [B, L, dim/2]
 
 
+@hooks.stage
 def embed_ids(ids: torch.Tensor, axes_dim: list[int], theta: int) -> torch.Tensor:
     """RoPE for 3-axis ids. ids [B, L, 3] → pe [B, 1, L, sum(axes_dim)/2], complex64 (1: broadcast over heads).
 

@@ -6,29 +6,25 @@ What this file implements, top to bottom:
   diagonal_gaussian                              mean / log-variance -> latent (sampled, as the official code does)
   AutoEncoder                                    encode / decode with the latent scale and shift, optionally tiled
   tiled                                          run a conv net on overlapping tiles, blended with linear ramps
-  load_ae                                        an official ae.safetensors or a diffusers vae/ folder -> AutoEncoder
 
 References:
   - black-forest-labs/flux, src/flux/modules/autoencoder.py: the architecture, and the module names, which are
     the keys of the official ae.safetensors (244 tensors, 83,819,683 parameters).
   - black-forest-labs/flux, src/flux/util.py: the AutoEncoderParams of every FLUX.1 variant (AE_PARAMS_FLUX).
-  - diffusers AutoencoderKL (vae/ folder of FLUX.1-dev): the other layout load_ae reads; its key names are
-    translated in DIFFUSERS_TO_OFFICIAL below. The architecture is the one of Rombach et al., "High-Resolution
-    Image Synthesis with Latent Diffusion Models" (2022), widened to 16 latent channels.
+  - Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022): the architecture,
+    widened here to 16 latent channels. minflux.files.load.load_ae reads ae.safetensors and diffusers' vae/.
 
-Shapes in comments are those of the FLUX preset on a 512x512 image (seed 003: [B, 3, 512, 512] -> [B, 16, 64, 64]).
+Shapes in comments are those of the FLUX preset on a 512x512 image ([B, 3, 512, 512] -> [B, 16, 64, 64]).
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from minflux.weights import WeightsError, load_into, read_metadata, read_shapes, read_state_dict
+from minflux.hooks import stage
 
 
 @dataclass
@@ -244,6 +240,7 @@ class AutoEncoder(nn.Module):
         self.shift_factor = params.shift_factor
         self.downscale = 2 ** (len(params.ch_mult) - 1)  # 8: pixels per latent value along H and W
 
+    @stage
     def encode(self, x: Tensor, sample: bool = True, tile: int | None = None) -> Tensor:
         """x [B, 3, H, W] in [-1, 1] -> z [B, 16, H/8, W/8], normalised to roughly zero mean, unit variance.
 
@@ -261,6 +258,7 @@ class AutoEncoder(nn.Module):
         z = diagonal_gaussian(moments.contiguous(), sample)  # [B, 16, 64, 64]
         return self.scale_factor * (z - self.shift_factor)
 
+    @stage
     def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
         """z [B, 16, h, w] as encode returns it -> image [B, 3, 8h, 8w], roughly in [-1, 1].
 
@@ -337,124 +335,3 @@ def tiled(net: nn.Module, x: Tensor, tile: int, align: int = 1) -> Tensor:
             out[..., oy : oy + h, ox : ox + w] += part * mask
             weight[oy : oy + h, ox : ox + w] += mask
     return out / weight
-
-
-# --- loading ------------------------------------------------------------------------------------------
-
-# diffusers' AutoencoderKL names -> the official names, as whole dotted pieces of a key, applied in this
-# order (the mid_block entries before the general "resnets"). Two rules are not in the table:
-#   decoder.up_blocks.{i} runs lowest resolution first, so it is decoder.up.{n - 1 - i} (n levels);
-#   diffusers' attention has Linear q/k/v/out weights [C, C], the official 1x1 convs [C, C, 1, 1].
-DIFFUSERS_TO_OFFICIAL = {
-    "conv_norm_out": "norm_out",
-    "mid_block.resnets.0": "mid.block_1",
-    "mid_block.attentions.0": "mid.attn_1",
-    "mid_block.resnets.1": "mid.block_2",
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-    "down_blocks": "down",
-    "up_blocks": "up",
-    "resnets": "block",
-    "downsamplers.0": "downsample",
-    "upsamplers.0": "upsample",
-    "conv_shortcut": "nin_shortcut",
-}
-ATTENTION_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
-
-
-def is_diffusers_layout(keys) -> bool:
-    return any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in keys)
-
-
-def official_key(diffusers_key: str, num_levels: int) -> str:
-    """One diffusers AutoencoderKL key -> the official ae.safetensors key."""
-    key = f".{diffusers_key}."
-    for theirs, ours in DIFFUSERS_TO_OFFICIAL.items():
-        key = key.replace(f".{theirs}.", f".{ours}.")
-    key = key[1:-1]
-    if key.startswith("decoder.up."):
-        _, _, i, rest = key.split(".", 3)
-        key = f"decoder.up.{num_levels - 1 - int(i)}.{rest}"
-    return key
-
-
-def official_state_dict(sd: dict[str, Tensor], num_levels: int) -> dict[str, Tensor]:
-    """A diffusers-layout state dict with official keys and shapes. Views only: no tensor is copied."""
-    out = {}
-    for key, t in sd.items():
-        key = official_key(key, num_levels)
-        if key.endswith(ATTENTION_WEIGHTS) and t.ndim == 2:
-            t = t[:, :, None, None]  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
-        out[key] = t
-    return out
-
-
-def params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams:
-    """Read ch, ch_mult, num_res_blocks, z_channels and the in/out channels off the official-key shapes."""
-
-    def shape(key):
-        if key not in shapes:
-            raise WeightsError(f"{source}: missing key {key!r}, needed to read the autoencoder's size")
-        return shapes[key]
-
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]  # [128, 3, 3, 3]
-    num_levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
-    num_res_blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    ch_mult = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(num_levels)]
-    return AutoEncoderParams(
-        resolution=AE_PARAMS_FLUX.resolution,  # not stored in the weights, and used by no layer
-        in_channels=in_channels,
-        ch=ch,
-        out_ch=shape("decoder.conv_out.weight")[0],  # [3, 128, 3, 3]
-        ch_mult=ch_mult,
-        num_res_blocks=num_res_blocks,
-        z_channels=shape("decoder.conv_in.weight")[1],  # [512, 16, 3, 3]
-        scale_factor=AE_PARAMS_FLUX.scale_factor,
-        shift_factor=AE_PARAMS_FLUX.shift_factor,
-    )
-
-
-def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder:
-    """An AutoEncoder from an official ae.safetensors, a diffusers vae/ folder, or a file with diffusers keys.
-
-    The size is read off the weights' shapes; scale and shift come from the folder's config.json when it has
-    them, else the official values. dtype None keeps the stored dtype (fp8, a storage format, becomes bf16).
-    Any problem with the file or its keys raises WeightsError naming the file, the key and what was expected.
-    """
-    path = Path(path)
-    shapes = {k: s for k, (s, _) in read_shapes(path).items()}
-    diffusers = is_diffusers_layout(shapes)
-    if diffusers:
-        num_levels = len({k.split(".")[2] for k in shapes if k.startswith("decoder.up_blocks.")})
-        shapes = {official_key(k, num_levels): s for k, s in shapes.items()}
-        shapes = {k: s + (1, 1) if k.endswith(ATTENTION_WEIGHTS) and len(s) == 2 else s for k, s in shapes.items()}
-    params = params_from_shapes(shapes, path)
-
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is not None and config_file.exists():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{config_file}: not valid json: {e}") from None
-        if config.get("scaling_factor") is not None:
-            params.scale_factor = config["scaling_factor"]
-        if config.get("shift_factor") is not None:
-            params.shift_factor = config["shift_factor"]
-
-    stored = read_metadata(path).get("minflux.ae_params")  # a VAE trained by minflux records its scale/shift
-    if stored is not None:
-        stored = json.loads(stored)
-        params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
-        params.norm_groups = stored.get("norm_groups", params.norm_groups)
-
-    with torch.device("meta"):  # no memory: the loaded tensors are assigned in place of these
-        ae = AutoEncoder(params)
-    sd = read_state_dict(path, dtype)
-    if diffusers:
-        sd = official_state_dict(sd, num_levels)
-    source = f"{path} (diffusers keys, named here as the official keys)" if diffusers else path
-    load_into(ae, sd, source, what="autoencoder")
-    return ae.to(device).eval()

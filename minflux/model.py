@@ -1,6 +1,6 @@
 """The FLUX.1 transformer: a rectified-flow model over packed image tokens, conditioned on text.
 
-One forward pass, with the shapes of FLUX.1-dev at 1024×1024 and a 512-token prompt (seed 003):
+One forward pass, with the shapes of FLUX.1-dev at 1024×1024 and a 512-token prompt:
 
     img    [B, 4096, 64]   packed latent tokens  --img_in-->  [B, 4096, 3072]
     txt    [B, 512, 4096]  T5 hidden states      --txt_in-->  [B, 512, 3072]
@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from minflux.attention import attention, embed_ids
+from minflux.hooks import stage
 
 
 @dataclass
@@ -44,6 +45,7 @@ class FluxParams:
     guidance_embed: bool = True  # dev: guidance distilled into an embedding; schnell: none
 
 
+@stage
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_factor: float = 1000.0) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled to [0, 1000]). t [B] → [B, dim], as [cos | sin]."""
     t = time_factor * t
@@ -106,6 +108,7 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = nn.Linear(dim, dim)
 
+    @stage
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x [B, L, dim] → q, k, v, each [B, H, L, head_dim], with q and k RMS-normed."""
         qkv = self.qkv(x)  # [B, L, 9216]

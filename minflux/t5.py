@@ -1,7 +1,7 @@
-"""The T5 v1.1 encoder and its tokenizer: FLUX's second text encoder (google/t5-v1_1-xxl, encoder only).
+"""The T5 v1.1 encoder: FLUX's second text encoder (google/t5-v1_1-xxl, encoder only).
 
 The prompt becomes 512 token ids (256 for schnell), ending with </s> and padded with <pad>; 24 encoder
-blocks turn them into one 4096-d vector per token, the `txt` input of the FLUX transformer (seed 003):
+blocks turn them into one 4096-d vector per token, the `txt` input of the FLUX transformer:
 
     ids     [B, 512]          T5Tokenizer: sentencepiece pieces, </s> = 1, <pad> = 0
     shared  [B, 512, 4096]    token embedding (no position embedding: positions enter as attention biases)
@@ -19,29 +19,21 @@ What makes T5 different from a textbook transformer encoder:
 
 Module and parameter names are the keys of transformers' T5EncoderModel (`encoder.block.N.layer.0.
 SelfAttention.q.weight`, ...), the layout of the official `text_encoder_2/` folder, so it loads with no
-mapping table. `load_t5` also reads the single files other tools ship (t5xxl_fp16.safetensors, fp8).
+mapping table (minflux.files.load.load_t5, which also reads the single files other tools ship, fp16 or fp8).
+The tokenizer is minflux.files.tokenizers.T5Tokenizer.
 
 References: Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text
 Transformer"; the T5 v1.1 release notes (gated GELU, no dropout in pre-training); transformers'
 models/t5/modeling_t5.py and tokenization_t5.py; diffusers FluxPipeline._get_t5_prompt_embeds.
 """
 
-import dataclasses
-import json
 import math
-import re
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
-import sentencepiece
-import tokenizers
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-
-from minflux.weights import WeightsError, load_into, read_shapes, read_state_dict
 
 
 @dataclass
@@ -218,206 +210,3 @@ class T5Encoder(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         return self.encoder(ids, mask)
-
-
-# --- tokenizer ---------------------------------------------------------------------------------------
-
-# Text that the tokenizer maps to one special id even inside a prompt, as transformers' tokenizer does.
-SPECIAL_TEXT = re.compile(r"(</s>|<pad>|<unk>|<extra_id_\d{1,2}>)")
-
-
-class T5Tokenizer:
-    """Prompts → ids [B, max_length]: the prompt's pieces, </s> (1), then <pad> (0) up to max_length.
-
-    Reads the official `tokenizer_2/` folder: `tokenizer.json` with the `tokenizers` package (the same
-    file and library as transformers' T5TokenizerFast, so the ids match it exactly), or else
-    `spiece.model` with `sentencepiece`. A prompt too long is cut to max_length - 1 pieces, then </s>.
-    """
-
-    def __init__(self, folder, max_length: int = 512):
-        folder = Path(folder)
-        self.max_length = max_length
-        if (folder / "tokenizer.json").is_file():
-            self.backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-            self.backend.no_truncation()  # truncation, </s> and padding are done below, in plain sight
-            self.backend.no_padding()
-            self.eos_id, self.pad_id = self.backend.token_to_id("</s>"), self.backend.token_to_id("<pad>")
-        elif (folder / "spiece.model").is_file():
-            self.backend = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-            self.eos_id, self.pad_id = self.backend.eos_id(), self.backend.pad_id()
-        else:
-            where = f"{folder}: no such folder" if not folder.is_dir() else f"{folder}: folder"
-            raise WeightsError(f"{where} holds neither tokenizer.json nor spiece.model (expected a T5 tokenizer_2/)")
-
-    def encode(self, text: str) -> list[int]:
-        """The ids of one prompt's pieces, without </s>."""
-        if isinstance(self.backend, tokenizers.Tokenizer):
-            return self.backend.encode(text, add_special_tokens=False).ids
-        # sentencepiece would read "</s>" or "<extra_id_0>" in a prompt as plain characters; transformers
-        # reads them as their special ids, so split them out first. <extra_id_N> lie after the spm
-        # pieces in reverse order: <extra_id_0> = 32099, <extra_id_99> = 32000.
-        ids = []
-        for part in SPECIAL_TEXT.split(text):
-            extra = re.fullmatch(r"<extra_id_(\d+)>", part)
-            if extra:
-                ids.append(self.backend.get_piece_size() + 99 - int(extra[1]))
-            elif SPECIAL_TEXT.fullmatch(part):
-                ids.append(self.backend.piece_to_id(part))
-            elif part:
-                ids.extend(self.backend.encode(part))
-        return ids
-
-    def __call__(self, prompts: str | list[str]) -> Tensor:
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        rows = []
-        for prompt in prompts:
-            ids = self.encode(prompt)
-            if len(ids) > self.max_length - 1:
-                dropped = len(ids) - (self.max_length - 1)
-                warnings.warn(f"T5 prompt of {len(ids) + 1} tokens truncated to {self.max_length}: {dropped} dropped")
-                ids = ids[: self.max_length - 1]
-            ids = ids + [self.eos_id]
-            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
-        return torch.tensor(rows, dtype=torch.long)  # [B, 512]
-
-
-# --- loading -----------------------------------------------------------------------------------------
-
-ANCHOR = "encoder.final_layer_norm.weight"  # present in every T5 encoder file; what precedes it is the prefix
-
-
-def find_prefix(keys, source) -> str:
-    """The prefix before the T5 keys, e.g. "text_encoders.t5xxl.transformer." in an all-in-one checkpoint."""
-    found = sorted(k[: -len(ANCHOR)] for k in keys if k == ANCHOR or k.endswith("." + ANCHOR))
-    if not found:
-        raise WeightsError(f"{source}: not a T5 encoder: no key {ANCHOR!r} (keys look like {sorted(keys)[:3]})")
-    return found[0]
-
-
-def read_params(path: Path, shapes: dict, prefix: str = "") -> T5Params:
-    """The config from a config.json next to the weights, else read off the tensor shapes.
-
-    Shapes give every size; the two numbers they cannot give (max distance, eps) are T5-XXL's.
-    """
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is not None and config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{config_file}: not valid json: {e}") from None
-        kind = (config.get("model_type", "t5"), config.get("feed_forward_proj", "gated-gelu"))
-        if kind != ("t5", "gated-gelu"):
-            raise WeightsError(f"{config_file}: model_type, feed_forward_proj = {kind}; T5 v1.1 has t5, gated-gelu")
-        names = {f.name for f in dataclasses.fields(T5Params)}
-        return dataclasses.replace(T5_XXL, **{k: v for k, v in config.items() if k in names})
-    attention = "encoder.block.0.layer.0.SelfAttention."
-    try:
-        vocab_size, d_model = shapes["shared.weight"][0]  # [32128, 4096]
-        num_buckets, num_heads = shapes[attention + "relative_attention_bias.weight"][0]  # [32, 64]
-        inner = shapes[attention + "q.weight"][0][0]  # 64 heads × 64
-        d_ff = shapes["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0][0]  # 10240
-    except KeyError as e:
-        raise WeightsError(f"{path}: missing key {prefix + e.args[0]!r}, needed to read the T5 sizes") from None
-    return dataclasses.replace(
-        T5_XXL,
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=inner // num_heads,
-        d_ff=d_ff,
-        num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")),
-        num_heads=num_heads,
-        relative_attention_num_buckets=num_buckets,
-    )
-
-
-@dataclass
-class T5Embedder:
-    """What load_t5 returns: the encoder, its tokenizer (None when none was found), and prompts → hidden."""
-
-    model: T5Encoder
-    tokenizer: T5Tokenizer | None
-    source: str = ""
-
-    @torch.no_grad()
-    def __call__(self, prompts: str | list[str]) -> Tensor:
-        if self.tokenizer is None:
-            raise WeightsError(
-                f"{self.source}: no T5 tokenizer was found next to these weights (a tokenizer_2/ folder with "
-                "tokenizer.json or spiece.model); set .tokenizer = T5Tokenizer(folder), or call .model(ids)"
-            )
-        ids = self.tokenizer(prompts).to(self.model.shared.weight.device)
-        return self.model(ids)  # [B, 512, 4096]
-
-
-def load_t5(path, max_length: int = 512, device="cpu", dtype: torch.dtype | None = None) -> T5Embedder:
-    """Load a T5 encoder from a `text_encoder_2/` folder (config.json + shards) or a single .safetensors file.
-
-    Single files may carry a prefix (stripped) or a decoder too (dropped: only the encoder is read). The
-    weights keep their stored dtype unless `dtype` is given; fp8 files become bf16. In float16 the MLP
-    output projections `wo` are kept in float32, as transformers does: T5 v1.1 overflows float16 there.
-    The tokenizer comes from a sibling `tokenizer_2/` folder, or the weights' own folder.
-    """
-    path = Path(path)
-    shapes = read_shapes(path)
-    prefix = find_prefix(shapes, path)
-    shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
-    # The embedding is tied: files hold it as shared.weight, encoder.embed_tokens.weight, or both.
-    tied = ["shared.weight", "encoder.embed_tokens.weight"]
-    if tied[0] not in shapes and tied[1] in shapes:
-        shapes[tied[0]] = shapes[tied[1]]
-    params = read_params(path, shapes, prefix)
-
-    def is_encoder_key(key: str) -> bool:  # drops the decoder, lm_head and anything outside the prefix
-        key = key[len(prefix) :] if key.startswith(prefix) else ""
-        return key in tied or key.startswith("encoder.")
-
-    sd = {k[len(prefix) :]: t for k, t in read_state_dict(path, dtype, select=is_encoder_key).items()}
-    embedding = sd.get(tied[0], sd.get(tied[1]))
-    if embedding is not None:  # the model lists it under both keys, as one module
-        sd[tied[0]] = sd[tied[1]] = embedding
-    # One dtype for the whole model: `dtype`, else the one the linear weights are stored in (files mix
-    # dtypes, e.g. scaled fp8 linears, read as bf16, next to fp16 or fp32 norms).
-    q = sd.get("encoder.block.0.layer.0.SelfAttention.q.weight")
-    model_dtype = dtype or (q.dtype if q is not None else None)
-    sd = {k: t.to(model_dtype or t.dtype) for k, t in sd.items()}
-    # T5 v1.1 overflows float16 in the MLP output; transformers keeps `wo` in float32 there, and so do we.
-    if model_dtype == torch.float16:
-        sd = {k: t.float() if k.endswith("DenseReluDense.wo.weight") else t for k, t in sd.items()}
-
-    with torch.device("meta"):
-        model = T5Encoder(params)
-    load_into(model, sd, path, "T5 encoder")
-    model = model.to(device).eval()
-
-    tokenizer = None
-    for folder in (path.parent / "tokenizer_2", path if path.is_dir() else path.parent):
-        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
-            tokenizer = T5Tokenizer(folder, max_length)
-            break
-    return T5Embedder(model, tokenizer, str(path))
-
-
-# --- building a small vocabulary (for models trained from scratch) ------------------------------------
-
-
-def write_t5_tokenizer(folder, text: str, vocab_size: int = 256, model_type: str = "unigram") -> Path:
-    """A tokenizer_2/ folder with a sentencepiece model learned on `text`, with T5's special ids: <pad> 0,
-    </s> 1, <unk> 2, no <s>. Read by T5Tokenizer exactly like the official spiece.model. T5's own is a
-    unigram model; on a few dozen distinct sentences "bpe" learns whole words where unigram stays near letters."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(text.splitlines()),
-        model_prefix=str(folder / "spiece"),
-        model_type=model_type,
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,  # a small text may not support vocab_size pieces: take what it supports
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        minloglevel=2,
-    )
-    (folder / "spiece.vocab").unlink()  # a human-readable copy; the .model file is all T5Tokenizer reads
-    return folder

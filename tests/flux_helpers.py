@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from minflux.flow import latent_ids, pack, prepare_txt_ids
+from minflux.sampling import latent_ids, pack, prepare_txt_ids
 from minflux.model import Flux, FluxParams
 
 TINY = FluxParams(
@@ -57,7 +57,7 @@ def diffusers_flux(params: FluxParams, state_dict: dict):
     """diffusers' FluxTransformer2DModel of the same shape, holding `state_dict` converted to its layout."""
     from diffusers import FluxTransformer2DModel
 
-    from minflux.loaders import flux_to_diffusers
+    from minflux.files.keys import flux_to_diffusers
 
     ref = FluxTransformer2DModel(
         patch_size=1,

@@ -13,16 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minflux.autoencoder import (
-    AE_PARAMS_FLUX,
-    AutoEncoder,
-    AutoEncoderParams,
-    load_ae,
-    official_state_dict,
-    tile_starts,
-    tiled,
-)
-from minflux.weights import WeightsError, save_atomic
+from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams, tile_starts, tiled
+from minflux.files.keys import official_state_dict
+from minflux.files.load import load_ae
+from minflux.files.weights import WeightsError, save_atomic
 
 # Three levels (4x down), so the decoder's up.1 and up.2 have equal shapes: a wrong up-block order would
 # load without a shape error and show only in the outputs. 32 channels: GroupNorm has 32 groups.

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from minflux import bench
+from minflux.study import bench, bench_cases
 
 CASES = [c for c in bench.ALL_CASES if c != "matmul"]
 
@@ -33,8 +33,8 @@ def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
         r = results[case]
         assert r["minflux_s"] > 0 and r["reference_s"] > 0, case
         assert r["ratio"] == pytest.approx(r["minflux_s"] / r["reference_s"]), case
-        if case in bench.TARGETS:
-            assert r["target"] == bench.TARGETS[case] and isinstance(r["meets_target"], bool)
+        if case in bench_cases.TARGETS:
+            assert r["target"] == bench_cases.TARGETS[case] and isinstance(r["meets_target"], bool)
     for case in ("forward-fp32", "forward-bf16"):
         assert 0 < results[case]["minflux_mfu"] and 0 < results[case]["reference_mfu"]
     # bf16 is compared with the fp32 output of the same weights; both libraries stay close to it
@@ -68,12 +68,12 @@ def test_flux_flops_matches_pytorchs_flop_counter():
 
     from minflux.attention import attention_backend
 
-    cfg = bench.CONFIGS["tiny"]
-    model = bench.random_flux(cfg.flux, "cpu", torch.float32)
-    inputs = bench.flux_inputs(cfg.flux, cfg.latent, cfg.txt_tokens, torch.float32, "cpu")
+    cfg = bench_cases.CONFIGS["tiny"]
+    model = bench_cases.random_flux(cfg.flux, "cpu", torch.float32)
+    inputs = bench_cases.flux_inputs(cfg.flux, cfg.latent, cfg.txt_tokens, torch.float32, "cpu")
     with torch.no_grad(), attention_backend("explicit"), FlopCounterMode(display=False) as counter:
         model(**inputs)  # explicit: the counter sees the attention's two matrix products (not the CPU SDPA kernel)
-    expected = bench.flux_flops(cfg.flux, img_tokens=inputs["img"].shape[1], txt_tokens=cfg.txt_tokens)
+    expected = bench_cases.flux_flops(cfg.flux, img_tokens=inputs["img"].shape[1], txt_tokens=cfg.txt_tokens)
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-6)
 
 

@@ -9,9 +9,12 @@ import transformers
 from safetensors.torch import save_file
 from torch import Tensor
 
-from minflux.clip import CLIP_L, CLIPEmbedder, CLIPParams, CLIPTextModel, CLIPTokenizer, load_clip
-from minflux.clip import _params_from_shapes, pooled_positions
-from minflux.weights import WeightsError, save_atomic
+from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
+from minflux.files.load import CLIPEmbedder, load_clip
+from minflux.files.tokenizers import CLIPTokenizer
+from minflux.clip import pooled_positions
+from minflux.files.load import _clip_params_from_shapes as _params_from_shapes
+from minflux.files.weights import WeightsError, save_atomic
 from tests.text_fixtures import write_clip_tokenizer
 
 # A small text tower with CLIP's layout; head dim 64 as in every CLIP, so a single file's config can be inferred.

@@ -7,17 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from minflux.data import (
-    CLASSES,
-    OBJECT_CLASSES,
-    PALETTE,
-    SEMANTIC_COLOURS,
-    DataError,
-    SyntheticTriptychs,
-    TriptychFolder,
-    make_scene,
-    split_triptych,
-)
+from minflux.files.images import DataError
+from minflux.tasks.data import TriptychFolder
+from minflux.tasks.scenes import CLASSES, OBJECT_CLASSES, PALETTE, SEMANTIC_COLOURS, SyntheticTriptychs, make_scene, split_triptych
 
 N_STATS = 1500  # scenes per split for the statistical tests: about 1000 objects per class
 

@@ -1,4 +1,4 @@
-"""Every command of minflux/EXERCISES.md runs, and shows what the exercise says it shows.
+"""Every command of minflux/study/EXERCISES.md runs, and shows what the exercise says it shows.
 
 The commands are read from EXERCISES.md itself and run in a fresh folder, in order (the attention-map
 exercises use the runs trained before them). Commands that take minutes as written run here with smaller
@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-EXERCISES = REPO / "minflux" / "EXERCISES.md"
+EXERCISES = REPO / "minflux" / "study" / "EXERCISES.md"
 
 TINY_TRAIN = "--steps 2 --vae-steps 2 --train-samples 16 --heldout-samples 2 --sample-steps 1 --batch-size 2"
 SMALLER = {  # command prefix → flags appended in the test
     "python train.py": TINY_TRAIN,
-    "python -m minflux.maps": "--steps 2",
-    "python -m minflux.exercises class-label": "--steps 30 --train 64 --heldout 16",
+    "python -m minflux.study.maps": "--steps 2",
+    "python -m minflux.study.exercises class-label": "--steps 30 --train 64 --heldout 16",
 }
 
 
@@ -64,32 +64,32 @@ def test_every_exercise_command_runs_and_shows_what_it_says(tmp_path_factory, ca
         os.chdir(previous)
     assert len(out) >= 12
 
-    # 1. seed 003's walk-through and seeds 000/001's DEBUG shapes
-    kontext = out["python -m minflux.trace flux-dev-kontext"]
+    # 1. the Kontext walk-through and the vis2ir notes' DEBUG shapes
+    kontext = out["python -m minflux.study.trace flux-dev-kontext"]
     for shape in ("[1, 8192, 64] → [1, 8192, 3072]", "[1, 8704, 24, 128]", "[1, 8704, 15360]", "[1, 3, 1024, 1024]"):
         assert shape in kontext
-    assert "[DEBUG] hidden_states (final): [4, 2048, 384]" in out["python -m minflux.trace vis2ir --batch 4"]
+    assert "[DEBUG] hidden_states (final): [4, 2048, 384]" in out["python -m minflux.study.trace vis2ir --batch 4"]
     # 2. the adapter's real size
-    assert re.search(r"^adapter .*\b16,897\s+16,897\s+0$", out["python -m minflux.trace vis2ir --params"], re.M)
+    assert re.search(r"^adapter .*\b16,897\s+16,897\s+0$", out["python -m minflux.study.trace vis2ir --params"], re.M)
     # 3. cross-attention by hand
-    hand = out["python -m minflux.exercises cross-attention"]
+    hand = out["python -m minflux.study.exercises cross-attention"]
     assert "Q: [2, 8, 64, 64]" in hand and "K: [2, 8, 77, 64]" in hand and "weights: [2, 8, 64, 77]" in hand
     assert float(re.search(r"fused SDPA\| = (\S+)", hand)[1]) < 1e-5
     # 4. attention maps: PNGs written
     for command, text in out.items():
-        if command.startswith("python -m minflux.maps"):
+        if command.startswith("python -m minflux.study.maps"):
             assert Path(folder, text.strip().splitlines()[-1]).is_file(), command
     other_prompt = next(text for command, text in out.items() if "--prompt" in command)
     assert "prompt: 'two people" in other_prompt
     # 5. CLIP similarities: a symmetric matrix with ones on the diagonal
-    clip = out["python -m minflux.exercises clip-similarity"].splitlines()
+    clip = out["python -m minflux.study.exercises clip-similarity"].splitlines()
     rows = [l.split()[1:] for l in clip if re.match(r"\s+\[\d\]\s+[\d.-]+\s", l)]
     assert len(rows) == 4 and all(float(rows[i][i]) == pytest.approx(1.0, abs=1e-3) for i in range(4))
     # 6. the semantic ablation: runs with and without cross-attention finished
     for mode in ("none", "blocks", "xattn_rope"):
         assert (folder / "runs" / f"vis2ir-{mode}" / "metrics.json").is_file()
     # 7. the thought question: all four conditions trained and compared
-    report = out["python -m minflux.exercises class-label"]
+    report = out["python -m minflux.study.exercises class-label"]
     for condition in ("none", "class label", "cross-attention", "cross-attention + positions"):
         assert re.search(rf"^{re.escape(condition)}\s+held-out MSE", report, re.M)
 
@@ -98,7 +98,7 @@ def test_every_exercise_command_runs_and_shows_what_it_says(tmp_path_factory, ca
 def test_class_label_conclusion():
     """The exercise's answer, at its full size: with positions, cross-attention to the semantic map beats the
     class label several times on the objects, and the class label beats nothing by little."""
-    from minflux.exercises import class_label_experiment
+    from minflux.study.exercises import class_label_experiment
 
     r = class_label_experiment(log=lambda *a: None)
     assert r["cross-attention + positions"]["objects_mse"] * 3 < r["class label"]["objects_mse"]

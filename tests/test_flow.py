@@ -6,25 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from minflux.flow import (
-    denoise,
-    get_schedule,
-    interpolate,
-    latent_ids,
-    pack,
-    prepare_img_ids,
-    sample_t,
-    shift_mu,
-    unpack,
-    velocity_target,
-)
+from minflux.sampling import denoise, get_schedule, interpolate, latent_ids, pack, prepare_img_ids, sample_t, shift_mu, unpack, velocity_target
 from tests.flux_helpers import TINY, TINY_VARIANTS, diffusers_flux, flux_inputs, tiny_flux
 
 
 def test_pack_makes_one_token_per_2x2_patch_and_unpack_inverts_it():
     z = torch.randn(2, 16, 128, 128)
     tokens = pack(z)
-    assert tokens.shape == (2, 4096, 64)  # seed 003: [1, 16, 128, 128] -> [1, 4096, 64]
+    assert tokens.shape == (2, 4096, 64)  # the walk-through: [1, 16, 128, 128] -> [1, 4096, 64]
     # token (row 3, col 5) holds channel c of pixel (6+i, 10+j) at position c*4 + i*2 + j
     assert torch.equal(tokens[0, 3 * 64 + 5].view(16, 2, 2), z[0, :, 6:8, 10:12])
     assert torch.equal(unpack(tokens, 1024, 1024), z)
@@ -145,7 +134,7 @@ def test_true_cfg_combines_negative_and_positive_predictions():
         neg = denoise(*args, neg_txt, inputs["txt_ids"], neg_vec, ts, guidance=2.0)
         cfg = denoise(
             *args, inputs["txt"], inputs["txt_ids"], inputs["y"], ts, guidance=2.0,
-            neg_txt=neg_txt, neg_txt_ids=inputs["txt_ids"], neg_vec=neg_vec, true_cfg_scale=4.0,
+            neg_txt=neg_txt, neg_txt_ids=inputs["txt_ids"], neg_y=neg_vec, true_cfg_scale=4.0,
         )  # fmt: skip
     # one Euler step is linear in the prediction, so the guided step is neg + 4 (pos − neg) in x too
     assert torch.allclose(cfg, neg + 4.0 * (pos - neg), atol=1e-5)

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from minflux.presets import configs
-from minflux.loaders import diffusers_to_flux, flux_to_diffusers, load_flux, save_flux, variant_name
+from minflux.files.keys import diffusers_to_flux, flux_to_diffusers
+from minflux.files.load import load_flux, save_flux, variant_name
 from minflux.model import Flux
-from minflux.weights import WeightsError, load_into, read_state_dict
+from minflux.files.weights import WeightsError, load_into, read_state_dict
 from tests.flux_helpers import TINY, TINY_VARIANTS, diffusers_flux, flux_inputs, tiny_flux
 
 # head dim 128, so a file without metadata is read with the official RoPE split 16/56/56

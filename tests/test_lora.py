@@ -10,20 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minflux.lora import (
-    LoRALinear,
-    inject_lora,
-    linear_layers,
-    load_lora,
-    lora_layers,
-    lora_parameters,
-    merge_lora,
-    read_lora,
-    save_lora,
-    unload_lora,
-)
+from minflux.files.lora_files import load_lora, read_lora, save_lora
+from minflux.lora import LoRALinear, inject_lora, linear_layers, lora_layers, lora_parameters, merge_lora, unload_lora
 from minflux.model import Flux
-from minflux.weights import WeightsError, read_metadata
+from minflux.files.weights import WeightsError, read_metadata
 from tests.flux_helpers import TINY, diffusers_flux, diffusers_forward, flux_inputs, tiny_flux
 
 H = TINY.hidden_size  # 128

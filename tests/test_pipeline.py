@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from minflux.data import DataError
-from minflux.flow import pack
+from minflux.files.images import DataError
+from minflux.sampling import get_noise, pack
 from minflux.model import Flux
-from minflux.pipeline import FluxPipeline, initial_noise, read_settings, save_image, snap
-from minflux.weights import WeightsError
+from minflux.files.images import read_settings, save_image
+from minflux.pipeline import FluxPipeline, snap
+from minflux.files.weights import WeightsError
 from tests.flux_helpers import TINY, diffusers_flux, randomize_
 from tests.text_fixtures import write_clip_tokenizer
 
@@ -153,7 +154,7 @@ def test_fill_matches_diffusers_flux_fill_pipeline(repos, tmp_path):
                 output="tensor")  # fmt: skip
     expected = reference(
         PROMPT, image=image, mask_image=mask, width=64, height=48, num_inference_steps=4, guidance_scale=30.0,
-        latents=pack(initial_noise([3], 48, 64)), generator=torch.Generator().manual_seed(0), output_type="np",
+        latents=pack(get_noise(1, 48, 64, seed=3)), generator=torch.Generator().manual_seed(0), output_type="np",
     ).images  # fmt: skip
     err = compare(ours, expected)
     print(f"fill: max |Δ| = {err:.2e} in [0, 1] pixels")
@@ -281,8 +282,9 @@ def test_bad_inputs_are_named(repos, tmp_path):
 
 def random_lora(repo, tmp_path, fmt="kohya"):
     """A LoRA for the repo's transformer, with every up matrix random (an untrained one would change nothing)."""
-    from minflux.loaders import load_flux
-    from minflux.lora import inject_lora, save_lora
+    from minflux.files.load import load_flux
+    from minflux.files.lora_files import save_lora
+    from minflux.lora import inject_lora
 
     model = load_flux(repo)
     for p in inject_lora(model, rank=4):
@@ -301,7 +303,7 @@ def test_sample_py_writes_pngs_with_settings_and_reproduces_one_from_them(repos,
     assert sample.main([*argv, "--output-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == str(tmp_path / "a" / "img_0001.png") and out[-2] == str(tmp_path / "a" / "img_0000.png")
-    assert sum(line.startswith("denoise ") for line in out) == 3  # a progress line per step
+    assert sum(line.startswith("denoise ") for line in out) == 6  # a progress line per step of each image
     assert "note: width 40 → 48 (a multiple of 16)" in out
     assert any(line.startswith("time per stage: load") and "| denoise" in line and "| decode" in line for line in out)
     second = Image.open(out[-1])

@@ -31,9 +31,9 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     assert image.size[0] > 4 * 64  # four panels per row: visible, semantic, generated, ground truth
 
     # vis2ir on one's own images: a visible image and a semantic map, as files of another size
-    from minflux.data import SyntheticTriptychs, split_triptych
+    from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
     from minflux.pipeline import Vis2IRPipeline
-    from minflux.runs import to_pil
+    from minflux.files.images import to_pil
 
     panels = [split_triptych(SyntheticTriptychs(2, 64, "heldout")[i]["triptych"][None]) for i in range(2)]
     for i, (visible, _, semantic) in enumerate(panels):
@@ -54,11 +54,12 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     assert sample.main([*argv[:4], "--steps", "2"]) == 2  # a visible image without its semantic map
     assert "give --semantic-map with one map for each" in capsys.readouterr().err
 
-    # --trace and --params: one line per stage, in the seeds' notation; a parameter table
+    # --trace and --params: one line per stage, in the notes' notation; a parameter table
     assert sample.main(["--runs", str(tmp_path), "--num", "1", "--steps", "1", "--trace", "--params"]) == 0
     out = capsys.readouterr().out
-    assert "encode_triptych" in out and "triptych [1, 3, 64, 192] → x0 [1, 32, 64], x_cond [1, 32, 320]" in out
-    assert re.search(r"^\s+unpack\s+tokens \[1, 32, 64\] → \[1, 16, 8, 16\]$", out, re.M)  # inside generate_infrared
+    assert "prepare_vis2ir" in out and re.search(r"^\s+fill_condition\s+.*image \[1, 3, 64, 128\], mask \[1, 1, 64, 128\] "
+                                                   r"→ \[1, 32, 320\]$", out, re.M)  # the diptych's Fill condition
+    assert re.search(r"^\s+unpack\s+tokens \[1, 32, 64\] → \[1, 16, 8, 16\]$", out, re.M)  # inside generate
     assert "flux (Flux)" in out and "double_blocks (2 × DoubleStreamBlock)" in out and "\ntotal " in out
 
 

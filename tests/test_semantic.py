@@ -1,9 +1,9 @@
-"""The SemanticCrossAttention adapter of seeds 000-002: identity at init, shapes, parameters, positions."""
+"""The SemanticCrossAttention adapter of the vis2ir notes: identity at init, shapes, parameters, positions."""
 
 import torch
 
 from minflux.attention import AttentionMaps
-from minflux.flow import prepare_img_ids
+from minflux.sampling import prepare_img_ids
 from minflux.semantic import SemanticConditioningAdapter, SemanticCrossAttention
 
 
@@ -26,13 +26,13 @@ def test_adapter_is_the_identity_at_initialisation():
 
 def test_adapter_maps_2048_queries_over_1024_semantic_keys_to_the_query_shape():
     adapter = trained_like(SemanticConditioningAdapter(dim=64, num_heads=8))
-    x, sem = torch.randn(4, 2048, 64), torch.randn(4, 1024, 64)  # seeds' x_t; a 512×512 panel's tokens
+    x, sem = torch.randn(4, 2048, 64), torch.randn(4, 1024, 64)  # the notes' x_t; a 512×512 panel's tokens
     out = adapter(x, sem)
     assert out.shape == (4, 2048, 64)
     assert not torch.allclose(out, x)
 
 
-def test_parameter_count_is_16897_per_layer_not_the_seeds_arithmetic():
+def test_parameter_count_is_16897_per_layer_not_the_notes_arithmetic():
     assert sum(p.numel() for p in SemanticCrossAttention(64, 8).parameters()) == 16_897
     assert sum(p.numel() for p in SemanticConditioningAdapter(64, num_layers=3).parameters()) == 3 * 16_897
 
@@ -47,7 +47,7 @@ def test_gradients_reach_the_zero_scale_and_through_it_the_projections():
 
 
 def test_without_positions_a_query_cannot_tell_where_a_semantic_token_lies():
-    """The flaw of the seeds' design: shuffling the semantic tokens changes nothing."""
+    """The flaw of the notes' design: shuffling the semantic tokens changes nothing."""
     layer = trained_like(SemanticCrossAttention())
     x, sem = torch.randn(1, 64, 64), torch.randn(1, 64, 64)
     perm = torch.randperm(64)

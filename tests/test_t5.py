@@ -14,8 +14,10 @@ from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration, T5TokenizerFast
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
-from minflux.t5 import T5_XXL, T5Encoder, T5Tokenizer, clamp_fp16, load_t5, relative_position_bucket, write_t5_tokenizer
-from minflux.weights import WeightsError
+from minflux.files.load import load_t5
+from minflux.files.tokenizers import T5Tokenizer, write_t5_tokenizer
+from minflux.t5 import T5_XXL, T5Encoder, clamp_fp16, relative_position_bucket
+from minflux.files.weights import WeightsError
 
 VOCAB = 256  # covers the trained sentencepiece pieces and the 100 <extra_id_N>
 SMALL = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4)

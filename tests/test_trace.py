@@ -1,4 +1,4 @@
-"""Shape traces and parameter tables (minflux/trace.py), checked against the seeds' numbers.
+"""Shape traces and parameter tables (minflux/study/), checked against the walk-through's and the notes' numbers.
 
 The full-size traces run on the meta device: FLUX.1-dev, its VAE, CLIP-L and T5-XXL with no weights.
 """
@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import minflux
-from minflux import flow
-from minflux.trace import meta_components, parameter_table, shape_trace, trace_preset
+from minflux import hooks, sampling
+from minflux.study.params import meta_components, parameter_table
+from minflux.study.trace import shape_trace, trace_preset
 
 
 @pytest.fixture(scope="module")
 def kontext():
-    """seed 003's walk-through: flux-dev-kontext, 1024×1024, a 512-token prompt, one step."""
+    """The Kontext walk-through: flux-dev-kontext, 1024×1024, a 512-token prompt, one step."""
     return trace_preset("flux-dev-kontext", 1024, 1024, batch=1, steps=1, quiet=True)
 
 
@@ -26,7 +27,7 @@ def line(trace, label):
     return found[0]
 
 
-def test_kontext_trace_reproduces_seed_003_shapes(kontext):
+def test_kontext_trace_reproduces_the_walk_through_shapes(kontext):
     clip = line(kontext, "clip")
     assert "[1, 77]" in clip.inputs and "[1, 768]" in clip.outputs
     t5 = line(kontext, "t5")
@@ -60,7 +61,7 @@ def test_kontext_trace_is_in_data_flow_order_with_blocks_folded(kontext):
 
 
 def test_kontext_trace_command_prints_the_walk_through(capsys):
-    from minflux.trace import main
+    from minflux.study.trace import main
 
     assert main(["flux-dev-kontext"]) == 0
     out = capsys.readouterr().out
@@ -68,9 +69,9 @@ def test_kontext_trace_command_prints_the_walk_through(capsys):
     assert re.search(r"traced in [\d.]+ s", out)
 
 
-def test_vis2ir_trace_command_prints_the_seeds_debug_shapes(capsys):
-    """`python -m minflux.trace vis2ir --batch 4`: seeds 000/001's DEBUG lines, read from the printed output."""
-    from minflux.trace import main
+def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys):
+    """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir notes' DEBUG lines, read from the printed output."""
+    from minflux.study.trace import main
 
     assert main(["vis2ir", "--batch", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -94,8 +95,8 @@ def test_parameter_table_gives_the_official_counts():
     assert "double_blocks (19 × DoubleStreamBlock)" in table and "single_blocks (38 × SingleStreamBlock)" in table
 
 
-def test_vis2ir_params_count_the_adapter_not_the_seeds_number(capsys):
-    from minflux.trace import main
+def test_vis2ir_params_count_the_adapter_not_the_notes_number(capsys):
+    from minflux.study.trace import main
 
     main(["vis2ir", "--params"])
     out = capsys.readouterr().out
@@ -108,21 +109,19 @@ def test_vis2ir_params_count_the_adapter_not_the_seeds_number(capsys):
 
 def test_shape_trace_of_a_real_model_matches_its_output_and_cleans_up():
     """A small model on the CPU, called twice: the trace's shapes are the real ones, the repeats fold, and
-    closing the trace restores every function and removes every hook."""
+    closing the trace leaves no observer open and removes every hook."""
     torch.manual_seed(0)
     params = minflux.configs["flux-small"].params
     model = minflux.Flux(params)
     img, txt = torch.randn(2, 16, 64), torch.randn(2, 5, params.context_in_dim)
-    args = (img, flow.prepare_img_ids(2, 4, 4), txt, flow.prepare_txt_ids(2, 5), torch.rand(2), torch.randn(2, 64))
-    pack_before = flow.pack
+    args = (img, sampling.prepare_img_ids(2, 4, 4), txt, sampling.prepare_txt_ids(2, 5), torch.rand(2), torch.randn(2, 64))
     with shape_trace(quiet=True) as trace:
         out = model(*args)
         model(*args)
     assert line(trace, "Flux").outputs == str(list(out.shape))
     assert line(trace, "Flux").calls == 2
     assert line(trace, "double_blocks.* (DoubleStreamBlock)").calls == 2 * params.depth
-    assert flow.pack is pack_before and minflux.vis2ir.pack is pack_before
-    assert not hasattr(minflux.model.attention, "__minflux_traced__")
+    assert hooks.current() is None  # the trace is closed: the marked functions call straight through again
     with shape_trace(quiet=True) as empty:  # hooks are gone: a second trace starts from nothing
         pass
     model(*args)

@@ -14,14 +14,15 @@ from PIL import Image
 
 import train
 from minflux.autoencoder import AutoEncoder
-from minflux.data import CaptionFolder, DataError, bucket_sizes
-from minflux.embedded import build_text_encoders
-from minflux.flow import prepare_img_ids, prepare_txt_ids
-from minflux.loaders import load_flux, save_flux
-from minflux.lora import load_lora
+from minflux.files.images import DataError
+from minflux.tasks.data import CaptionFolder, bucket_sizes
+from minflux.tasks.embedded import write_text_encoders
+from minflux.sampling import prepare_img_ids, prepare_txt_ids
+from minflux.files.load import load_flux, save_flux
+from minflux.files.lora_files import load_lora
 from minflux.model import Flux
 from minflux.presets import AE_SMALL, FLUX_SMALL
-from minflux.weights import read_state_dict, save_atomic
+from minflux.files.weights import read_state_dict, save_atomic
 
 # dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
 TINY_DEV = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1,
@@ -47,7 +48,7 @@ def weights(tmp_path_factory):
     ae = AutoEncoder(AE_SMALL)
     paths["ae"] = save_atomic(ae.state_dict(), root / "ae.safetensors",
                               metadata={"minflux.ae_params": json.dumps(asdict(AE_SMALL))})  # fmt: skip
-    build_text_encoders(root, CAPTIONS, t5_max_length=8)
+    write_text_encoders(root, CAPTIONS)
     paths["clip"], paths["t5"] = root / "text_encoder", root / "text_encoder_2"
     return paths
 

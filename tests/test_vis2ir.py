@@ -1,4 +1,4 @@
-"""The vis2ir step of seeds 000/001: shapes at the seeds' sizes, the injection modes, the loss."""
+"""The vis2ir step: shapes at the sizes of the vis2ir notes, the injection modes, the loss."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ from torch import nn
 
 from minflux.model import Flux
 from minflux.presets import configs
-from minflux.vis2ir import SEMANTIC_MODES, Vis2IR, encode_triptych, right_half_ids, vis2ir_loss
+from minflux.sampling import flow_matching_loss
+from minflux.semantic import SEMANTIC_MODES, Vis2IR
+from minflux.tasks.vis2ir import encode_triptych, right_half_ids
 
 
 class PoolAE(nn.Module):
@@ -20,17 +22,17 @@ class PoolAE(nn.Module):
         return self.proj(nn.functional.avg_pool2d(x, 8))
 
 
-def test_encode_triptych_gives_the_seeds_shapes():
-    triptych = torch.randn(4, 3, 512, 1536)  # seed 000: [B, 3, 512, 1536] = [visible | infrared | semantic]
+def test_encode_triptych_gives_the_notes_shapes():
+    triptych = torch.randn(4, 3, 512, 1536)  # the vis2ir notes: [B, 3, 512, 1536] = [visible | infrared | semantic]
     with torch.no_grad():
         out = encode_triptych(PoolAE(), triptych, "xattn_rope")
-    assert out["x0"].shape == (4, 2048, 64)
-    assert out["x_cond"].shape == (4, 2048, 320)
-    assert out["semantic"].shape == (4, 1024, 64)  # a 512×512 panel: 32 × 32 tokens, not the seeds' 2048
-    assert out["img_ids"].shape == out["semantic_ids"].shape[:1] + (2048, 3)
-    assert out["target_tokens"].sum().item() == 4 * 1024  # the right half of each 32 × 64 token grid
+    assert out.x0.shape == (4, 2048, 64)
+    assert out.x_cond.shape == (4, 2048, 320)
+    assert out.semantic["semantic"].shape == (4, 1024, 64)  # a 512×512 panel: 32 × 32 tokens, not the notes' 2048
+    assert out.img_ids.shape == out.semantic["semantic_ids"].shape[:1] + (2048, 3)
+    assert out.target_tokens.sum().item() == 4 * 1024  # the right half of each 32 × 64 token grid
     # the Fill condition's mask channels are 1 exactly on the target half
-    assert torch.equal(out["x_cond"][..., 64:].mean(-1) == 1.0, out["target_tokens"])
+    assert torch.equal(out.x_cond[..., 64:].mean(-1) == 1.0, out.target_tokens)
 
 
 def test_semantic_tokens_carry_the_ids_of_the_target_half():
@@ -45,7 +47,7 @@ def small_fill(seed=0):
 
 def batch(b=2, h=4, w=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    from minflux.flow import prepare_img_ids
+    from minflux.sampling import prepare_img_ids
 
     ids = prepare_img_ids(b, h, w)
     return {
@@ -76,7 +78,7 @@ def test_zeroconv_adds_the_semantic_map_to_the_target_half_only():
 
 
 def test_loss_is_the_velocity_error_over_the_chosen_tokens():
-    from minflux.flow import interpolate, prepare_txt_ids
+    from minflux.sampling import interpolate, prepare_txt_ids
 
     model = Vis2IR(small_fill(), "none")
     b = batch()
@@ -85,8 +87,9 @@ def test_loss_is_the_velocity_error_over_the_chosen_tokens():
     with torch.no_grad():
         v = model(torch.cat((interpolate(b["x0"], noise, t), b["x_cond"]), -1), b["img_ids"], txt, txt_ids, t, y)
         err = (v - (noise - b["x0"])).pow(2).mean(-1)  # [2, 32]
-        target = vis2ir_loss(model, b, txt, txt_ids, y, t, noise, target_only=True)
-        whole = vis2ir_loss(model, b, txt, txt_ids, y, t, noise, target_only=False)
+        inputs = dict(img_ids=b["img_ids"], txt=txt, txt_ids=txt_ids, y=y, img_cond=b["x_cond"])
+        target = flow_matching_loss(model, b["x0"], noise, t, loss_mask=b["target_tokens"], **inputs)
+        whole = flow_matching_loss(model, b["x0"], noise, t, **inputs)
     assert torch.allclose(target, err[b["target_tokens"]].mean())
     assert torch.allclose(whole, err.mean())
     assert not torch.allclose(target, whole)
@@ -100,7 +103,7 @@ def test_vis2ir_needs_a_fill_transformer():
 
 
 def test_block_injection_is_the_identity_until_its_gates_open():
-    from minflux.flow import prepare_txt_ids
+    from minflux.sampling import prepare_txt_ids
 
     flux = small_fill()
     model = Vis2IR(flux, "blocks", heads=8)

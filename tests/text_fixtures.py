@@ -7,7 +7,7 @@ that format with a few hundred merges learned here on a small corpus, so tokeniz
 
 from pathlib import Path
 
-from minflux.clip import EOS, write_clip_tokenizer as _write
+from minflux.files.tokenizers import EOS, write_clip_tokenizer as _write
 
 TRAINING_TEXT = """
 a photo of a cat sitting on a red chair, highly detailed, studio lighting, 4k

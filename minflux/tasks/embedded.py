@@ -15,21 +15,48 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import sentencepiece
 import torch
+import torch.distributed as dist
 
-from minflux.autoencoder import AutoEncoder, AutoEncoderParams, load_ae
-from minflux.clip import CLIPParams, CLIPTextModel, load_clip, write_clip_tokenizer
-from minflux.runs import Progress
-from minflux.t5 import T5Encoder, T5Params, load_t5, write_t5_tokenizer
-from minflux.weights import save_atomic
+from minflux.autoencoder import AutoEncoder, AutoEncoderParams
+from minflux.clip import CLIPParams, CLIPTextModel
+from minflux.files.load import load_ae, load_clip, load_t5
+from minflux.files.tokenizers import write_clip_tokenizer, write_t5_tokenizer
+from minflux.files.weights import save_atomic
+from minflux.presets import configs
+from minflux.t5 import T5Encoder, T5Params
+from minflux.tasks.data import captions
+from minflux.tasks.scenes import split_triptych
+from minflux.tasks.runs import Progress, log, rank
 
 # The small text encoders: the official architectures at a width a CPU trains around in seconds.
 SMALL_CLIP_WIDTH, SMALL_T5_WIDTH = 64, 64
 
 
-def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: int = 0):
-    """Tokenizers learned on the captions and randomly initialised small CLIP and T5, in the official
-    layout under `folder`, loaded back with load_clip / load_t5. Returns (clip, t5)."""
+def embedded_parts(cfg, train_set, run: Path, device):
+    """(ae, clip, t5) of the embedded default, read through the official loaders: the small VAE trained on the
+    training panels (cached under OUT/cache/ by its settings, copied into the run folder), and CLIP and T5 written
+    into the run folder. The first process trains and writes; the others wait for it, then read."""
+    spec = configs[cfg.preset]
+    scenes = range(min(len(train_set), 512))
+    panels = torch.stack([p for i in scenes for p in split_triptych(train_set[i]["triptych"])])  # [1536, 3, 64, 64]
+    ae_path = autoencoder_path(spec.ae_params, panels, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
+    if rank() == 0:
+        train_autoencoder(spec.ae_params, panels, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
+        write_text_encoders(run, captions(train_set), seed=cfg.seed)
+    if dist.is_initialized():
+        dist.barrier()
+    ae = load_ae(ae_path)
+    if rank() == 0:
+        save_atomic(ae.state_dict(), run / "ae.safetensors", metadata={"minflux.ae_params": json.dumps(asdict(ae.params))})
+    clip, t5 = load_clip(run / "text_encoder"), load_t5(run / "text_encoder_2", max_length=cfg.t5_max_length)
+    return ae.to(device), clip, t5
+
+
+def write_text_encoders(folder, captions: list[str], seed: int = 0) -> None:
+    """Tokenizers learned on the captions and randomly initialised small CLIP and T5, in the official layout under
+    `folder` (tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/); kept if already there."""
     folder = Path(folder)
     text = "\n".join(captions)  # with repeats: the tokenizers learn from how often words occur
     if not (folder / "text_encoder_2" / "model.safetensors").exists():
@@ -43,8 +70,6 @@ def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: i
         _save_encoder(CLIPTextModel(clip), folder / "text_encoder", _clip_config(clip))
 
         write_t5_tokenizer(folder / "tokenizer_2", text, vocab_size=160, model_type="bpe")
-        import sentencepiece
-
         pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer_2" / "spiece.model"))
         t5 = T5Params(
             vocab_size=pieces.get_piece_size(), d_model=SMALL_T5_WIDTH, d_kv=32, d_ff=2 * SMALL_T5_WIDTH,
@@ -52,7 +77,6 @@ def build_text_encoders(folder, captions: list[str], t5_max_length: int, seed: i
         )  # fmt: skip
         config = {"model_type": "t5", "feed_forward_proj": "gated-gelu", **asdict(t5)}
         _save_encoder(_init_t5(T5Encoder(t5)), folder / "text_encoder_2", config)
-    return load_clip(folder / "text_encoder"), load_t5(folder / "text_encoder_2", max_length=t5_max_length)
 
 
 def _clip_config(p: CLIPParams) -> dict:
@@ -80,23 +104,28 @@ def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
     save_atomic(sd, folder / "model.safetensors")
 
 
+def autoencoder_path(params: AutoEncoderParams, images: torch.Tensor, steps: int, cache_dir, seed: int = 0,
+                     batch_size: int = 16, crop: int = 32, lr: float = 2e-3) -> Path:  # fmt: skip
+    """Where train_autoencoder keeps the VAE of these settings and images: named by a hash of them all."""
+    key = hashlib.sha256(
+        json.dumps([asdict(params), steps, batch_size, crop, lr, seed, images.shape, float(images.sum())]).encode()
+    ).hexdigest()[:12]
+    return Path(cache_dir) / f"ae-{key}.safetensors"
+
+
 def train_autoencoder(
-    params: AutoEncoderParams, images: torch.Tensor, steps: int, cache_dir, batch_size: int = 16,
+    params: AutoEncoderParams, images: torch.Tensor, steps: int, path: Path, batch_size: int = 16,
     crop: int = 32, lr: float = 2e-3, seed: int = 0, log=print,
-) -> AutoEncoder:  # fmt: skip
-    """A FLUX-architecture VAE trained on `images` [N, 3, S, S] (the panels), cached by its settings.
+) -> Path:  # fmt: skip
+    """A FLUX-architecture VAE trained on `images` [N, 3, S, S] (the panels), written to `path` (kept if there).
 
     Loss: L1 + MSE reconstruction and a small KL term, on random crops (the VAE is convolutional, so it
     learns on crops what it applies to whole panels). The latent's scale and shift are then measured, as
     FLUX's 0.3611 / 0.1159 were, so that encode() gives latents of zero mean and unit variance.
     """
-    key = hashlib.sha256(
-        json.dumps([asdict(params), steps, batch_size, crop, lr, seed, images.shape, float(images.sum())]).encode()
-    ).hexdigest()[:12]
-    path = Path(cache_dir) / f"ae-{key}.safetensors"
     if path.exists():
         log(f"vae: cached {path}")
-        return load_ae(path)
+        return path
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -127,4 +156,4 @@ def train_autoencoder(
     trained = AutoEncoder(params)
     trained.load_state_dict(ae.state_dict())
     save_atomic(trained.state_dict(), path, metadata={"minflux.ae_params": json.dumps(asdict(params))})
-    return load_ae(path)
+    return path

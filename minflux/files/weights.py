@@ -189,6 +189,10 @@ def write_atomic(path, write) -> Path:
     return path
 
 
+def write_text_atomic(path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
     """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}

@@ -1,10 +1,11 @@
-"""Course exercises on minflux (seed 004's homework, seed 003's walk-through): the experiments that need code.
+"""Course exercises on minflux (the cross-attention chapter's homework, the FLUX walk-through): the experiments
+that need code.
 
-    python -m minflux.exercises cross-attention      write cross-attention by hand, check Q/K/V shapes
-    python -m minflux.exercises clip-similarity      cosine similarity of CLIP encodings of prompts
-    python -m minflux.exercises class-label          the thought question: class label vs cross-attention
+    python -m minflux.study.exercises cross-attention      write cross-attention by hand, check Q/K/V shapes
+    python -m minflux.study.exercises clip-similarity      cosine similarity of CLIP encodings of prompts
+    python -m minflux.study.exercises class-label          the thought question: class label vs cross-attention
 
-minflux/EXERCISES.md lists every exercise: what to read, what to run, what to observe.
+minflux/study/EXERCISES.md lists every exercise: what to read, what to run, what to observe.
 """
 
 import argparse
@@ -18,11 +19,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-# --- 1. cross-attention by hand (seed 004, 20.3) ----------------------------------------------------------------
+# --- 1. cross-attention by hand (the chapter's 20.3) ----------------------------------------------------------------
 
 
 class CrossAttention(nn.Module):
-    """Seed 004's layer: queries from the image features, keys and values from the context (text, or a map).
+    """The chapter's layer: queries from the image features, keys and values from the context (text, or a map).
 
     Written out, as the course asks; minflux/semantic.py's SemanticCrossAttention is the same layer with
     LayerNorms, a zero-initialised scale and optional RoPE.
@@ -51,7 +52,7 @@ class CrossAttention(nn.Module):
 
 
 def cross_attention_exercise() -> dict:
-    """Seed 004's test: image features [2, 64, 512] attend to text features [2, 77, 768]. Prints the shapes
+    """The chapter's test: image features [2, 64, 512] attend to text features [2, 77, 768]. Prints the shapes
     and checks the hand-written softmax(QKᵀ/√d)V against PyTorch's fused kernel on the same projections."""
     torch.manual_seed(0)
     layer = CrossAttention(query_dim=512, context_dim=768, num_heads=8)
@@ -83,18 +84,18 @@ def clip_similarity(prompts: list[str], clip_path=None) -> Tensor:
 
     clip_path: a text_encoder/ folder (the official CLIP-L, or a run's). None: the latest run's, or else the
     embedded default's small CLIP, built in runs/cache/exercise-text (seconds)."""
-    from minflux.clip import load_clip
+    from minflux.files.load import load_clip
 
     if clip_path is None:
         runs = sorted(Path("runs").glob("*/text_encoder/config.json"), key=lambda p: p.stat().st_mtime)
         if runs:
             clip_path = runs[-1].parent
         else:
-            from minflux.data import SyntheticTriptychs
-            from minflux.embedded import build_text_encoders
+            from minflux.tasks.embedded import write_text_encoders
+            from minflux.tasks.scenes import SyntheticTriptychs
 
             folder = Path("runs/cache/exercise-text")
-            build_text_encoders(folder, SyntheticTriptychs(2000).captions(), t5_max_length=24)
+            write_text_encoders(folder, SyntheticTriptychs(2000).captions())
             clip_path = folder / "text_encoder"
     clip = load_clip(clip_path)
     pooled = clip(prompts)  # [N, 768]
@@ -122,7 +123,7 @@ class TinyTranslator(nn.Module):
                                   caption says) embedded and added to every token: how a class-conditional
                                   diffusion model takes its label (added to the time embedding)
     cross-attention:              after each block, every image token attends to the semantic panel's patch
-                                  tokens (seed 004's layer), which carry no positions: a set, as text is
+                                  tokens (the chapter's layer), which carry no positions: a set, as text is
     cross-attention + positions:  the same, with the image's position embedding added to the semantic tokens
     """
 
@@ -164,7 +165,7 @@ def scene_tensors(n: int, split: str, size: int, seed: int = 0) -> dict[str, Ten
     counts per class / 4); objects [N, S, S] bool (the pixels of objects, where the class matters)."""
     import numpy as np
 
-    from minflux.data import OBJECT_CLASSES, make_scene
+    from minflux.tasks.scenes import OBJECT_CLASSES, make_scene
 
     scenes = [make_scene(np.random.default_rng([seed, 7 + (split == "heldout"), i]), size) for i in range(n)]
     t = lambda key: torch.from_numpy(np.stack([getattr(s, key) for s in scenes]))  # noqa: E731

@@ -1,10 +1,10 @@
 """Attention maps as pictures: which text token each image region looks at, and where in the semantic map.
 
-    python -m minflux.maps text                          text → image maps of the latest `python train.py` run
-    python -m minflux.maps text --prompt "two people on the ground under the sky, infrared view"
-    python -m minflux.maps semantic --run runs/vis2ir-xattn_rope      SemanticCrossAttention maps
+    python -m minflux.study.maps text                  text → image maps of the latest `python train.py` run
+    python -m minflux.study.maps text --prompt "two people on the ground under the sky, infrared view"
+    python -m minflux.study.maps semantic --run runs/vis2ir-xattn_rope      SemanticCrossAttention maps
 
-Text → image (seed 004, "observe how different prompts steer the image"). FLUX has no separate
+Text → image (the course chapter's "observe how different prompts steer the image"). FLUX has no separate
 cross-attention: text and image tokens attend jointly over [txt | img]. The image tokens' attention to the
 text tokens is the [img, txt] block of every joint attention map:
 
@@ -13,7 +13,7 @@ text tokens is the [img, txt] block of every joint attention map:
 averaged over the chosen blocks and sampling steps, then laid out on the image's token grid, [B, T, h, w]:
 one heatmap per text token, over the generated image.
 
-SemanticCrossAttention (seed 001, "attention visualisation"): for one query token of the image (a place in
+SemanticCrossAttention (the vis2ir notes' "attention visualisation"): for one query token of the image (a place in
 the target panel), its attention over the semantic tokens, [B, 8, Lq, Ls] → mean over heads → one row
 [Ls] → the semantic panel's token grid, overlaid on the semantic panel.
 
@@ -219,38 +219,28 @@ def t5_tokens(tokenizer, prompt: str) -> list[str]:
     return [piece(i).replace("▁", "_") for i in ids] + ["</s>"]
 
 
-def latest_run(runs: Path) -> Path | None:
-    done = sorted(Path(runs).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return done[-1].parent if done else None
-
-
 def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | None = None, blocks=None,
              map_steps=None, seed: int = 0) -> dict:  # fmt: skip
     """Generate the infrared panels of held-out scenes of a run while recording the attention maps.
 
     Returns dict(recorder, generated [N, 3, S, S], triptychs [N, 3, S, 3S], prompts, tokens, config)."""
-    from minflux.data import SyntheticTriptychs, TriptychFolder
-    from minflux.flow import prepare_txt_ids
-    from minflux.vis2ir import encode_triptych, generate_infrared, load_run
+    from minflux.sampling import get_noise
+    from minflux.tasks.data import triptychs
+    from minflux.tasks.vis2ir import datasets, generate_infrared, load_run, prepare_vis2ir
 
     parts = load_run(run)
-    cfg, model, ae = parts["config"], parts["model"], parts["ae"]
-    if cfg.get("data"):
-        data = TriptychFolder(cfg["data"], size=cfg.get("panel_size"), on_error="skip")
-    else:
-        data = SyntheticTriptychs(max(scenes) + 1, cfg.get("panel_size", 64), "heldout", cfg.get("seed", 0))
-    triptychs = torch.stack([data[i]["triptych"] for i in scenes])  # [N, 3, 64, 192]
-    prompts = [prompt or data[i]["caption"] for i in scenes]
+    cfg, model, ae = parts["run"].config, parts["model"], parts["ae"]
+    _, held = datasets(cfg, heldout=max(scenes) + 1)
+    trip = triptychs(held, scenes)  # [N, 3, 64, 192]
+    prompts = [prompt or held[i]["caption"] for i in scenes]
+    S = trip.shape[-2]
     with torch.no_grad():
-        batch = encode_triptych(ae, triptychs, cfg.get("semantic", "zeroconv"))
-        y, txt = parts["clip"](prompts), parts["t5"](prompts)
+        inp = prepare_vis2ir(parts["t5"], parts["clip"], get_noise(len(scenes), S, 2 * S, seed), prompts, ae, trip,
+                             cfg.semantic)  # fmt: skip
         with MapRecorder(model, blocks=blocks, steps=map_steps) as recorder:
-            generated = generate_infrared(
-                model, ae, batch, txt, prepare_txt_ids(len(prompts), txt.shape[1]), y,
-                steps or cfg.get("sample_steps", 16), cfg.get("guidance", 1.0), seed=seed,
-            )  # fmt: skip
+            generated = generate_infrared(model, ae, inp, steps or cfg.sample_steps, cfg.guidance)
     tokens = [t5_tokens(parts["t5"].tokenizer, p) for p in prompts]
-    return dict(recorder=recorder, generated=generated, triptychs=triptychs, prompts=prompts, tokens=tokens, config=cfg)
+    return dict(recorder=recorder, generated=generated, triptychs=trip, prompts=prompts, tokens=tokens, config=cfg)
 
 
 def parse_range(text: str | None) -> list[int] | None:
@@ -265,7 +255,8 @@ def parse_range(text: str | None) -> list[int] | None:
 
 
 def main(argv=None) -> int:
-    from minflux.data import split_triptych
+    from minflux.tasks.runs import latest_run
+    from minflux.tasks.scenes import split_triptych
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["text", "semantic"], help="text → image, or SemanticCrossAttention maps")
@@ -299,7 +290,7 @@ def main(argv=None) -> int:
     else:
         layers = rec.semantic_maps()
         if not layers:
-            print(f"maps: {run} has no SemanticCrossAttention (its --semantic is {out['config'].get('semantic')!r}); "
+            print(f"maps: {run} has no SemanticCrossAttention (its --semantic is {out['config'].semantic!r}); "
                   "train one with:  python train.py --semantic xattn_rope", file=sys.stderr)  # fmt: skip
             return 2
         probs = torch.stack(list(layers.values())).mean(0)  # over the layers (blocks: one a block): [1, Lq, Ls]

@@ -1,20 +1,19 @@
-"""Shape traces and parameter tables: every tensor's shape at every stage, and every component's size.
+"""Shape traces: every tensor's shape at every stage of a real step, one line per stage.
 
-    python -m minflux.trace flux-dev-kontext            one 1024×1024 Kontext step, seed 003's walk-through
-    python -m minflux.trace vis2ir --batch 4            one vis2ir training step, seeds 000/001's DEBUG shapes
-    python -m minflux.trace flux-dev --params           parameter counts of every component and block type
+    python -m minflux.study.trace flux-dev-kontext          one 1024×1024 Kontext step: the Kontext walk-through
+    python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the notes' DEBUG shapes
+    python -m minflux.study.trace flux-dev --params         parameter counts of every component and block type
 
 The presets are built at full size on torch's meta device: tensors there have shapes and dtypes but no
 storage, so FLUX.1-dev, its VAE, CLIP-L and T5-XXL run through a whole step in seconds, with no weights and
-no memory. The trace is recorded from the real code (the same modules and functions a real run calls), not
-re-derived: `shape_trace()` hooks the minflux modules and wraps the minflux functions while it is open.
+no memory. The trace is recorded from the real code: PyTorch's module hooks see the modules, and the plain
+functions marked as stages (`minflux.hooks.stage`: pack, prepare, denoise, ...) report to the open trace.
 
 Use in a script (train.py and sample.py take `--trace`):
 
-    from minflux.trace import shape_trace, parameter_table
+    from minflux.study.trace import shape_trace
     with shape_trace():                 # prints one line per stage when the block ends
-        loss = vis2ir_loss(model, batch, txt, txt_ids, y, t, noise)
-    print(parameter_table({"transformer": model.flux, "ae": ae}))
+        loss = flow_matching_loss(model, x0, noise, t, **inputs)
 
 A trace line reads `stage (producer)   inputs → outputs   ×calls`: the stage is the module's path in its
 model (block numbers folded into `*`) or the function's name; lines are in the order the data flows, a
@@ -36,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-# --- what is traced --------------------------------------------------------------------------------------
+from minflux import hooks
+from minflux.study.params import meta_components, parameter_table
 
 # Modules printed as a stage wherever they appear (by class name, so a refactor does not break the trace).
 STAGE_MODULES = {
@@ -44,45 +44,12 @@ STAGE_MODULES = {
     "DoubleStreamBlock", "SingleStreamBlock", "LastLayer", "SemanticConditioningAdapter",
     "SemanticCrossAttention", "BlockInjection",
 }  # fmt: skip
-# The direct children of these are stages too: the Linear, norm and MLP layers that seed 003 walks through.
+# The direct children of these are stages too: the Linear, norm and MLP layers of the walk-through.
 EXPANDED_MODULES = {"Flux", "DoubleStreamBlock", "SingleStreamBlock", "SelfAttention", "Vis2IR"}
-
-# Functions traced by name: (module, function). Every module that imported one of them (minflux's own, the
-# running script, a test) gets the traced version while the trace is open.
-TRACED_FUNCTIONS = [
-    ("minflux.data", "split_triptych"),
-    ("minflux.vis2ir", "target_mask"),
-    ("minflux.vis2ir", "encode_triptych"),
-    ("minflux.vis2ir", "vis2ir_loss"),
-    ("minflux.vis2ir", "generate_infrared"),
-    ("minflux.flow", "pack"),
-    ("minflux.flow", "unpack"),
-    ("minflux.flow", "pack_mask"),
-    ("minflux.flow", "fill_condition"),
-    ("minflux.flow", "prepare_img_ids"),
-    ("minflux.flow", "prepare_txt_ids"),
-    ("minflux.flow", "latent_ids"),
-    ("minflux.flow", "sample_t"),
-    ("minflux.flow", "interpolate"),
-    ("minflux.flow", "velocity_target"),
-    ("minflux.flow", "denoise"),
-    ("minflux.model", "timestep_embedding"),
-    ("minflux.attention", "embed_ids"),
-    ("minflux.attention", "attention"),
-]
-# Methods traced on their class: (module, class, method).
-TRACED_METHODS = [
-    ("minflux.autoencoder", "AutoEncoder", "encode"),
-    ("minflux.autoencoder", "AutoEncoder", "decode"),
-    ("minflux.model", "SelfAttention", "split_heads"),
-    ("minflux.vis2ir", "Vis2IR", "inject"),
-    ("minflux.clip", "CLIPTokenizer", "__call__"),
-    ("minflux.t5", "T5Tokenizer", "__call__"),
-]
 
 
 def _attention_note(inputs: dict, output) -> str:
-    """Seed 003 writes the joint q, k, v before the transpose, as [B, L, H, D]; minflux keeps [B, H, L, D]."""
+    """The walk-through writes the joint q, k, v before the transpose, as [B, L, H, D]; minflux keeps [B, H, L, D]."""
     q = inputs.get("q")
     if isinstance(q, Tensor) and q.ndim == 4:
         B, H, L, D = q.shape
@@ -96,7 +63,7 @@ NOTES = {"attention": _attention_note}
 
 
 def fmt_shape(shape) -> str:
-    """The seeds' notation: [B, 2048, 64]."""
+    """The notes' notation: [B, 2048, 64]."""
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
@@ -131,6 +98,10 @@ def fmt_value(x) -> str:
         return fmt_shape(x.shape)
     if isinstance(x, dict):
         return ", ".join(f"{k} {fmt_value(v)}" for k, v in x.items() if _tensors(v))
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):  # its fields by name; a dict field's own names
+        values = [(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)]
+        return ", ".join(fmt_value(v) if isinstance(v, dict) else f"{k} {fmt_value(v)}" for k, v in values
+                         if _tensors(v))  # fmt: skip
     if isinstance(x, (list, tuple)) and x and all(isinstance(v, str) for v in x):
         return f"[{len(x)} str]"
     if isinstance(x, str):
@@ -206,7 +177,7 @@ class Stage:
         return text
 
 
-class ShapeTrace:
+class ShapeTrace(hooks.Observer):
     """The state of one `shape_trace()`: the stages seen so far, in data-flow order, repeats folded."""
 
     def __init__(self, max_depth: int = 6):
@@ -216,6 +187,23 @@ class ShapeTrace:
         self._open: list[Stage | None] = []  # the stages being computed, innermost last
         self._names: dict[nn.Module, tuple[str, str | None]] = {}  # module → (path label, parent class)
         self._roots: dict[nn.Module, str] = {}
+
+    # ... a marked function or method (minflux.hooks.stage) runs
+    def stage(self, label: str, fn, args: tuple, kwargs: dict):
+        method = "." in fn.__qualname__
+        name = label
+        if method and args and isinstance(args[0], nn.Module):  # a module's method: named by the module's path
+            path, _ = self.name_module(args[0])
+            name = f"{path}.{fn.__name__}" if path else label
+        self.enter(name)
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException:
+            self.abandon()
+            raise
+        inputs = _bind(fn, args, kwargs, skip_self=method)
+        self.leave(inputs, out, NOTES[label](inputs, out) if label in NOTES else "")
+        return out
 
     # ... entering and leaving a stage
     def enter(self, label: str | None) -> None:
@@ -288,68 +276,6 @@ def _fold(path: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", path)
 
 
-_ACTIVE: ShapeTrace | None = None
-
-
-def _traced(fn, label: str, skip_self: bool = False):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        trace = _ACTIVE
-        if trace is None:
-            return fn(*args, **kwargs)
-        name = label
-        if skip_self and args and isinstance(args[0], nn.Module):  # a module's method: named by the module's path
-            path, _ = trace.name_module(args[0])
-            name = f"{path}.{fn.__name__}" if path else label
-        trace.enter(name)
-        try:
-            out = fn(*args, **kwargs)
-        except BaseException:
-            trace.abandon()
-            raise
-        inputs = _bind(fn, args, kwargs, skip_self)
-        note = NOTES[label](inputs, out) if label in NOTES else ""
-        trace.leave(inputs, out, note)
-        return out
-
-    wrapper.__minflux_traced__ = fn
-    return wrapper
-
-
-def _patch_functions() -> list[tuple[object, str, object]]:
-    """Swap in the traced functions and methods everywhere they were imported; returns what to restore."""
-    import importlib
-
-    restore = []
-    originals = {}
-    for mod_name, name in TRACED_FUNCTIONS:
-        try:
-            fn = getattr(importlib.import_module(mod_name), name)
-        except (ImportError, AttributeError):
-            continue  # the function moved or went away: trace the rest
-        originals[fn] = _traced(fn, name)
-    for holder in [m for m in list(sys.modules.values()) if m is not None]:  # minflux, the script, any importer
-        for attr, value in list(getattr(holder, "__dict__", {}).items()):
-            try:
-                if callable(value) and not isinstance(value, type) and value in originals:
-                    restore.append((holder, attr, value))
-                    setattr(holder, attr, originals[value])
-            except TypeError:  # an unhashable callable: not one of ours
-                continue
-    for mod_name, cls_name, method in TRACED_METHODS:
-        try:
-            cls = getattr(importlib.import_module(mod_name), cls_name)
-        except (ImportError, AttributeError):
-            continue
-        fn = cls.__dict__.get(method)
-        if fn is None:
-            continue
-        label = f"{cls_name}.{method}" if method != "__call__" else cls_name
-        restore.append((cls, method, fn))
-        setattr(cls, method, _traced(fn, label, skip_self=True))
-    return restore
-
-
 @contextmanager
 def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.Module):
     """Record the shape of every stage run inside the block; print the trace when it ends (to `file`, default
@@ -359,9 +285,6 @@ def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.
     pass `flux=model` to name a model's root yourself. `max_depth` bounds the nesting that is printed.
     Yields the ShapeTrace: `.lines()`, `.text()`, `.stages`, `.find(label)`.
     """
-    global _ACTIVE
-    if _ACTIVE is not None:
-        raise RuntimeError("shape_trace: a trace is already open")
     trace = ShapeTrace(max_depth)
     for label, module in names.items():
         trace._roots[module] = label
@@ -370,183 +293,95 @@ def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.
         trace.enter(trace.module_label(module))
 
     def post_hook(module, args, kwargs, output):
-        if not trace._open:
-            return
-        inputs = _bind(module.forward, args, kwargs)
-        trace.leave(inputs, output)
+        if trace._open:
+            trace.leave(_bind(module.forward, args, kwargs), output)
 
-    restore = _patch_functions()
-    handles = [
-        module_hooks.register_module_forward_pre_hook(pre_hook),
-        module_hooks.register_module_forward_hook(post_hook, with_kwargs=True),
-    ]
-    _ACTIVE = trace
-    try:
-        yield trace
-    finally:
-        _ACTIVE = None
-        for h in handles:
-            h.remove()
-        for holder, attr, value in reversed(restore):
-            setattr(holder, attr, value)
-        if not quiet:
-            print(trace.text(), file=file or sys.stdout, flush=True)
+    with hooks.observing(trace):
+        handles = [
+            module_hooks.register_module_forward_pre_hook(pre_hook),
+            module_hooks.register_module_forward_hook(post_hook, with_kwargs=True),
+        ]
+        try:
+            yield trace
+        finally:
+            for h in handles:
+                h.remove()
+            if not quiet:
+                print(trace.text(), file=file or sys.stdout, flush=True)
 
 
-# --- parameter tables -----------------------------------------------------------------------------------------
+# --- the walk-throughs, at full size on the meta device ---------------------------------------------------------
 
 
-def _count(params) -> tuple[int, int]:
-    """(total, trainable) over distinct parameters (T5's shared embedding is counted once)."""
-    seen, total, trainable = set(), 0, 0
-    for p in params:
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
+def _meta_text_encoder(module: nn.Module, length: int, pooled: bool):
+    """A prompt encoder for the meta device: every prompt becomes `length` token ids (zeros, as no tokenizer
+    file is read), then the module's output: T5's hidden states, or CLIP's pooled vector."""
 
+    def encode(prompts: list[str]) -> Tensor:
+        out = module(torch.zeros(len(prompts), length, dtype=torch.long, device="meta"))
+        return out[1] if pooled else out
 
-def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int = 2) -> list[tuple[str, int, int, str]]:
-    """(label, total, trainable, note) for a module and, down to max_depth, its children. A ModuleList of equal
-    blocks is one row, "19 × DoubleStreamBlock", followed by the parts of one block; a wrapper with a single
-    child (CLIP's text_model, T5's encoder) is looked through."""
-    total, trainable = _count(module.parameters())
-    rows = [("  " * depth + f"{name} ({type(module).__name__})", total, trainable, "")]
-    children = [(n, c) for n, c in module.named_children() if _count(c.parameters())[0]]
-    while len(children) == 1 and not isinstance(children[0][1], nn.ModuleList):  # look through a wrapper
-        prefix, wrapper = children[0]
-        children = [(f"{prefix}.{n}", c) for n, c in wrapper.named_children() if _count(c.parameters())[0]]
-    if depth >= max_depth:
-        return rows
-    for child_name, child in children:
-        if isinstance(child, nn.ModuleList) and len(child):
-            kinds = {type(b).__name__ for b in child}
-            t, tr = _count(child.parameters())
-            kind = kinds.pop() if len(kinds) == 1 else "blocks"
-            each = _count(child[0].parameters())[0]
-            rows.append(("  " * (depth + 1) + f"{child_name} ({len(child)} × {kind})", t, tr, f"{each:,} each"))
-            if depth + 2 <= max_depth and kind != "blocks":  # the parts of one block, once
-                for part_name, part in child[0].named_children():
-                    pt, ptr = _count(part.parameters())
-                    if pt:
-                        label = "  " * (depth + 2) + f"{part_name} ({type(part).__name__})"
-                        rows.append((label, pt, ptr, "in one block"))
-        else:
-            rows += parameter_rows(child_name, child, depth + 1, max_depth)
-    return rows
-
-
-def parameter_table(parts: dict[str, nn.Module] | nn.Module, max_depth: int = 2) -> str:
-    """A model summary: parameters of each component and of its children (block types folded), trainable and
-    frozen, and the total. `parts`: {"transformer": flux, "ae": ae, ...} or one module. Works on meta models."""
-    if isinstance(parts, nn.Module):
-        parts = {type(parts).__name__.lower(): parts}
-    rows = []
-    for name, module in parts.items():
-        rows += parameter_rows(name, module, 0, max_depth)
-    all_params = [p for m in parts.values() for p in m.parameters()]
-    total, trainable = _count(all_params)
-    rows.append(("total", total, trainable, ""))
-    width = max(len(r[0]) for r in rows)
-    header = f"{'component':<{width}}  {'parameters':>15}  {'trainable':>15}  {'frozen':>15}"
-    lines = [header, "-" * len(header)]
-    for label, t, tr, note in rows:
-        if label == "total":
-            lines.append("-" * len(header))
-        lines.append(f"{label:<{width}}  {t:>15,}  {tr:>15,}  {t - tr:>15,}" + (f"  {note}" if note else ""))
-    return "\n".join(lines)
-
-
-# --- full-size models on the meta device ------------------------------------------------------------------------
-
-
-def meta_components(preset: str, t5_length: int | None = None) -> dict[str, nn.Module]:
-    """The preset's transformer, VAE, CLIP and T5, built on the meta device (no storage: no memory, no time).
-
-    The official presets get CLIP-L and T5-XXL; the small presets get the embedded default's small encoders,
-    whose widths match their vec_in_dim and context_in_dim."""
-    from minflux.autoencoder import AutoEncoder
-    from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
-    from minflux.model import Flux
-    from minflux.presets import configs
-    from minflux.t5 import T5_XXL, T5Encoder, T5Params
-
-    spec = configs[preset]
-    p = spec.params
-    clip_params = CLIP_L if p.vec_in_dim == 768 else CLIPParams(512, p.vec_in_dim, 4 * p.vec_in_dim, 2, 2)
-    t5_params = T5_XXL if p.context_in_dim == 4096 else T5Params(160, p.context_in_dim, 32, 2 * p.context_in_dim, 2, 2)
-    with torch.device("meta"):
-        return {
-            "transformer": Flux(p),
-            "ae": AutoEncoder(spec.ae_params),
-            "clip": CLIPTextModel(clip_params),
-            "t5": T5Encoder(t5_params),
-        }
+    return encode
 
 
 def trace_preset(preset: str, height: int = 1024, width: int = 1024, batch: int = 1, steps: int = 1,
                  t5_length: int | None = None, quiet: bool = False) -> ShapeTrace:  # fmt: skip
-    """One sampling step of a preset at full size on the meta device, traced. Text-to-image for dev and schnell,
-    inpainting for Fill (an image and a mask), editing for Kontext (a reference image appended to the sequence):
-    the walk-through of seed 003 for flux-dev-kontext at 1024×1024."""
-    from minflux import flow  # called through the module, so that the traced versions run
+    """One sampling step of a preset at full size on the meta device, traced through the one recipe (prepare*,
+    generate). Text-to-image for dev and schnell, inpainting for Fill (an image and a mask), editing for Kontext
+    (a reference image appended to the sequence): the Kontext walk-through for flux-dev-kontext at 1024×1024."""
     from minflux.presets import configs
+    from minflux.sampling import generate, prepare, prepare_fill, prepare_kontext
 
     spec = configs[preset]
     parts = meta_components(preset)
     flux, ae, clip, t5 = parts["transformer"], parts["ae"], parts["clip"], parts["t5"]
-    L = t5_length or spec.t5_max_length
+    clip_call = _meta_text_encoder(clip, clip.params.max_position_embeddings, pooled=True)  # ids [1, 77]
+    t5_call = _meta_text_encoder(t5, t5_length or spec.t5_max_length, pooled=False)  # ids [1, 512]
     meta = torch.device("meta")
-    h, w = height // 16, width // 16  # token grid: VAE ×8, then 2×2 packing
     with torch.no_grad(), shape_trace(quiet, transformer=flux, ae=ae, clip=clip, t5=t5) as trace:
-        clip_ids = torch.zeros(batch, clip.params.max_position_embeddings, dtype=torch.long, device=meta)  # [1, 77]
-        _, pooled = clip(clip_ids)  # [1, 768]
-        txt = t5(torch.zeros(batch, L, dtype=torch.long, device=meta))  # [1, 512, 4096]
-        txt_ids = flow.prepare_txt_ids(batch, L, device=meta)
-        noise = torch.randn(batch, h * w, 4 * ae.params.z_channels, device=meta)  # [1, 4096, 64]
-        img_ids = flow.prepare_img_ids(batch, h, w, device=meta)
-        kwargs = {}
+        noise = torch.randn(batch, ae.params.z_channels, height // 8, width // 8, device=meta)  # [1, 16, 128, 128]
+        prompts = ["a prompt"] * batch
         if flux.params.in_channels > 64:  # Fill: the image with the area to fill erased, and the mask
             image = torch.randn(batch, 3, height, width, device=meta)
             mask = torch.ones(batch, 1, height, width, device=meta)
-            kwargs["img_cond"] = flow.fill_condition(ae, image, mask)  # [1, 4096, 320]
+            inp = prepare_fill(t5_call, clip_call, noise, prompts, ae, image, mask)  # + img_cond [1, 4096, 320]
         elif spec.name.endswith("kontext"):  # Kontext: the reference image's tokens follow the noise's
             reference = torch.randn(batch, 3, height, width, device=meta)  # [1, 3, 1024, 1024]
-            kwargs["img_cond_seq"] = flow.pack(ae.encode(reference))  # [1, 16, 128, 128] -> [1, 4096, 64]
-            kwargs["img_cond_seq_ids"] = flow.prepare_img_ids(batch, h, w, axis0=1.0, device=meta)
-        timesteps = flow.get_schedule(steps, h * w, shift=spec.shift)
-        latent = flow.denoise(flux, noise, img_ids, txt, txt_ids, pooled, timesteps, guidance=spec.guidance, **kwargs)
-        ae.decode(flow.unpack(latent, height, width))  # [1, 4096, 64] -> [1, 16, 128, 128] -> [1, 3, 1024, 1024]
+            inp = prepare_kontext(t5_call, clip_call, noise, prompts, ae, reference)  # + img_cond_seq [1, 4096, 64]
+        else:
+            inp = prepare(t5_call, clip_call, noise, prompts)
+        generate(flux, ae, inp, steps, spec.guidance if flux.params.guidance_embed else None, spec.shift)
     return trace
 
 
 def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_length: int = 512,
                  quiet: bool = False) -> ShapeTrace:  # fmt: skip
-    """One vis2ir training step (seeds 000/001) at the seeds' size: FLUX.1-Fill-dev, 512-pixel panels."""
-    from minflux import flow, vis2ir  # called through the modules, so that the traced versions run
+    """One vis2ir training step at the size of the vis2ir notes: FLUX.1-Fill-dev, 512-pixel panels."""
+    from minflux.sampling import Inputs, flow_matching_loss, prepare_txt_ids, sample_t
+    from minflux.semantic import Vis2IR
+    from minflux.tasks.vis2ir import encode_triptych
 
     parts = meta_components("flux-dev-fill")
     ae, clip, t5 = parts["ae"], parts["clip"], parts["t5"]
     meta = torch.device("meta")
     with torch.device("meta"):
-        model = vis2ir.Vis2IR(parts["transformer"], semantic)
+        model = Vis2IR(parts["transformer"], semantic)
     with torch.no_grad(), shape_trace(quiet, ae=ae, clip=clip, t5=t5) as trace:
         triptych = torch.randn(batch, 3, panel, 3 * panel, device=meta)  # [4, 3, 512, 1536]
-        encoded = vis2ir.encode_triptych(ae, triptych, semantic)
+        enc = encode_triptych(ae, triptych, semantic)
         _, y = clip(torch.zeros(batch, 77, dtype=torch.long, device=meta))  # [4, 768]
         txt = t5(torch.zeros(batch, t5_length, dtype=torch.long, device=meta))  # [4, 512, 4096]
-        t = flow.sample_t(batch, device=meta)  # [4]
-        noise = torch.randn(encoded["x0"].shape, device=meta)  # [4, 2048, 64]
-        guidance = torch.ones(batch, device=meta)
-        txt_ids = flow.prepare_txt_ids(batch, t5_length, device=meta)
-        vis2ir.vis2ir_loss(model, encoded, txt, txt_ids, y, t, noise, guidance)  # x_t, the injection, FLUX-Fill, loss
+        t = sample_t(batch, device=meta)  # [4]
+        noise = torch.randn(enc.x0.shape, device=meta)  # [4, 2048, 64]
+        inputs = Inputs(None, enc.img_ids, txt, prepare_txt_ids(batch, t5_length, device=meta), y,
+                        img_cond=enc.x_cond, extra=enc.semantic)  # fmt: skip
+        # x_t, the injection, FLUX-Fill, the loss
+        flow_matching_loss(model, enc.x0, noise, t, torch.ones(batch, device=meta), **inputs)
     return trace
 
 
 def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
-    """Seeds 000/001's DEBUG lines, filled in from the trace: the seed's name, then the shape here."""
+    """The DEBUG lines of the vis2ir notes, filled in from the trace: the notes' name, then the shape here."""
     first = lambda label: (trace.find(label) or [None])[0]  # noqa: E731
     named = lambda text: dict(re.findall(r"(\w+) (\[[^\]]*\])", text))  # noqa: E731  "x0 [4, 2048, 64], ..." → dict
     enc = first("encode_triptych")
@@ -556,7 +391,7 @@ def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
     mask = first("target_mask")
     adapter = first("SemanticConditioningAdapter")
     flux = first("Flux")
-    loss = first("vis2ir_loss")
+    loss = first("flow_matching_loss")
     adapter_in = named(adapter.inputs) if adapter else {}
     lines = [
         f"triptych: {split.inputs.split(' ', 1)[1] if split else '?'}",
@@ -583,10 +418,10 @@ def main(argv=None) -> int:
     parser.add_argument("preset", help=f"vis2ir, or a preset: {', '.join(configs)}")
     parser.add_argument("--height", type=int, default=None, help="image height (default 1024; vis2ir: the panel, 512)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 1024)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the seeds')")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the notes')")
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
-    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, seed 001's)")
+    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the notes' adapter)")
     parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
     args = parser.parse_args(argv)
     if args.preset != "vis2ir" and args.preset not in configs:
@@ -594,13 +429,13 @@ def main(argv=None) -> int:
 
     if args.params:
         if args.preset == "vis2ir":
-            from minflux.vis2ir import Vis2IR
+            from minflux.semantic import Vis2IR
 
             parts = meta_components("flux-dev-fill")
             with torch.device("meta"):
                 model = Vis2IR(parts["transformer"], args.semantic)
             for m in parts.values():
-                m.requires_grad_(False)  # the seeds' setup: FLUX, VAE and text encoders frozen, the adapter trained
+                m.requires_grad_(False)  # the notes' setup: FLUX, VAE and text encoders frozen, the adapter trained
             injection = {k: v for k, v in model.named_children() if k != "flux"}  # the adapter
             parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
         else:
@@ -620,7 +455,7 @@ def main(argv=None) -> int:
             trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512)
         except ValueError as e:
             parser.error(str(e))
-        print("\nseeds 000/001 DEBUG lines, from this trace:")
+        print("\nthe DEBUG lines of the vis2ir notes, from this trace:")
         for line in vis2ir_debug_lines(trace):
             print(f"[DEBUG] {line}")
     else:

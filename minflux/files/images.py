@@ -1,0 +1,124 @@
+"""Images in and out: reading pictures as tensors, PNGs with their settings, grids and plots for the run folders.
+
+    read_image, image_to_tensor, mask_to_tensor    a file (or a PIL image) → [1, 3, H, W] in [-1, 1], a 0/1 mask
+    to_pil                                         [3, H, W] in [-1, 1] → a PIL image
+    save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
+    image_grid, line_plot                          the pictures of a run folder (samples.png, loss.png)
+
+A file that cannot be used raises DataError, which names it and says what was expected.
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor
+
+from minflux.files.weights import write_atomic
+
+
+class DataError(ValueError):
+    """A data folder or file that cannot be used. `path` is the file; the message says what was expected."""
+
+    def __init__(self, path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = Path(path), why
+
+
+def read_image(source, mode: str = "RGB") -> Image.Image:
+    """A PIL image from a path (or a PIL image as is), converted to `mode`; an unreadable file names itself."""
+    if isinstance(source, Image.Image):
+        return source.convert(mode)
+    try:
+        with Image.open(source) as im:
+            return im.convert(mode)
+    except FileNotFoundError as e:
+        raise DataError(source, "no such file") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise DataError(source, f"cannot be read as an image ({type(e).__name__}: {e})") from e
+
+
+def image_to_tensor(image: Image.Image) -> Tensor:
+    """A PIL RGB image → [1, 3, H, W] in [-1, 1], the range the VAE expects."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)  # [H, W, 3] in [0, 1]
+    return (x.permute(2, 0, 1)[None] * 2 - 1).contiguous()  # [1, 3, H, W]
+
+
+def mask_to_tensor(mask: Image.Image) -> Tensor:
+    """A PIL mask → [1, 1, H, W] of 0 and 1: white (≥ 50 %) is where the model paints."""
+    m = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
+    return (m >= 0.5).float()[None, None]  # [1, 1, H, W]
+
+
+def save_png(image: Image.Image, path, text: dict[str, str] | None = None) -> Path:
+    """A PNG written atomically, with `text` in its tEXt chunks (settings that reproduce the image)."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, str(value))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def save_image(image: Image.Image, path) -> Path:
+    """save_png with the settings a pipeline put in `image.info` as the text chunks."""
+    return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)})
+
+
+def read_settings(path) -> dict[str, str]:
+    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote)."""
+    with Image.open(path) as im:
+        return dict(getattr(im, "text", {}))
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """An image tensor [3, H, W] in [-1, 1] → a PIL image."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
+def image_grid(rows: list[list[torch.Tensor]], captions: list[str] | None = None, pad: int = 2) -> Image.Image:
+    """Rows of equally sized images [3, H, W] in [-1, 1] as one picture, with an optional caption per column."""
+    h, w = rows[0][0].shape[-2:]
+    top = 14 if captions else 0
+    grid = Image.new("RGB", (len(rows[0]) * (w + pad) + pad, top + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, caption in enumerate(captions or []):
+        draw.text((pad + c * (w + pad), 1), caption, fill="black")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            grid.paste(to_pil(img), (pad + c * (w + pad), top + pad + r * (h + pad)))
+    return grid
+
+
+def line_plot(series: dict[str, list[float]], title: str, size=(640, 360), log_y: bool = True) -> Image.Image:
+    """A small line chart (e.g. the loss curve), drawn with pillow alone."""
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, size[0] - 10, 25, size[1] - 30
+    values = [v for ys in series.values() for v in ys if math.isfinite(v) and (v > 0 or not log_y)]
+    if not values:
+        draw.text((left, top), f"{title}: no data", fill="black")
+        return img
+    f = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    lo, hi = f(min(values)), f(max(values))
+    hi = hi if hi > lo else lo + 1
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((left, 5), title, fill="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = bottom - frac * (bottom - top)
+        v = lo + frac * (hi - lo)
+        draw.text((2, y - 6), f"{10**v:.3g}" if log_y else f"{v:.3g}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    for (name, ys), colour in zip(series.items(), colours):
+        pts = [
+            (left + i / max(len(ys) - 1, 1) * (right - left), bottom - (f(v) - lo) / (hi - lo) * (bottom - top))
+            for i, v in enumerate(ys)
+            if math.isfinite(v) and (v > 0 or not log_y)
+        ]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=2)
+        draw.text((right - 150, top + 5 + 12 * list(series).index(name)), name, fill=colour)
+    draw.text((left, bottom + 8), "step", fill="black")
+    return img

@@ -1,0 +1,290 @@
+"""The two tokenizers FLUX uses, read from their official folders, and small vocabularies built from a text.
+
+    CLIPTokenizer   tokenizer/   (vocab.json + merges.txt): byte-level BPE, 77 ids, <|startoftext|> … <|endoftext|>
+    T5Tokenizer     tokenizer_2/ (tokenizer.json or spiece.model): sentencepiece pieces, </s>, <pad> up to 512
+
+The embedded default has no official vocabulary, so `write_clip_tokenizer` and `write_t5_tokenizer` learn one from
+its captions and write it in the official formats, which these classes then read like the official files.
+
+References: openai/CLIP (clip/simple_tokenizer.py); transformers (tokenization_clip.py, tokenization_t5.py);
+diffusers FluxPipeline (padding="max_length" to 77 and to 512, truncation).
+"""
+
+import json
+import re
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import sentencepiece
+import tokenizers
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from torch import Tensor
+
+from minflux.files.weights import WeightsError
+from minflux.hooks import stage
+
+# --- CLIP ------------------------------------------------------------------------------------------------
+
+# CLIP's pre-tokenizer pattern (openai/CLIP simple_tokenizer.py): the special tokens, English contractions,
+# runs of letters, single digits, and runs of anything else that is not a space. Spaces are dropped.
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """bos/eos/pad/unk token strings: CLIP's defaults, then tokenizer_config.json, then special_tokens_map.json."""
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the later file wins, as in transformers
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{file}: not valid json: {e}") from None
+        for key in special:
+            value = config.get(key)
+            if isinstance(value, dict):  # {"content": "<|endoftext|>", "lstrip": false, ...}
+                value = value.get("content")
+            if isinstance(value, str):
+                special[key] = value
+    return special
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE, from the official `tokenizer/` folder (vocab.json + merges.txt).
+
+    tok(["a prompt", ...]) → LongTensor [B, 77]: <|startoftext|>, at most 75 prompt tokens, <|endoftext|>, then
+    padding up to 77, as FLUX's pipeline asks (padding="max_length", max_length=77, truncation=True). The pad
+    token is the folder's: <|endoftext|> for FLUX.1 (and SD 1.x); SD 2.x's folders say "!".
+
+    Like transformers' CLIPTokenizer (the tokenizers-backed one), it skips OpenAI's ftfy / HTML-unescape
+    clean-up: "&amp;" stays five characters.
+    """
+
+    def __init__(self, folder, max_length: int = 77):
+        folder = Path(folder)
+        vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+        for file in (vocab_file, merges_file):
+            if not file.is_file():
+                raise WeightsError(f"{file}: missing; a CLIP tokenizer folder needs vocab.json and merges.txt")
+        try:
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))  # {"a</w>": 320, ...}
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{vocab_file}: not valid json: {e}") from None
+        # merges.txt: a "#version" line, then one merge per line, "t h" means: join t and h into th.
+        lines = merges_file.read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+        if bad is not None:
+            raise WeightsError(f"{merges_file}: merge {bad} is {' '.join(merges[bad])!r}, expected two symbols")
+
+        special = _special_tokens(folder)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if special[key] not in vocab:
+                raise WeightsError(f"{vocab_file}: the {key} {special[key]!r} is not in the vocabulary")
+        self.max_length = max_length
+        self.bos_id, self.eos_id, self.pad_id = (vocab[special[k]] for k in ("bos_token", "eos_token", "pad_token"))
+
+        # The last piece of every word carries "</w>", so "cat" at the end of a word ("cat</w>") and inside one
+        # ("cat" in "cats") are different tokens. Every byte has a symbol, so no text is ever unknown.
+        bpe = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=special["unk_token"])
+        tok = Tokenizer(bpe)
+        # Compose accents (NFC), squeeze every run of whitespace to one space, lower-case.
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        # Keep the pattern's matches, drop what lies between them (the spaces); then map each UTF-8 byte to a
+        # printable character (GPT-2's byte-to-unicode table), the alphabet that vocab.json is written in.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()  # only for the truncation warning
+        # A special token written in a prompt is that one token: "<|endoftext|>" is id 49407, not 13 characters.
+        # As in transformers this holds for the pad token too, so with SD 2's pad "!", "wow!!" ends in two pad ids.
+        tok.add_special_tokens([AddedToken(token, special=True) for token in dict.fromkeys(special.values())])
+        self.tokenizer = tok
+
+    @stage
+    def __call__(self, prompts: list[str]) -> Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        room = self.max_length - 2  # 75 prompt tokens between the start and end tokens
+        rows = []
+        for i, encoding in enumerate(self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
+            ids = encoding.ids
+            if len(ids) > room:
+                dropped = self.tokenizer.decode(ids[room:]).replace("</w>", " ").strip()
+                warnings.warn(f"CLIP prompt {i} is {len(ids)} tokens long, the context holds {room}: "
+                              f"{len(ids) - room} tokens dropped: {dropped!r}", stacklevel=2)
+                ids = ids[:room]
+            ids = [self.bos_id, *ids, self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)  # [B, 77]
+
+
+# The official vocabulary (49408 entries) is: the 256 byte symbols, the same 256 with "</w>" (end of word), one
+# entry per BPE merge, then <|startoftext|> and <|endoftext|>. These functions write a folder in that format
+# with merges learned on a given text, read by CLIPTokenizer exactly like the official one.
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's table: byte → a printable character, in vocabulary order. The printable bytes come first and
+    stand for themselves ("!" is id 0); the others (control characters, space, ...) get U+0100, U+0101, ..."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def train_clip_bpe(text: str, num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) in CLIP's layout, the merges learned greedily (most frequent pair first) on `text`."""
+    byte_symbol = bytes_to_unicode()
+    symbols = list(byte_symbol.values())
+    words = Counter()
+    for word in re.findall(r"\w+|[^\w\s]+", text.lower()):
+        pieces = [byte_symbol[b] for b in word.encode("utf-8")]
+        pieces[-1] += "</w>"
+        words[tuple(pieces)] += 1
+
+    merges = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]  # ties broken by the pair, deterministic
+        merges.append(best)
+        merged = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i : i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+
+    tokens = [*symbols, *(s + "</w>" for s in symbols), *(a + b for a, b in merges), BOS, EOS]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def write_clip_tokenizer(
+    folder, text: str, num_merges: int = 300, pad_token: str = EOS, configs: bool = True
+) -> Path:
+    """A CLIP tokenizer folder as FLUX.1's tokenizer/ has it, with merges learned on `text`: vocab.json,
+    merges.txt, and (with `configs`) tokenizer_config.json + special_tokens_map.json naming the special tokens.
+
+    The embedded default builds its tokenizer this way from the dataset's captions; the tests, from a corpus."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = train_clip_bpe(text, num_merges)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if configs:
+        special = {"bos_token": BOS, "eos_token": EOS, "pad_token": pad_token, "unk_token": EOS}
+        config = {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    return folder
+
+
+# --- T5 ------------------------------------------------------------------------------------------------
+
+# Text that the tokenizer maps to one special id even inside a prompt, as transformers' tokenizer does.
+SPECIAL_TEXT = re.compile(r"(</s>|<pad>|<unk>|<extra_id_\d{1,2}>)")
+
+
+class T5Tokenizer:
+    """Prompts → ids [B, max_length]: the prompt's pieces, </s> (1), then <pad> (0) up to max_length.
+
+    Reads the official `tokenizer_2/` folder: `tokenizer.json` with the `tokenizers` package (the same
+    file and library as transformers' T5TokenizerFast, so the ids match it exactly), or else
+    `spiece.model` with `sentencepiece`. A prompt too long is cut to max_length - 1 pieces, then </s>.
+    """
+
+    def __init__(self, folder, max_length: int = 512):
+        folder = Path(folder)
+        self.max_length = max_length
+        if (folder / "tokenizer.json").is_file():
+            self.backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            self.backend.no_truncation()  # truncation, </s> and padding are done below, in plain sight
+            self.backend.no_padding()
+            self.eos_id, self.pad_id = self.backend.token_to_id("</s>"), self.backend.token_to_id("<pad>")
+        elif (folder / "spiece.model").is_file():
+            self.backend = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
+            self.eos_id, self.pad_id = self.backend.eos_id(), self.backend.pad_id()
+        else:
+            where = f"{folder}: no such folder" if not folder.is_dir() else f"{folder}: folder"
+            raise WeightsError(f"{where} holds neither tokenizer.json nor spiece.model (expected a T5 tokenizer_2/)")
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of one prompt's pieces, without </s>."""
+        if isinstance(self.backend, tokenizers.Tokenizer):
+            return self.backend.encode(text, add_special_tokens=False).ids
+        # sentencepiece would read "</s>" or "<extra_id_0>" in a prompt as plain characters; transformers
+        # reads them as their special ids, so split them out first. <extra_id_N> lie after the spm
+        # pieces in reverse order: <extra_id_0> = 32099, <extra_id_99> = 32000.
+        ids = []
+        for part in SPECIAL_TEXT.split(text):
+            extra = re.fullmatch(r"<extra_id_(\d+)>", part)
+            if extra:
+                ids.append(self.backend.get_piece_size() + 99 - int(extra[1]))
+            elif SPECIAL_TEXT.fullmatch(part):
+                ids.append(self.backend.piece_to_id(part))
+            elif part:
+                ids.extend(self.backend.encode(part))
+        return ids
+
+    @stage
+    def __call__(self, prompts: str | list[str]) -> Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        rows = []
+        for prompt in prompts:
+            ids = self.encode(prompt)
+            if len(ids) > self.max_length - 1:
+                dropped = len(ids) - (self.max_length - 1)
+                warnings.warn(f"T5 prompt of {len(ids) + 1} tokens truncated to {self.max_length}: {dropped} dropped")
+                ids = ids[: self.max_length - 1]
+            ids = ids + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)  # [B, 512]
+
+
+def write_t5_tokenizer(folder, text: str, vocab_size: int = 256, model_type: str = "unigram") -> Path:
+    """A tokenizer_2/ folder with a sentencepiece model learned on `text`, with T5's special ids: <pad> 0,
+    </s> 1, <unk> 2, no <s>. Read by T5Tokenizer exactly like the official spiece.model. T5's own is a
+    unigram model; on a few dozen distinct sentences "bpe" learns whole words where unigram stays near letters."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.splitlines()),
+        model_prefix=str(folder / "spiece"),
+        model_type=model_type,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a small text may not support vocab_size pieces: take what it supports
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
+    )
+    (folder / "spiece.vocab").unlink()  # a human-readable copy; the .model file is all T5Tokenizer reads
+    return folder

@@ -1,0 +1,97 @@
+"""Parameter tables: every component's parameters, trainable and frozen, with its block types folded.
+
+    python -m minflux.study.trace flux-dev --params      the official counts, from presets built on the meta device
+
+    from minflux.study.params import parameter_table
+    print(parameter_table({"transformer": flux, "ae": ae}))
+"""
+
+import torch
+from torch import nn
+
+from minflux.autoencoder import AutoEncoder
+from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
+from minflux.model import Flux
+from minflux.presets import configs
+from minflux.t5 import T5_XXL, T5Encoder, T5Params
+
+
+def _count(params) -> tuple[int, int]:
+    """(total, trainable) over distinct parameters (T5's shared embedding is counted once)."""
+    seen, total, trainable = set(), 0, 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
+
+
+def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int = 2) -> list[tuple[str, int, int, str]]:
+    """(label, total, trainable, note) for a module and, down to max_depth, its children. A ModuleList of equal
+    blocks is one row, "19 × DoubleStreamBlock", followed by the parts of one block; a wrapper with a single
+    child (CLIP's text_model, T5's encoder) is looked through."""
+    total, trainable = _count(module.parameters())
+    rows = [("  " * depth + f"{name} ({type(module).__name__})", total, trainable, "")]
+    children = [(n, c) for n, c in module.named_children() if _count(c.parameters())[0]]
+    while len(children) == 1 and not isinstance(children[0][1], nn.ModuleList):  # look through a wrapper
+        prefix, wrapper = children[0]
+        children = [(f"{prefix}.{n}", c) for n, c in wrapper.named_children() if _count(c.parameters())[0]]
+    if depth >= max_depth:
+        return rows
+    for child_name, child in children:
+        if isinstance(child, nn.ModuleList) and len(child):
+            kinds = {type(b).__name__ for b in child}
+            t, tr = _count(child.parameters())
+            kind = kinds.pop() if len(kinds) == 1 else "blocks"
+            each = _count(child[0].parameters())[0]
+            rows.append(("  " * (depth + 1) + f"{child_name} ({len(child)} × {kind})", t, tr, f"{each:,} each"))
+            if depth + 2 <= max_depth and kind != "blocks":  # the parts of one block, once
+                for part_name, part in child[0].named_children():
+                    pt, ptr = _count(part.parameters())
+                    if pt:
+                        label = "  " * (depth + 2) + f"{part_name} ({type(part).__name__})"
+                        rows.append((label, pt, ptr, "in one block"))
+        else:
+            rows += parameter_rows(child_name, child, depth + 1, max_depth)
+    return rows
+
+
+def parameter_table(parts: dict[str, nn.Module] | nn.Module, max_depth: int = 2) -> str:
+    """A model summary: parameters of each component and of its children (block types folded), trainable and
+    frozen, and the total. `parts`: {"transformer": flux, "ae": ae, ...} or one module. Works on meta models."""
+    if isinstance(parts, nn.Module):
+        parts = {type(parts).__name__.lower(): parts}
+    rows = []
+    for name, module in parts.items():
+        rows += parameter_rows(name, module, 0, max_depth)
+    all_params = [p for m in parts.values() for p in m.parameters()]
+    total, trainable = _count(all_params)
+    rows.append(("total", total, trainable, ""))
+    width = max(len(r[0]) for r in rows)
+    header = f"{'component':<{width}}  {'parameters':>15}  {'trainable':>15}  {'frozen':>15}"
+    lines = [header, "-" * len(header)]
+    for label, t, tr, note in rows:
+        if label == "total":
+            lines.append("-" * len(header))
+        lines.append(f"{label:<{width}}  {t:>15,}  {tr:>15,}  {t - tr:>15,}" + (f"  {note}" if note else ""))
+    return "\n".join(lines)
+
+
+def meta_components(preset: str, t5_length: int | None = None) -> dict[str, nn.Module]:
+    """The preset's transformer, VAE, CLIP and T5, built on the meta device (no storage: no memory, no time).
+
+    The official presets get CLIP-L and T5-XXL; the small presets get the embedded default's small encoders,
+    whose widths match their vec_in_dim and context_in_dim."""
+    spec = configs[preset]
+    p = spec.params
+    clip_params = CLIP_L if p.vec_in_dim == 768 else CLIPParams(512, p.vec_in_dim, 4 * p.vec_in_dim, 2, 2)
+    t5_params = T5_XXL if p.context_in_dim == 4096 else T5Params(160, p.context_in_dim, 32, 2 * p.context_in_dim, 2, 2)
+    with torch.device("meta"):
+        return {
+            "transformer": Flux(p),
+            "ae": AutoEncoder(spec.ae_params),
+            "clip": CLIPTextModel(clip_params),
+            "t5": T5Encoder(t5_params),
+        }

@@ -1,0 +1,18 @@
+"""The training tasks that train.py runs, and what they need: data, the embedded default's parts, the run folder.
+
+    runs.py       TrainConfig (flags, TOML, config.toml: one dataclass), read_run, progress, processes
+    common.py     Batch (what a task hands the loop), TextCache, the official frozen parts
+    vis2ir.py     visible → infrared with FLUX.1-Fill and a semantic map (the default task)
+    t2i.py        text-to-image LoRAs on FLUX.1 dev or schnell
+    scenes.py     the generated vis2ir scenes
+    data.py       triptych folders and captioned image folders
+    embedded.py   the embedded default's small VAE and text encoders, made here
+
+A task is a class with `encode()` (everything frozen, once), `build_model()`, `draw(generator)` (a global Batch)
+and `finish(...)` (evaluation and the run folder's files).
+"""
+
+from minflux.tasks.t2i import T2ITask
+from minflux.tasks.vis2ir import Vis2IRTask
+
+TASKS = {"vis2ir": Vis2IRTask, "t2i": T2ITask}

@@ -1,0 +1,83 @@
+"""What every training task shares: the batch it hands the loop, the caption-embedding cache, the frozen parts.
+
+A task (vis2ir.py, t2i.py) encodes everything frozen once, then draws each step's global `Batch` from that cache;
+train.py keeps its process's share and calls `flow_matching_loss` with it, the same call for every task.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from minflux.files.load import load_ae, load_clip, load_t5
+from minflux.files.weights import WeightsError
+from minflux.sampling import Inputs
+
+
+@dataclass
+class Batch:
+    """One training batch: the clean target latents, their noise and times, and the model's other inputs."""
+
+    x0: Tensor  # [B, L, 64]  packed clean latents of the target
+    noise: Tensor  # [B, L, 64]
+    t: Tensor  # [B]  in (0, 1)
+    guidance: Tensor  # [B]  the guidance embedding's input (models without one ignore it)
+    inputs: Inputs  # img_ids, txt, txt_ids, y and the conditions (img is None: x_t is made from x0)
+    loss_mask: Tensor | None = None  # [B, L] bool: the tokens the loss counts (None: all)
+
+    def share(self, rank: int, world: int) -> "Batch":
+        """This process's rows of the global batch (every process drew the same global batch)."""
+        per = self.x0.shape[0] // world
+        rows = slice(rank * per, (rank + 1) * per)
+        return self._map(lambda name, t: t[rows])
+
+    def to(self, device, dtype) -> "Batch":
+        """On `device`, the floating tensors in `dtype` (the ids and the mask as they are)."""
+        return self._map(lambda name, t: t.to(device, dtype if t.is_floating_point() and not name.endswith("_ids")
+                                              else None))  # fmt: skip
+
+    def _map(self, fn) -> "Batch":
+        mask = None if self.loss_mask is None else fn("loss_mask", self.loss_mask)
+        return Batch(fn("x0", self.x0), fn("noise", self.noise), fn("t", self.t), fn("guidance", self.guidance),
+                     self.inputs.map(fn), mask)  # fmt: skip
+
+
+@dataclass
+class TextCache:
+    """The frozen text encoders' outputs for every distinct caption, computed once and kept on the CPU.
+
+    `t5` and `clip` look prompts up in it, so the cache stands in for the encoders: prepare(cache.t5, cache.clip, ...).
+    """
+
+    texts: list[str]  # the distinct captions, sorted
+    txt: Tensor  # [U, T, 4096]  T5 hidden states
+    y: Tensor  # [U, 768]  pooled CLIP
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, t5, clip, captions: list[str], dtype=None, chunk: int = 64) -> "TextCache":
+        texts = sorted(set(captions))
+        y = torch.cat([clip(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])  # [U, 768]
+        txt = torch.cat([t5(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])  # [U, 512, 4096]
+        return cls(texts, txt.to("cpu", dtype), y.to("cpu", dtype))
+
+    def index(self, prompts: list[str]) -> Tensor:
+        where = {text: i for i, text in enumerate(self.texts)}
+        return torch.tensor([where[p] for p in prompts], dtype=torch.long)  # [B]
+
+    def t5(self, prompts: list[str]) -> Tensor:
+        return self.txt[self.index(prompts)]  # [B, 512, 4096]
+
+    def clip(self, prompts: list[str]) -> Tensor:
+        return self.y[self.index(prompts)]  # [B, 768]
+
+
+def load_frozen(cfg, device, dtype):
+    """(ae, clip, t5) from the official weights the config names (--repo, or --flux with --ae, --clip, --t5)."""
+    missing = [name for name in ("ae", "clip", "t5") if getattr(cfg, name) is None]
+    if missing:
+        raise WeightsError(f"--flux given without --{', --'.join(missing)} (or --repo with all of them)")
+    ae = load_ae(cfg.ae, device=device, dtype=dtype)
+    clip = load_clip(cfg.clip, device=device, dtype=dtype)
+    t5 = load_t5(cfg.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype)
+    return ae, clip, t5
