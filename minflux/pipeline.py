@@ -284,14 +284,14 @@ class Vis2IRPipeline:
     and the target half of the diptych is generated.
     """
 
-    def __init__(self, parts: dict, device=None, dtype=None):
+    def __init__(self, parts, device=None, dtype=None):  # parts: minflux.tasks.vis2ir.LoadedRun
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
-        self.run = parts["run"]  # minflux.tasks.runs.Run
+        self.run = parts.run  # minflux.tasks.runs.Run: the folder and its files
         self.config = self.run.config  # its TrainConfig
-        self.model = parts["model"].to(self.device, self.dtype).eval().requires_grad_(False)
-        self.ae = parts["ae"].to(self.device, self.dtype).eval().requires_grad_(False)
-        self.clip, self.t5 = parts["clip"], parts["t5"]
+        self.model = parts.model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.ae = parts.ae.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.clip, self.t5 = parts.clip, parts.t5
         self.timings: dict[str, float] = {}
 
     @classmethod

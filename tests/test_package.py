@@ -46,3 +46,55 @@ def test_scripts_print_help_and_exit_0():
         out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert "usage:" in out.stdout
+
+
+# --- the layout: the model at the top of the package, reading nothing; one recipe -------------------------------
+
+CORE = ["model", "attention", "hooks", "sampling", "autoencoder", "clip", "t5", "semantic", "lora", "presets"]
+CORE_IMPORTS = {"torch", "einops", "math", "dataclasses", "functools", "contextlib", "time", "typing", "fnmatch"}  # no I/O
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_the_model_files_import_only_torch_einops_math_and_each_other():
+    for name in CORE:
+        for module in _imports(ROOT / "minflux" / f"{name}.py"):
+            top = module.split(".")[0]
+            if top == "minflux":
+                assert module.removeprefix("minflux.") in CORE or module == "minflux", f"{name}.py imports {module}"
+            else:
+                assert top in CORE_IMPORTS, f"minflux/{name}.py imports {module}: the model reads no file"
+
+
+def _code_files() -> list[Path]:
+    return [*sorted((ROOT / "minflux").rglob("*.py")), ROOT / "train.py", ROOT / "sample.py"]
+
+
+def test_one_recipe_denoise_is_called_from_sampling_alone_and_the_interpolation_written_once():
+    import re
+
+    callers = [p for p in _code_files() if re.search(r"(?<!def )\bdenoise\(", p.read_text())]
+    assert callers == [ROOT / "minflux" / "sampling.py"], callers
+    interpolations = [p for p in _code_files() if "(1 - t) * " in p.read_text()]
+    assert interpolations == [ROOT / "minflux" / "sampling.py"], interpolations
+
+
+def test_files_stay_short_and_speak_of_the_concepts_not_the_notes_numbers():
+    import re
+
+    for path in _code_files():
+        text = path.read_text()
+        limit = 450 if path.name == "train.py" else 520
+        assert len(text.splitlines()) <= limit, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
+        assert not re.search(r"[Ss]eeds? 00\d", text), f"{path.relative_to(ROOT)} names a note by its number"

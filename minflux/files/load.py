@@ -50,6 +50,19 @@ from minflux.model import Flux, FluxParams
 from minflux.presets import configs
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
 
+
+
+def read_json(file: Path) -> dict:
+    """A config.json as a dict; WeightsError naming the file if it is not a json object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{file}: not valid json: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{file}: expected a json object, found {type(config).__name__}")
+    return config
+
+
 # --- the transformer -----------------------------------------------------------------------------------------
 
 
@@ -119,7 +132,7 @@ def load_flux(path, name: str | None = None, device="cpu", dtype: torch.dtype | 
     if FLUX_MARKERS[0] not in sd:  # the diffusers layout
         sd = diffusers_to_flux(sd, source=path)
         if config_file.exists():
-            axes_dim = json.loads(config_file.read_text()).get("axes_dims_rope")
+            axes_dim = read_json(config_file).get("axes_dims_rope")
     if "minflux.params" in metadata:
         axes_dim = json.loads(metadata["minflux.params"])["axes_dim"]
 
@@ -197,10 +210,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
 
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is not None and config_file.exists():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{config_file}: not valid json: {e}") from None
+        config = read_json(config_file)
         if config.get("scaling_factor") is not None:
             params.scale_factor = config["scaling_factor"]
         if config.get("shift_factor") is not None:
@@ -265,10 +275,7 @@ def _clip_params_from_shapes(shapes: dict) -> CLIPParams:
 
 def _clip_params_from_config(file: Path, params: CLIPParams) -> CLIPParams:
     """`params` with the fields that config.json (or its "text_config", for a full CLIP) sets."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{file}: not valid json: {e}") from None
+    config = read_json(file)
     config = config.get("text_config") or config
     values = {f.name: config.get(CLIP_CONFIG_NAMES.get(f.name, f.name)) for f in fields(CLIPParams)}
     return CLIPParams(**{name: getattr(params, name) if v is None else v for name, v in values.items()})
@@ -352,10 +359,7 @@ def _t5_params(path: Path, shapes: dict, prefix: str = "") -> T5Params:
     """
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is not None and config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{config_file}: not valid json: {e}") from None
+        config = read_json(config_file)
         kind = (config.get("model_type", "t5"), config.get("feed_forward_proj", "gated-gelu"))
         if kind != ("t5", "gated-gelu"):
             raise WeightsError(f"{config_file}: model_type, feed_forward_proj = {kind}; T5 v1.1 has t5, gated-gelu")

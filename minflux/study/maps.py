@@ -229,17 +229,17 @@ def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | Non
     from minflux.tasks.vis2ir import datasets, generate_infrared, load_run, prepare_vis2ir
 
     parts = load_run(run)
-    cfg, model, ae = parts["run"].config, parts["model"], parts["ae"]
+    cfg, model, ae = parts.run.config, parts.model, parts.ae
     _, held = datasets(cfg, heldout=max(scenes) + 1)
     trip = triptychs(held, scenes)  # [N, 3, 64, 192]
     prompts = [prompt or held[i]["caption"] for i in scenes]
     S = trip.shape[-2]
     with torch.no_grad():
-        inp = prepare_vis2ir(parts["t5"], parts["clip"], get_noise(len(scenes), S, 2 * S, seed), prompts, ae, trip,
+        inp = prepare_vis2ir(parts.t5, parts.clip, get_noise(len(scenes), S, 2 * S, seed), prompts, ae, trip,
                              cfg.semantic)  # fmt: skip
         with MapRecorder(model, blocks=blocks, steps=map_steps) as recorder:
             generated = generate_infrared(model, ae, inp, steps or cfg.sample_steps, cfg.guidance)
-    tokens = [t5_tokens(parts["t5"].tokenizer, p) for p in prompts]
+    tokens = [t5_tokens(parts.t5.tokenizer, p) for p in prompts]
     return dict(recorder=recorder, generated=generated, triptychs=trip, prompts=prompts, tokens=tokens, config=cfg)
 
 

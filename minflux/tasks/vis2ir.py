@@ -53,7 +53,7 @@ from minflux.hooks import stage
 from minflux.semantic import Vis2IR
 from minflux.tasks.common import Batch, TextCache, load_frozen
 from minflux.tasks.data import TriptychFolder, captions, triptychs
-from minflux.tasks.runs import Progress, log, read_run, smooth
+from minflux.tasks.runs import Progress, Run, log, read_run, smooth
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 
 SEMANTIC_TOKEN_MODES = ("zeroconv", "xattn", "xattn_rope", "blocks")  # the modes that read the semantic tokens
@@ -147,8 +147,19 @@ def generate_infrared(model, ae, inp: Inputs, num_steps: int, guidance: float) -
 # --- a finished run, loaded ---------------------------------------------------------------------------------------
 
 
-def load_run(folder, device="cpu", dtype=None) -> dict:
-    """A finished vis2ir run, loaded: model (Vis2IR), ae, clip, t5 and the run (its config and files)."""
+@dataclass
+class LoadedRun:
+    """A finished vis2ir run, loaded."""
+
+    model: Vis2IR  # the Fill transformer (its LoRA loaded) with the semantic injection
+    ae: object  # AutoEncoder
+    clip: object  # CLIPEmbedder
+    t5: object  # T5Embedder
+    run: Run  # its config and files
+
+
+def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
+    """A finished vis2ir run folder, loaded from its files and the base weights its config names."""
     run = read_run(folder)
     if run.weights.flux is None:
         raise WeightsError(f"{folder}: holds no transformer.safetensors and its config.toml names no --flux")
@@ -166,13 +177,13 @@ def load_run(folder, device="cpu", dtype=None) -> dict:
         if missing:
             raise WeightsError(f"{run.adapter}: missing key(s) {sorted(missing)[:3]}")
         model.load_state_dict({**model.state_dict(), **sd})
-    return {
-        "model": model.to(device).eval(),
-        "ae": load_ae(paths.ae, device=device, dtype=dtype),
-        "clip": load_clip(paths.clip, device=device, dtype=dtype),
-        "t5": load_t5(paths.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype),
-        "run": run,
-    }
+    return LoadedRun(
+        model=model.to(device).eval(),
+        ae=load_ae(paths.ae, device=device, dtype=dtype),
+        clip=load_clip(paths.clip, device=device, dtype=dtype),
+        t5=load_t5(paths.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype),
+        run=run,
+    )
 
 
 def datasets(cfg, heldout: int | None = None):
