@@ -130,6 +130,13 @@ def print_params(args, parts: dict) -> None:
         print(parameter_table(parts))
 
 
+def print_bf16_note(pipe) -> None:
+    from minflux.attention import cpu_bf16_note
+
+    if note := cpu_bf16_note(pipe.device, pipe.dtype):
+        print(note)
+
+
 def print_timings(timings: dict[str, float]) -> None:
     print("time per stage: " + " | ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
 
@@ -144,6 +151,7 @@ def official(args) -> int:
         repo=args.repo, flux=args.flux, ae=args.ae, clip=args.clip, t5=args.t5, variant=args.variant,
         device=device, dtype=DTYPES.get(args.dtype), offload=args.offload, max_length=args.max_length,
     )  # fmt: skip
+    print_bf16_note(pipe)
     for spec in args.lora:
         path, scale = lora_and_scale(spec)
         layers = pipe.load_lora(path, scale)
@@ -183,6 +191,7 @@ def vis2ir(args, run: Path) -> int:
         raise ValueError(f"--visible names {len(args.visible)} image(s): give --semantic-map with one map for each")
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
+    print_bf16_note(pipe)
     print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     with maybe_trace(args.trace):
         images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
@@ -204,6 +213,7 @@ def held_out(args, run: Path) -> int:
     start = time.perf_counter()
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
+    print_bf16_note(pipe)
     cfg = pipe.config
     _, held = datasets(cfg, heldout=args.num)
     held = torch.utils.data.Subset(held, range(min(args.num, len(held))))

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from minflux.attention import cpu_bf16_note
 from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_atomic, write_text_atomic
 from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if note := cpu_bf16_note(device, dtype):
+        log(note)
 
     default_name = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
     run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)

@@ -8,12 +8,13 @@ Two attention paths compute the same softmax(Q Kᵀ / √d) V:
 - "sdpa": torch.nn.functional.scaled_dot_product_attention, which picks fused flash / memory-efficient
   kernels on CUDA.
 - "explicit": the formula written out, for reading, and for recording the attention maps (`AttentionMaps`).
-The default, "auto", picks the faster of the two for the tensors at hand (see `scaled_dot_product`).
+The default, "auto", picks the faster of the two for the tensors and the machine at hand (`scaled_dot_product`).
 Choose one yourself with `with attention_backend("explicit"): ...`.
 
 References: the official FLUX code (black-forest-labs/flux, src/flux/math.py); RoFormer (Su et al. 2021).
 """
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -65,22 +66,58 @@ class AttentionMaps(hooks.Observer):
         return self._open.__exit__(*exc)
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16, AMX), measured once per process: a 512³
+    product in bf16 against the best of three in fp32. Where bf16 is native it is several times faster than fp32;
+    where it is emulated (AVX2), several times slower, and one product says so."""
+    global _CPU_BF16_NATIVE
+    if _CPU_BF16_NATIVE is None:
+        a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # its own generator: no global draw
+
+        def seconds(x: torch.Tensor) -> float:
+            start = time.perf_counter()
+            x @ x
+            return time.perf_counter() - start
+
+        fp32 = min(seconds(a) for _ in range(3))
+        b = a.bfloat16()
+        _CPU_BF16_NATIVE = False
+        for _ in range(3):
+            t = seconds(b)
+            if t < fp32 or t > 2 * fp32:
+                _CPU_BF16_NATIVE = t < fp32
+                break
+    return _CPU_BF16_NATIVE
+
+
+_CPU_BF16_NATIVE: bool | None = None
+
+
+def cpu_bf16_note(device, dtype) -> str | None:
+    """What a script tells a user who asks for bf16 on a CPU that emulates it; None where nothing needs saying."""
+    if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or cpu_bf16_native():
+        return None
+    return ("note: this CPU has no native bf16 matrix multiply (no AVX512-BF16 or AMX), so bf16 is emulated and "
+            "several times slower than fp32 here: --dtype fp32 is faster")
+
+
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(Q Kᵀ / √d) V for q [B, H, Lq, D], k and v [B, H, Lk, D] → [B, H, Lq, D].
 
     This is the one place where the attention path is chosen. "auto" (the default) takes
-    - the explicit formula for bfloat16 tensors on the CPU. PyTorch's fused CPU kernel runs bf16 at float32
-      speed, while the two products below run as bf16 matrix multiplies (AVX512-BF16 / AMX): 9 ms instead of
-      25 ms per call for 1152 tokens × 6 heads × 128 on a 2-core Zen 4, about a quarter off the whole bf16
-      forward. The cost: Q Kᵀ is rounded to bf16 before the softmax, and the [B, H, Lq, Lk] scores are
-      materialised (the fused kernels never hold them; autograd keeps the probabilities for backward).
-    - SDPA everywhere else: flash / memory-efficient kernels on CUDA; on the CPU in float32 its kernel already
-      runs at the matrix-multiply peak.
+    - the explicit formula for bfloat16 tensors on a CPU with native bf16 matrix multiplies (`cpu_bf16_native`):
+      PyTorch's fused CPU kernel runs bf16 at float32 speed, while the two products below run as bf16 matrix
+      multiplies. The cost: Q Kᵀ is rounded to bf16 before the softmax, and the [B, H, Lq, Lk] scores are held
+      in memory (the fused kernels never hold them; autograd keeps the probabilities for backward).
+    - SDPA everywhere else: flash / memory-efficient kernels on CUDA; on the CPU in float32, and in bf16 where
+      bf16 is emulated, its kernel is the faster (README, Performance).
     """
-    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
     observer = hooks.current()
     recording = observer is not None and observer.wants_attention
-    if not recording and (_BACKEND == "sdpa" or (_BACKEND == "auto" and not cpu_bf16)):
+    explicit = _BACKEND == "explicit" or (
+        _BACKEND == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16 and cpu_bf16_native()
+    )
+    if not (recording or explicit):
         return F.scaled_dot_product_attention(q, k, v)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # [B, H, Lq, Lk]; scaling q costs Lq·D, not Lq·Lk
     probs = scores.softmax(dim=-1)  # a bf16 softmax accumulates in float32 inside, as .float().softmax() would

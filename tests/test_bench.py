@@ -93,3 +93,39 @@ def test_cpu_bf16_attention_path_is_as_close_to_float32_as_sdpa():
     ours = scaled_dot_product(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()  # "auto": the explicit path
     mean_ours, mean_fused = (ours - exact).abs().mean(), (fused - exact).abs().mean()
     assert mean_ours < 2 * mean_fused and (ours - exact).abs().max() < 2 * (fused - exact).abs().max()
+
+
+def test_cpu_bf16_attention_path_follows_what_the_cpu_can_do(monkeypatch):
+    """"auto" takes the explicit bf16 path only where bf16 matrix multiplies are native, SDPA where they are
+    emulated; and a script asking for bf16 on such a CPU gets a note saying fp32 is faster there."""
+    import torch
+
+    from minflux import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 32, generator=g).bfloat16() for _ in range(3))
+    with attention.attention_backend("sdpa"):
+        fused = attention.scaled_dot_product(q, k, v)
+    with attention.attention_backend("explicit"):
+        explicit = attention.scaled_dot_product(q, k, v)
+    assert not torch.equal(fused, explicit)  # the two paths round differently, so the choice shows
+    monkeypatch.setattr(attention, "_CPU_BF16_NATIVE", False)
+    assert torch.equal(attention.scaled_dot_product(q, k, v), fused)
+    assert "emulated" in attention.cpu_bf16_note("cpu", torch.bfloat16)
+    assert attention.cpu_bf16_note("cpu", torch.float32) is None
+    monkeypatch.setattr(attention, "_CPU_BF16_NATIVE", True)
+    assert torch.equal(attention.scaled_dot_product(q, k, v), explicit)
+    assert attention.cpu_bf16_note("cpu", torch.bfloat16) is None
+    monkeypatch.setattr(attention, "_CPU_BF16_NATIVE", None)
+    assert attention.cpu_bf16_native() in (True, False)  # measured here, whichever this CPU is
+
+
+def test_matmul_peak_stays_within_its_budget():
+    """A product too slow for the budget is measured at a smaller size instead (emulated bf16 took 627 s)."""
+    import time
+
+    import torch
+
+    start = time.perf_counter()
+    flops, size = bench.matmul_peak(2048, torch.float32, torch.device("cpu"), runs=10, budget=0.05)
+    assert flops > 0 and size < 2048 and time.perf_counter() - start < 5
