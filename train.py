@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     if note := cpu_bf16_note(device, dtype):
         log(note)
 
-    default_name = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
+    default_name = f"{cfg.task}-{Path(cfg.data).resolve().name if cfg.data and cfg.task != 'vis2ir' else cfg.semantic}"
     run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)
     run.mkdir(parents=True, exist_ok=True)
     if rank() == 0 and not cfg.resume:
@@ -130,6 +130,8 @@ def main(argv=None) -> int:
                 progress.update(step, **fields)
             if step % cfg.checkpoint_every == 0 or step == last or stop["signal"] is not None:
                 save_checkpoint(run, model, opt, step, gen, losses)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:  # the last: samples.png
+                task.samples(model, run / "samples" / f"step-{step:06d}.png")
     if log_file:
         log_file.close()
     train_seconds = time.perf_counter() - start

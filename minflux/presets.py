@@ -56,6 +56,8 @@ configs: dict[str, ModelSpec] = {
     "flux-small-fill": ModelSpec(
         "flux-small-fill", replace(FLUX_SMALL, in_channels=384), AE_SMALL, num_steps=20, guidance=0.0
     ),
+    # the same shapes as flux-small: like Kontext beside dev, told apart by its name
+    "flux-small-kontext": ModelSpec("flux-small-kontext", FLUX_SMALL, AE_SMALL, num_steps=20, guidance=0.0),
 }
 
 

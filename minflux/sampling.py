@@ -171,12 +171,26 @@ def prepare_fill(t5, clip, noise: Tensor, prompt, ae, image: Tensor, mask: Tenso
 
 
 @stage
-def prepare_kontext(t5, clip, noise: Tensor, prompt, ae, reference: Tensor) -> Inputs:
+def kontext_condition(ae, references: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Reference images [B, 3, H', W'] → their packed latents one after another [B, ΣL', 64] and their ids
+    [B, ΣL', 3]: reference i at axis0 = i + 1 (the official Kontext takes one, at axis0 = 1). Encoded to the mean."""
+    tokens, ids = [], []
+    for i, image in enumerate(references):
+        z = ae.encode(image, sample=False)  # [B, 16, 128, 128]
+        tokens.append(pack(z))  # [B, 4096, 64]
+        ids.append(latent_ids(z, axis0=float(i + 1)))  # [B, 4096, 3]
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+
+@stage
+def prepare_kontext(t5, clip, noise: Tensor, prompt, ae, reference) -> Inputs:
     """Editing (FLUX.1-Kontext): `prepare`, plus the reference image [B, 3, H', W'] encoded and packed, appended to
-    the sequence after the image's tokens (img_cond_seq [B, L', 64]), at axis0 = 1 (img_cond_seq_ids)."""
+    the sequence after the image's tokens (img_cond_seq [B, L', 64]), at axis0 = 1 (img_cond_seq_ids). A list of
+    references appends them one after another, at axis0 = 1, 2, ..."""
     inp = prepare(t5, clip, noise, prompt)
-    ref = ae.encode(reference, sample=False).to(noise)  # [B, 16, 128, 128]
-    inp.img_cond_seq, inp.img_cond_seq_ids = pack(ref), latent_ids(ref, axis0=1.0)  # [B, 4096, 64], [B, 4096, 3]
+    references = list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    tokens, ids = kontext_condition(ae, references)  # [B, 4096, 64], [B, 4096, 3]
+    inp.img_cond_seq, inp.img_cond_seq_ids = tokens.to(noise), ids
     return inp
 
 

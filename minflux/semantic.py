@@ -24,7 +24,8 @@ report 33,088 for one layer.)
 `Vis2IR` wraps the Fill transformer with one injection design (SEMANTIC_MODES): none; pixel (the map blended
 into the visible panel before encoding, done by the task); zeroconv (plan A: a zero-initialised linear map of
 the semantic tokens added to the Fill channels of the target half); xattn and xattn_rope (SemanticCrossAttention
-on x_t, without and with positions); blocks (plan B: a zero-gated cross-attention after every transformer block).
+on x_t, without and with positions); blocks (plan B: a zero-gated cross-attention after every transformer block);
+reference (Kontext only: the semantic map as a second reference image in the sequence, no module at all).
 
 References: Vaswani et al. 2017 (attention); Zhang et al. 2023 (ControlNet: zero-initialised injection).
 """
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from minflux.attention import embed_ids, rotate, scaled_dot_product
 from minflux.hooks import stage
 
-SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope", "blocks")
+SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope", "blocks", "reference")
 
 
 class SemanticCrossAttention(nn.Module):
@@ -134,19 +135,31 @@ class BlockInjection(nn.Module):
 
 
 class Vis2IR(nn.Module):
-    """The trainable whole: a FLUX Fill transformer and the semantic injection in front of it.
+    """The trainable whole: a FLUX transformer and the semantic injection around it.
 
-    Called like the transformer, plus `semantic` and `semantic_ids`, so the plain `denoise` loop samples it.
+    in_context="fill": a Fill transformer, the visible panel in the Fill channels of a diptych (the default);
+    "kontext": a plain transformer, the visible panel (and with semantic="reference" the semantic map, a second
+    reference) appended to the sequence, as FLUX.1-Kontext takes its reference. Called like the transformer, plus
+    `semantic` and `semantic_ids`, so the plain `denoise` loop samples it.
     """
 
-    def __init__(self, flux: nn.Module, semantic: str = "xattn_rope", layers: int = 1, heads: int = 8):
+    def __init__(self, flux: nn.Module, semantic: str = "xattn_rope", layers: int = 1, heads: int = 8,
+                 in_context: str = "fill"):  # fmt: skip
         super().__init__()
         if semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic mode {semantic!r}: expected one of {', '.join(SEMANTIC_MODES)}")
-        if flux.params.in_channels != 384:
+        if in_context == "fill" and flux.params.in_channels != 384:
             raise ValueError(f"vis2ir needs a Fill transformer (384 input channels), got {flux.params.in_channels}")
+        if in_context == "fill" and semantic == "reference":
+            raise ValueError("semantic mode 'reference' (a second reference in the sequence) is for Kontext")
+        if in_context == "kontext" and (flux.params.in_channels != 64 or semantic == "zeroconv"):
+            raise ValueError(f"Kontext in-context needs a plain transformer (64 input channels, got "
+                             f"{flux.params.in_channels}) and no Fill channels to inject into (semantic {semantic!r})")
+        if in_context not in ("fill", "kontext"):
+            raise ValueError(f"in_context {in_context!r}: expected 'fill' or 'kontext'")
         self.flux = flux
         self.semantic = semantic
+        self.in_context = in_context
         if semantic in ("xattn", "xattn_rope"):
             self.adapter = SemanticConditioningAdapter(dim=64, num_layers=layers, num_heads=heads)
         if semantic == "zeroconv":
@@ -179,9 +192,12 @@ class Vis2IR(nn.Module):
         return x_t, x_cond
 
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, semantic=None, semantic_ids=None):
-        x_t, x_cond = img[..., :64], img[..., 64:]  # [B, 2048, 64], [B, 2048, 320]
-        x_t, x_cond = self.inject(x_t, x_cond, semantic, semantic_ids, img_ids)
-        img = torch.cat((x_t, x_cond), dim=-1)  # [B, 2048, 384]
+        if self.in_context == "fill":
+            x_t, x_cond = img[..., :64], img[..., 64:]  # [B, 2048, 64], [B, 2048, 320]
+            x_t, x_cond = self.inject(x_t, x_cond, semantic, semantic_ids, img_ids)
+            img = torch.cat((x_t, x_cond), dim=-1)  # [B, 2048, 384]
+        else:  # Kontext: [x_t | references] in the sequence, [B, 2048, 64]; the adapter sees both
+            img, _ = self.inject(img, None, semantic, semantic_ids, img_ids)
         if self.semantic != "blocks":
             return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # [B, 2048, 64]
         self.blocks.context = (self.blocks.proj(semantic), (img_ids, semantic_ids), txt.shape[1])

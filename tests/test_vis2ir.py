@@ -60,7 +60,7 @@ def batch(b=2, h=4, w=8, seed=0):
     }
 
 
-@pytest.mark.parametrize("mode", SEMANTIC_MODES)
+@pytest.mark.parametrize("mode", [m for m in SEMANTIC_MODES if m != "reference"])  # reference: Kontext only
 def test_every_injection_mode_is_the_identity_at_initialisation(mode):
     model = Vis2IR(small_fill(), mode)
     b = batch()
@@ -119,3 +119,30 @@ def test_block_injection_is_the_identity_until_its_gates_open():
         assert not torch.allclose(gated, plain, atol=1e-4)
         assert torch.equal(flux(*args), plain)  # outside Vis2IR the hooks pass the blocks' outputs through
     assert len(model.blocks.double_attn) == flux.params.depth and len(model.blocks.single_attn) == flux.params.depth_single_blocks
+
+
+@pytest.mark.parametrize("mode", ["none", "reference", "xattn", "xattn_rope", "blocks"])
+def test_kontext_in_context_wrapper_is_the_plain_transformer_at_initialisation(mode):
+    """With the visible panel in the sequence (Kontext), every semantic mode leaves the model as it was until it
+    trains; the Fill-only modes and a Fill transformer are refused with what was expected."""
+    from minflux.sampling import prepare_txt_ids
+
+    torch.manual_seed(0)
+    flux = Flux(configs["flux-small"].params)
+    model = Vis2IR(flux, mode, in_context="kontext")
+    b = batch()
+    ids = torch.cat((b["img_ids"][:, :16], prepare_img_ids_axis(b["img_ids"][:, :16], 1.0)), dim=1)  # [x_t | ref]
+    semantic_ids = b["img_ids"][:, :16]
+    args = (b["x0"], ids, torch.randn(2, 5, 64), prepare_txt_ids(2, 5), torch.tensor([0.3, 0.8]), torch.randn(2, 64))
+    with torch.no_grad():
+        assert torch.equal(model(*args, semantic=b["semantic"], semantic_ids=semantic_ids), flux(*args))
+    with pytest.raises(ValueError, match="Kontext in-context"):
+        Vis2IR(flux, "zeroconv", in_context="kontext")
+    with pytest.raises(ValueError, match="is for Kontext"):
+        Vis2IR(small_fill(), "reference")
+
+
+def prepare_img_ids_axis(ids, axis0):
+    out = ids.clone()
+    out[..., 0] = axis0
+    return out

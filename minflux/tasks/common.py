@@ -9,8 +9,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from minflux.files.load import load_ae, load_clip, load_t5
+from minflux.files.load import load_ae, load_clip, load_flux, load_t5
 from minflux.files.weights import WeightsError
+from minflux.lora import inject_lora, lora_layers
+from minflux.model import Flux
+from minflux.presets import configs
 from minflux.sampling import Inputs
 
 
@@ -81,3 +84,30 @@ def load_frozen(cfg, device, dtype):
     clip = load_clip(cfg.clip, device=device, dtype=dtype)
     t5 = load_t5(cfg.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype)
     return ae, clip, t5
+
+
+def lora_transformer(cfg, device, dtype) -> Flux:
+    """The official transformer the config names (--flux), frozen, with LoRA on the layers of --lora-targets
+    (kohya's default: every linear layer of the blocks). The LoRA weights are kept in fp32 (their AdamW updates
+    are smaller than bf16 resolves); under bf16 autocast the forward pass still runs in bf16."""
+    flux = load_flux(cfg.flux, device=device, dtype=dtype)
+    flux.requires_grad_(False)
+    inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)
+    for layer in lora_layers(flux).values():
+        layer.lora_down.float()
+        layer.lora_up.float()
+    flux.gradient_checkpointing = cfg.gradient_checkpointing
+    return flux
+
+
+def scratch_transformer(cfg, device) -> Flux:
+    """The embedded default's transformer: the small preset, randomly initialised from the run's seed, with DiT's
+    zero output layer (the first prediction is 0), every weight trained."""
+    torch.manual_seed(cfg.seed)
+    flux = Flux(configs[cfg.preset].params)
+    with torch.no_grad():
+        flux.final_layer.linear.weight.zero_()
+        flux.final_layer.linear.bias.zero_()
+    flux.variant = cfg.preset
+    flux.gradient_checkpointing = cfg.gradient_checkpointing
+    return flux.to(device)

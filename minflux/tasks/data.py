@@ -294,7 +294,16 @@ class CaptionFolder(_Folder):
 
     def caption(self, i: int) -> str:
         path = self.items[i].with_suffix(".txt")
-        return path.read_text(encoding="utf-8").strip() if path.is_file() else self.default_caption
+        if not path.is_file():
+            return self.default_caption
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(path, f"is not UTF-8 text ({e.reason} at byte {e.start}): save the caption as UTF-8") from e
+
+    def group(self, i: int):
+        """What the images of one batch share: their size."""
+        return self.sizes[i]
 
     def captions(self) -> list[str]:
         """Every image's caption, in order (read without decoding the images)."""
@@ -316,7 +325,7 @@ class CaptionFolder(_Folder):
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of a data set of {len(self)}")
-        same_size = [j for j in [(i + k) % len(self) for k in range(len(self))] if self.sizes[j] == self.sizes[i]]
+        same_size = [j for j in [(i + k) % len(self) for k in range(len(self))] if self.group(j) == self.group(i)]
         return self._first_good(same_size, f"images of size {self.sizes[i]}")  # i, then the next good one of its size
 
     def __len__(self) -> int:
@@ -325,3 +334,81 @@ class CaptionFolder(_Folder):
     def __repr__(self) -> str:
         return (f"CaptionFolder({str(self.root)!r}, {len(self)} images, resolution={self.resolution}, "
                 f"{len(set(self.sizes))} size(s), {self.n_skipped} skipped)")
+
+
+# --- image-editing pairs: a target with its instruction, and the control it is made from ---------------------------
+
+
+def own_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """An image's own aspect at about resolution² pixels, sides multiples of 16: a control that keeps its shape."""
+    snap = lambda x: max(16, round(x / 16) * 16)  # noqa: E731
+    aspect = w / h
+    return snap(resolution * math.sqrt(aspect)), snap(resolution / math.sqrt(aspect))
+
+
+class KontextFolder(CaptionFolder):
+    """Image-editing pairs for Kontext: root/a.png (the target) with its instruction root/a.txt, and root/control/a.png
+    (the image the edit starts from), matched by file name without the extension; `control` names another folder of
+    controls. The layout ai-toolkit reads.
+
+    Targets are sized as CaptionFolder sizes its images (one square, or aspect-ratio buckets). A control is resized
+    to its target's size (control_size="target"), or keeps its own aspect at about resolution² pixels ("own": the
+    sequence concatenation takes any size). A target without its control, a control without its target, a control
+    that cannot be read or (with "target") whose aspect differs from its target's by more than 1.5× is named in a
+    DataError, or skipped and listed under on_error="skip".
+
+    Each sample: dict(image=[3, H, W], control=[3, H', W'] in [-1, 1], caption=str).
+    """
+
+    MAX_ASPECT_CHANGE = 1.5
+
+    def __init__(self, root, control=None, resolution: int = 512, default_caption: str | None = None,
+                 on_error: str = "skip", buckets: bool = False, control_size: str = "target"):  # fmt: skip
+        if control_size not in ("target", "own"):
+            raise ValueError(f"control_size must be 'target' or 'own', got {control_size!r}")
+        super().__init__(root, resolution, default_caption, on_error, buckets)
+        self.control_dir = Path(control) if control else self.root / "control"
+        if not self.control_dir.is_dir():
+            raise DataError(self.control_dir, "no such folder: the controls, one per target image with its file name")
+        controls = {p.stem: p for p in _images(self.control_dir)}
+        targets = {p.stem for p in self.items}
+        for stem in sorted(set(controls) - targets):
+            self._reject(DataError(controls[stem], f"a control without its target: no {self.root}/{stem}.* image"))
+        items, sizes, self.controls, self.control_sizes = [], [], [], []
+        for path, size in zip(self.items, self.sizes):
+            try:
+                if path.stem not in controls:
+                    raise DataError(path, f"a target without its control: no {self.control_dir}/{path.stem}.* image")
+                w, h = _probe(controls[path.stem])
+                if control_size == "target":
+                    change = max(w / h, size[0] / size[1]) / min(w / h, size[0] / size[1])
+                    if change > self.MAX_ASPECT_CHANGE:
+                        raise DataError(controls[path.stem], f"is {w}×{h}, its target {path.name} is {size[0]}×{size[1]}:"
+                                        f" an aspect {change:.1f}× apart would be distorted; crop it, or keep its "
+                                        "own size with --control-size own")  # fmt: skip
+            except DataError as e:
+                self._reject(e)
+                continue
+            items.append(path)
+            sizes.append(size)
+            self.controls.append(controls[path.stem])
+            self.control_sizes.append(size if control_size == "target" else own_size(w, h, resolution))
+        self.items, self.sizes = items, sizes
+        if not self.items:
+            raise self._all_skipped()
+
+    def group(self, i: int):
+        """What the pairs of one batch share: the target's size and the control's."""
+        return self.sizes[i], self.control_sizes[i]
+
+    def load(self, i: int) -> dict:
+        sample = super().load(i)
+        path = self.controls[i]
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as e:
+            raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
+        im = ImageOps.fit(im, self.control_sizes[i], Image.Resampling.LANCZOS)
+        control = np.asarray(im, np.float32) / 127.5 - 1  # [H', W', 3] in [-1, 1]
+        return sample | {"control": torch.from_numpy(np.ascontiguousarray(rearrange(control, "h w c -> c h w")))}

@@ -26,7 +26,7 @@ from minflux.files.tokenizers import write_clip_tokenizer, write_t5_tokenizer
 from minflux.files.weights import save_atomic
 from minflux.presets import configs
 from minflux.t5 import T5Encoder, T5Params
-from minflux.tasks.data import captions
+from minflux.tasks.data import captions, triptychs
 from minflux.tasks.scenes import split_triptych
 from minflux.tasks.runs import Progress, log, rank
 
@@ -39,11 +39,10 @@ def embedded_parts(cfg, train_set, run: Path, device):
     training panels (cached under OUT/cache/ by its settings, copied into the run folder), and CLIP and T5 written
     into the run folder. The first process trains and writes; the others wait for it, then read."""
     spec = configs[cfg.preset]
-    scenes = range(min(len(train_set), 512))
-    panels = torch.stack([p for i in scenes for p in split_triptych(train_set[i]["triptych"])])  # [1536, 3, 64, 64]
-    ae_path = autoencoder_path(spec.ae_params, panels, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
+    scenes = triptychs(train_set, range(min(len(train_set), 512)))  # [512, 3, 64, 192]
+    ae_path = autoencoder_path(spec.ae_params, scenes, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
     if rank() == 0:
-        train_autoencoder(spec.ae_params, panels, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
+        train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         write_text_encoders(run, captions(train_set), seed=cfg.seed)
     if dist.is_initialized():
         dist.barrier()
@@ -104,24 +103,38 @@ def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
     save_atomic(sd, folder / "model.safetensors")
 
 
-def autoencoder_path(params: AutoEncoderParams, images: torch.Tensor, steps: int, cache_dir, seed: int = 0,
-                     batch_size: int = 16, crop: int = 32, lr: float = 2e-3) -> Path:  # fmt: skip
-    """Where train_autoencoder keeps the VAE of these settings and images: named by a hash of them all."""
+def autoencoder_path(params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, cache_dir, seed: int = 0,
+                     batch_size: int = 4, lr: float = 2e-3) -> Path:  # fmt: skip
+    """Where train_autoencoder keeps the VAE of these settings and scenes: named by a hash of them all."""
     key = hashlib.sha256(
-        json.dumps([asdict(params), steps, batch_size, crop, lr, seed, images.shape, float(images.sum())]).encode()
+        json.dumps(["diptychs", asdict(params), steps, batch_size, lr, seed, triptychs.shape, float(triptychs.sum())])
+        .encode()
     ).hexdigest()[:12]
     return Path(cache_dir) / f"ae-{key}.safetensors"
 
 
-def train_autoencoder(
-    params: AutoEncoderParams, images: torch.Tensor, steps: int, path: Path, batch_size: int = 16,
-    crop: int = 32, lr: float = 2e-3, seed: int = 0, log=print,
-) -> Path:  # fmt: skip
-    """A FLUX-architecture VAE trained on `images` [N, 3, S, S] (the panels), written to `path` (kept if there).
+def vae_batch(triptychs: torch.Tensor, step: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
+    """What the VAE will encode and decode in vis2ir, in turn: diptychs [visible | infrared] of one scene each,
+    and semantic panels two side by side. [B, 3, S, 2S] either way: GroupNorm normalises over the whole image, so
+    the VAE learns on the same mixes of panels it meets in the task."""
+    visible, infrared, semantic = split_triptych(triptychs)  # [N, 3, S, S] each, views
+    if step % 2:
+        idx = torch.randint(len(triptychs), (batch_size,), generator=g)
+        return torch.cat((visible[idx], infrared[idx]), dim=-1)  # [4, 3, 64, 128]
+    idx = torch.randint(len(triptychs), (2, batch_size), generator=g)
+    return torch.cat((semantic[idx[0]], semantic[idx[1]]), dim=-1)
 
-    Loss: L1 + MSE reconstruction and a small KL term, on random crops (the VAE is convolutional, so it
-    learns on crops what it applies to whole panels). The latent's scale and shift are then measured, as
-    FLUX's 0.3611 / 0.1159 were, so that encode() gives latents of zero mean and unit variance.
+
+def train_autoencoder(
+    params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, path: Path, batch_size: int = 4,
+    lr: float = 2e-3, seed: int = 0, log=print,
+) -> Path:  # fmt: skip
+    """A FLUX-architecture VAE trained on the scenes' panels (`triptychs` [N, 3, S, 3S]), written to `path` (kept if
+    there).
+
+    Loss: L1 + MSE reconstruction and a small KL term, the latent sampled as the official VAE was trained. The
+    latent's scale and shift are then measured, as FLUX's 0.3611 / 0.1159 were, so that encode() gives latents
+    of zero mean and unit variance.
     """
     if path.exists():
         log(f"vae: cached {path}")
@@ -135,10 +148,8 @@ def train_autoencoder(
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine decay to 0: the last steps polish at a small learning rate
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
-        idx = torch.randint(len(images), (batch_size,), generator=g)
-        y0, x0 = torch.randint(images.shape[-2] - crop + 1, (2,), generator=g).tolist()
-        x = images[idx, :, y0 : y0 + crop, x0 : x0 + crop]  # [16, 3, 32, 32]
-        moments = ae.encoder(x)  # [16, 32, 4, 4]: mean and log-variance
+        x = vae_batch(triptychs, step, batch_size, g)  # [4, 3, 64, 128]
+        moments = ae.encoder(x)  # [4, 32, 8, 16]: mean and log-variance
         mean, logvar = moments.chunk(2, dim=1)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
         recon = ae.decoder(z)
@@ -151,7 +162,8 @@ def train_autoencoder(
             progress.update(step, loss=loss.item())
     ae.eval()
     with torch.no_grad():  # measure the latent statistics, as FLUX's scale and shift were measured
-        mean = torch.cat([ae.encoder(images[i : i + 64]).chunk(2, dim=1)[0] for i in range(0, min(len(images), 256), 64)])
+        x = torch.cat([vae_batch(triptychs, k, 32, g) for k in (1, 2)])  # diptychs and semantic pairs
+        mean = ae.encoder(x).chunk(2, dim=1)[0]
     params = AutoEncoderParams(**{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()})
     trained = AutoEncoder(params)
     trained.load_state_dict(ae.state_dict())

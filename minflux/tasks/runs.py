@@ -87,6 +87,8 @@ def format_seconds(s: float) -> str:
 # ai-toolkit), where the from-scratch vis2ir defaults would not fit. Given flags and TOML keys win.
 T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10, "checkpoint_every": 250,
                 "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
+# The embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer.
+KONTEXT_DEFAULTS = {"preset": "flux-small-kontext", "semantic": "none"}
 LORA_FORMATS = ("minflux", "kohya", "diffusers")
 
 
@@ -101,12 +103,14 @@ class TrainConfig:
     panel_size: int = 64
     train_samples: int = 2000
     heldout_samples: int = 32
-    # which task: vis2ir (the fields above) or t2i (the fields below; data and on_error serve both)
+    # which task: vis2ir (the fields above), t2i or kontext (the fields below; data and on_error serve all)
     task: str = "vis2ir"
     resolution: int = 512
     buckets: bool = False
     default_caption: str | None = None
     caption_dropout: float = 0.0
+    control: str | None = None
+    control_size: str = "target"
     # weights: none given = the embedded default, a small preset trained from scratch
     preset: str = "flux-small-fill"
     repo: str | None = None
@@ -135,6 +139,7 @@ class TrainConfig:
     seed: int = 0
     # evaluation and output
     sample_steps: int = 16
+    sample_every: int = 0
     out: str = "runs"
     name: str | None = None
     checkpoint_every: int = 500
@@ -148,9 +153,11 @@ class TrainConfig:
     params: bool = False
 
     HELP = {
-        "task": "vis2ir (Fill + semantic map, on triptychs) or t2i (a LoRA on dev/schnell from images with .txt "
-        "captions; its defaults differ: " + ", ".join(f"{k} {v}" for k, v in {**T2I_DEFAULTS, "t5_max_length":
-        "512 (dev) / 256 (schnell)"}.items()) + ")",
+        "task": "vis2ir (Fill + semantic map, on triptychs), t2i (a LoRA on dev/schnell from images with .txt "
+        "captions) or kontext (a LoRA on Kontext from edit pairs; without weights, the embedded default with the "
+        "visible panel as a Kontext reference: " + ", ".join(f"{k} {v}" for k, v in KONTEXT_DEFAULTS.items()) + "). "
+        "On official weights t2i and kontext default to " + ", ".join(f"{k} {v}" for k, v in {**T2I_DEFAULTS,
+        "t5_max_length": "512 (dev) / 256 (schnell)"}.items()),
         "semantic": f"how the semantic map is injected: {', '.join(SEMANTIC_MODES)}",
         "adapter_layers": "SemanticCrossAttention layers",
         "adapter_heads": "heads per SemanticCrossAttention layer",
@@ -164,6 +171,8 @@ class TrainConfig:
         "buckets": "t2i: aspect-ratio buckets of about resolution² pixels instead of square crops",
         "default_caption": "t2i: the caption of an image without a .txt file (default: such an image is an error)",
         "caption_dropout": "t2i: probability of training a step's image with the empty caption",
+        "control": "kontext: the folder of control images (default: DATA/control), one per target, same file name",
+        "control_size": "kontext: 'target' (resized to its target's size) or 'own' (its own aspect, ~resolution²)",
         "preset": "the architecture trained from scratch when no weights are given",
         "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
         "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i",
@@ -189,6 +198,7 @@ class TrainConfig:
         "vae_steps": "training steps of the embedded default's VAE (cached)",
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
+        "sample_every": "write samples/step-N.png every this many steps (0: only samples.png at the end)",
         "out": "folder holding the run folders",
         "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
@@ -288,26 +298,38 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     else:
         cfg = config_from_args(TrainConfig, args)
         given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
-        if cfg.task == "t2i":
-            cfg = replace(cfg, **{k: v for k, v in T2I_DEFAULTS.items() if k not in given})
+        official = cfg.repo or cfg.flux or cfg.finetune
+        defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") and official else {}
+        defaults = KONTEXT_DEFAULTS if cfg.task == "kontext" and not official else defaults
+        cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
     if cfg.lora_format not in LORA_FORMATS:
         parser.error(f"--lora-format {cfg.lora_format}: expected one of {', '.join(LORA_FORMATS)}")
     if cfg.semantic not in SEMANTIC_MODES:
         parser.error(f"--semantic {cfg.semantic}: expected one of {', '.join(SEMANTIC_MODES)}")
-    if cfg.preset not in configs or configs[cfg.preset].params.in_channels != 384:
-        fill = [n for n, s in configs.items() if s.params.in_channels == 384]
-        parser.error(f"--preset {cfg.preset}: expected a Fill preset ({', '.join(fill)})")
+    channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
+    if cfg.preset not in configs or configs[cfg.preset].params.in_channels != channels:
+        fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
+        parser.error(f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset "
+                     f"({', '.join(fits)})")  # fmt: skip
+    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv"):
+        parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
+    if cfg.control_size not in ("target", "own"):
+        parser.error(f"--control-size {cfg.control_size}: expected target or own")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
-    if cfg.task == "t2i":
-        if not cfg.data:
-            parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
-        if not cfg.flux:
-            parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
-                         "or --flux, --ae, --clip and --t5")  # fmt: skip
+    if cfg.task == "kontext" and bool(cfg.data) != bool(cfg.flux):
+        parser.error("--task kontext trains on edit pairs (--data FOLDER: targets with .txt instructions, and "
+                     "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "
+                     "with neither, the embedded default on generated scenes")  # fmt: skip
+    if cfg.task == "t2i" and not cfg.data:
+        parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
+    if cfg.task == "t2i" and not cfg.flux:
+        parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
+                     "or --flux, --ae, --clip and --t5")  # fmt: skip
+    if cfg.task in ("t2i", "kontext") and cfg.flux:
         if cfg.resolution % 16 or cfg.resolution < 16:
             parser.error(f"--resolution {cfg.resolution}: expected a multiple of 16 (VAE ×8, then 2×2 packing)")
         if not 0 <= cfg.caption_dropout < 1:

@@ -17,60 +17,94 @@ image tokens of a batch stack ([B, 920, 64] for 368 × 640 ... ) and the shift f
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from minflux.files.images import image_grid, line_plot, save_png
-from minflux.files.load import load_flux
 from minflux.files.lora_files import save_lora
 from minflux.files.weights import WeightsError, write_text_atomic
-from minflux.lora import inject_lora, lora_layers
 from minflux.presets import spec_for
-from minflux.sampling import Inputs, generate, get_noise, pack, prepare, prepare_img_ids, prepare_txt_ids, sample_t
-from minflux.sampling import shift_mu
-from minflux.tasks.common import Batch, TextCache, load_frozen
+from minflux.sampling import (
+    Inputs,
+    generate,
+    get_noise,
+    pack,
+    prepare,
+    prepare_img_ids,
+    prepare_kontext,
+    prepare_txt_ids,
+    sample_t,
+    shift_mu,
+)
+from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer
 from minflux.tasks.data import CaptionFolder
 from minflux.tasks.runs import Progress, log, smooth
+
+
+@dataclass
+class Group:
+    """The cached images of one size (and, for edit pairs, one control size): what one batch is drawn from."""
+
+    size: tuple[int, int]  # (width, height) of the images, in pixels
+    x0: Tensor  # [n, L, 64]  packed latents (the VAE's mean)
+    text: Tensor  # [n]  each image's caption, as rows of the text cache
+    refs: Tensor | None = None  # [n, L', 64]  edit pairs: the controls' packed latents
+    ref_ids: Tensor | None = None  # [1, L', 3]  their ids, axis0 = 1
 
 
 class T2ITask:
     """Text-to-image LoRA training for train.py: the official frozen parts, the cache, the LoRA, the samples."""
 
     what = "images, captions"
+    name = "t2i"
 
     def __init__(self, cfg, run: Path, device, dtype):
         self.cfg, self.run, self.device, self.dtype = cfg, run, device, dtype
-        self.data = CaptionFolder(cfg.data, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets)
+        self.data = self.dataset(cfg)
+        self.train_items = list(range(len(self.data)))  # KontextTask holds some out, for its samples
         self.ae, self.clip, self.t5 = load_frozen(cfg, device, dtype)
         self.frozen = {"ae": self.ae, "clip": self.clip.model, "t5": self.t5.model}
 
+    def dataset(self, cfg):
+        return CaptionFolder(cfg.data, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets)
+
     @torch.no_grad()
     def encode(self, chunk: int = 8):
-        """Everything the frozen parts compute, once, kept on the CPU: per image size the packed latents [n, L, 64]
-        (the VAE's mean, so a resumed run re-encodes to the same numbers) and each image's caption, and the
-        captions' embeddings (the empty caption among them, for caption dropout). Then the text encoders are freed
-        and the VAE waits on the CPU for the samples."""
+        """Everything the frozen parts compute, once, kept on the CPU: per group (image size; for pairs, the control
+        size too) the packed latents (the VAE's mean, so a resumed run re-encodes to the same numbers) and each
+        image's caption, and the captions' embeddings (the empty caption among them, for caption dropout). Then the
+        text encoders are freed and the VAE waits on the CPU for the samples."""
         data, ae = self.data, self.ae
         device, ae_dtype = ae.encoder.conv_in.weight.device, ae.encoder.conv_in.weight.dtype
-        self.sizes = sorted(set(data.sizes))
-        self.x0, self.captions = [], []  # per size: [n, L, 64], and the n captions
-        progress, done = Progress(len(data), label="encode "), 0
-        for size in self.sizes:
-            members = [i for i in range(len(data)) if data.sizes[i] == size]
-            latents, texts = [], []
+        encode = lambda images: pack(ae.encode(images.to(device, ae_dtype), sample=False))  # noqa: E731  [8, 1024, 64]
+        progress, done, groups = Progress(len(self.train_items), label="encode "), 0, []
+        for group in sorted({data.group(i) for i in self.train_items}):
+            members = [i for i in self.train_items if data.group(i) == group]
+            latents, refs, captions = [], [], []
             for start in range(0, len(members), chunk):
-                samples = [data[i] for i in members[start : start + chunk]]  # a bad file: the next good one of its size
-                images = torch.stack([s["image"] for s in samples]).to(device, ae_dtype)  # [8, 3, 512, 512]
-                latents.append(pack(ae.encode(images, sample=False)).to("cpu", self.dtype))  # [8, 1024, 64]
-                texts += [s["caption"] for s in samples]
+                samples = [data[i] for i in members[start : start + chunk]]  # a bad file: the next good one of its group
+                latents.append(encode(torch.stack([s["image"] for s in samples])).to("cpu", self.dtype))
+                if "control" in samples[0]:  # edit pairs: the control, to append to the sequence
+                    refs.append(encode(torch.stack([s["control"] for s in samples])).to("cpu", self.dtype))
+                captions += [s["caption"] for s in samples]
                 done += len(samples)
                 progress.update(done)
-            self.x0.append(torch.cat(latents))  # [n, 1024, 64]
-            self.captions.append(texts)
-        self.texts = TextCache.encode(self.t5, self.clip, [c for cs in self.captions for c in cs] + [""], self.dtype)
-        self.text = [self.texts.index(cs) for cs in self.captions]  # per size: [n] rows of the cache
-        self.seq_len = max(x.shape[1] for x in self.x0) + self.texts.txt.shape[1]  # image + text tokens, at most
+            size = group if isinstance(group[0], int) else group[0]
+            ref_ids = None
+            if refs:
+                (cw, ch) = group[1]
+                ref_ids = prepare_img_ids(1, ch // 16, cw // 16, axis0=1.0)  # [1, L', 3]
+            groups.append(Group(size, torch.cat(latents), captions, torch.cat(refs) if refs else None, ref_ids))
+        captions = [c for g in groups for c in g.text] + [data.caption(i) for i in self.sample_items()]
+        self.texts = TextCache.encode(self.t5, self.clip, captions + [""], self.dtype)
+        for g in groups:
+            g.text = self.texts.index(g.text)  # [n] rows of the cache
+        self.groups = groups
+        self.seq_len = max(g.x0.shape[1] + (0 if g.refs is None else g.refs.shape[1]) for g in groups)
+        self.seq_len += self.texts.txt.shape[1]  # image (+ control) + text tokens, at most
         del self.clip, self.t5
         self.ae.to("cpu")
         self.frozen = {"ae": self.ae}
@@ -78,24 +112,18 @@ class T2ITask:
             log(f"data: skipped {data.n_skipped} unusable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
         if data.n_default_captions:
             log(f"data: {data.n_default_captions} image(s) without a .txt caption get {self.cfg.default_caption!r}")
-        sizes = ", ".join(f"{w}×{h} ({len(x)})" for (w, h), x in zip(self.sizes, self.x0))
-        log(f"data: {len(data)} images, {len(self.texts.texts) - 1} distinct captions; sizes {sizes}; "
-            f"text {list(self.texts.txt.shape[1:])}")  # fmt: skip
+        sizes = ", ".join(f"{g.size[0]}×{g.size[1]} ({len(g.x0)})" for g in groups)
+        log(f"data: {len(self.train_items)} {self.what.split(',')[0]}, {len(self.texts.texts) - 1} distinct captions; sizes "
+            f"{sizes}; text {list(self.texts.txt.shape[1:])}")  # fmt: skip
 
     def build_model(self):
-        """The frozen dev/schnell transformer with LoRA. The LoRA weights are kept in fp32 (their AdamW updates are
-        smaller than bf16 can resolve); under bf16 autocast the forward pass still runs in bf16."""
+        """The frozen transformer with LoRA (fp32 LoRA weights, bf16 maths under autocast)."""
         cfg = self.cfg
-        flux = load_flux(cfg.flux, device=self.device, dtype=self.dtype)
+        flux = lora_transformer(cfg, self.device, self.dtype)
         if flux.params.in_channels != 64:
             raise WeightsError(f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
-                               f"({flux.variant or 'custom'}); --task t2i trains FLUX.1 dev or schnell (64)")  # fmt: skip
-        flux.requires_grad_(False)
-        inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)
-        for layer in lora_layers(flux).values():
-            layer.lora_down.float()
-            layer.lora_up.float()
-        flux.gradient_checkpointing = cfg.gradient_checkpointing
+                               f"({flux.variant or 'custom'}); --task {cfg.task} trains FLUX.1 dev, schnell or "
+                               "Kontext (64)")  # fmt: skip
         self.shift = spec_for(flux).shift  # dev's training times are shifted like its schedule, schnell's are not
         trained = [p for p in flux.parameters() if p.requires_grad]
         log(f"model: {flux.variant or 'custom'}, {sum(p.numel() for p in flux.parameters()):,} parameters, "
@@ -103,50 +131,74 @@ class T2ITask:
         return flux, [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
 
     def draw(self, gen: torch.Generator) -> Batch:
-        """A global batch of one image size (each size as likely as its share of the images), drawn with
-        replacement, each caption replaced by "" with probability caption_dropout; times and noise."""
+        """A global batch of one group (each as likely as its share of the images), drawn with replacement, each
+        caption replaced by "" with probability caption_dropout; times (shifted by the target's token count as the
+        variant's schedule is) and noise. Edit pairs: the controls appended to the sequence, at axis0 = 1."""
         cfg, B = self.cfg, self.cfg.batch_size
-        k = int(torch.multinomial(torch.tensor([len(x) for x in self.x0], dtype=torch.float), 1, generator=gen))
-        idx = torch.randint(len(self.x0[k]), (B,), generator=gen)
-        text = self.text[k][idx]  # [B]
+        k = int(torch.multinomial(torch.tensor([len(g.x0) for g in self.groups], dtype=torch.float), 1, generator=gen))
+        g = self.groups[k]
+        idx = torch.randint(len(g.x0), (B,), generator=gen)
+        text = g.text[idx]  # [B]
         if cfg.caption_dropout > 0:
             drop = torch.rand(B, generator=gen) < cfg.caption_dropout
             text = torch.where(drop, self.texts.index([""])[0], text)
-        x0 = self.x0[k][idx]  # [B, 1024, 64]
+        x0 = g.x0[idx]  # [B, 1024, 64]
         t = sample_t(B, cfg.t_sampling, mu=shift_mu(x0.shape[1]) if self.shift else None, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        width, height = self.sizes[k]
+        width, height = g.size
         txt = self.texts.txt[text]  # [B, 512, 4096]
         inputs = Inputs(None, prepare_img_ids(B, height // 16, width // 16), txt, prepare_txt_ids(B, txt.shape[1]),
                         self.texts.y[text])  # fmt: skip
+        if g.refs is not None:
+            inputs.img_cond_seq, inputs.img_cond_seq_ids = g.refs[idx], g.ref_ids.expand(B, -1, -1)  # [B, 1024, 64]
         return Batch(x0, noise, t, torch.full((B,), cfg.guidance), inputs)  # guidance: dev's; schnell ignores it
 
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
-        """lora.safetensors, metrics.json, loss.png, and samples.png: [training image | generated from its caption]."""
-        cfg, run, data = self.cfg, self.run, self.data
+        """lora.safetensors, metrics.json, loss.png, and samples.png."""
+        cfg, run = self.cfg, self.run
         model.eval()
         save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
-        metrics = {"task": "t2i", "train_seconds": train_seconds, "steps": steps,
-                   "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(data),
+        metrics = {"task": cfg.task, "train_seconds": train_seconds, "steps": steps,
+                   "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(self.data),
                    "lora_format": cfg.lora_format}  # fmt: skip
         write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        save_png(line_plot({"loss": smooth(losses)}, "training loss (t2i)"), run / "loss.png")
-        if cfg.sample_steps <= 0:
-            return
-        spec = spec_for(model)
+        save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.task})"), run / "loss.png")
+        if cfg.sample_steps > 0:
+            self.samples(model, run / "samples.png")
+
+    def sample_items(self) -> list[int]:
+        """The images whose caption is sampled: up to four training images of the first one's size (one grid)."""
+        first = self.data.group(self.train_items[0])
+        return [i for i in self.train_items if self.data.group(i) == first][:4]
+
+    @torch.no_grad()
+    def samples(self, model, path: Path) -> Path:
+        """A grid of [training image | generated from its caption] (edit pairs: [control | edited | target]), each
+        from the noise of seed + i, at the variant's sampling guidance."""
+        cfg, data, spec = self.cfg, self.data, spec_for(model)
+        was_training = model.training
+        model.eval()
         self.ae.to(self.device)
-        width, height = data.sizes[0]
         rows, prompts = [], []
-        for i in [i for i in range(len(data)) if data.sizes[i] == (width, height)][:4]:  # one size: one grid
+        for i in self.sample_items():
             sample = data[i]
+            width, height = data.sizes[i]
             noise = get_noise(1, height, width, cfg.seed + i).to(self.device, self.dtype)  # [1, 16, 64, 64]
-            inp = prepare(self.texts.t5, self.texts.clip, noise, sample["caption"]).to(self.device, self.dtype)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                image = generate(model, self.ae, inp, cfg.sample_steps, spec.guidance, spec.shift)  # [1, 3, H, W]
-            rows.append([sample["image"], image[0].float().cpu()])  # [3, 512, 512] each
+                if "control" in sample:
+                    control = sample["control"][None].to(self.device, self.dtype)
+                    inp = prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, control)
+                else:
+                    inp = prepare(self.texts.t5, self.texts.clip, noise, sample["caption"])
+                image = generate(model, self.ae, inp.to(self.device, self.dtype), cfg.sample_steps, spec.guidance,
+                                 spec.shift)[0].float().cpu()  # [3, H, W]; fmt: skip
+            rows.append([sample["control"], image, sample["image"]] if "control" in sample else [sample["image"], image])
             prompts.append(sample["caption"])
+        captions = ["control", "edited", "target"] if len(rows[0]) == 3 else ["training image", "generated"]
         text = {"steps": cfg.sample_steps, "guidance": spec.guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt
-        save_png(image_grid(rows, captions=["training image", "generated"]), run / "samples.png", text=text)
+        save_png(image_grid(rows, captions=captions), path, text=text)
         self.ae.to("cpu")
-        log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {spec.guidance}")
+        model.train(was_training)
+        log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {spec.guidance} → {path}")
+        return path

@@ -33,9 +33,6 @@ from minflux.files.images import image_grid, line_plot, save_png
 from minflux.files.load import load_ae, load_clip, load_flux, load_t5, save_flux
 from minflux.files.lora_files import load_lora, save_lora
 from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_text_atomic
-from minflux.lora import inject_lora
-from minflux.model import Flux
-from minflux.presets import configs
 from minflux.sampling import (
     Inputs,
     fill_condition,
@@ -43,7 +40,9 @@ from minflux.sampling import (
     get_noise,
     latent_ids,
     pack,
+    kontext_condition,
     prepare_fill,
+    prepare_kontext,
     prepare_img_ids,
     prepare_txt_ids,
     sample_t,
@@ -51,7 +50,7 @@ from minflux.sampling import (
 )
 from minflux.hooks import stage
 from minflux.semantic import Vis2IR
-from minflux.tasks.common import Batch, TextCache, load_frozen
+from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer, scratch_transformer
 from minflux.tasks.data import TriptychFolder, captions, triptychs
 from minflux.tasks.runs import Progress, Run, log, read_run, smooth
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
@@ -79,69 +78,109 @@ def right_half_ids(batch: int, h: int, w: int, device=None) -> Tensor:
 
 def diptych(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
     """(diptych [B, 3, H, 2H] = [visible | target], its Fill mask [B, 1, H, 2H], the semantic panel [B, 3, H, H])."""
-    visible, infrared, sem_img = split_triptych(triptych)  # [B, 3, 512, 512] each
-    if semantic == "pixel":  # the notes' baseline: the map blended into the visible panel
-        visible = (1 - pixel_alpha) * visible + pixel_alpha * sem_img
+    visible, infrared, sem_img = panels(triptych, semantic, pixel_alpha)
     pair = torch.cat((visible, infrared), dim=-1)  # [B, 3, 512, 1024]
     B, _, H, W = pair.shape
     return pair, target_mask(B, H, W, device=pair.device), sem_img
 
 
-def semantic_tokens(ae, sem_img: Tensor, semantic: str) -> dict[str, Tensor]:
-    """The semantic panel's tokens and their ids (the target half's), for the modes that read them; else {}."""
+def panels(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """(visible, infrared, semantic) [B, 3, H, H] each; with semantic="pixel" the map blended into the visible panel
+    (the notes' baseline)."""
+    visible, infrared, sem_img = split_triptych(triptych)  # [B, 3, 512, 512] each
+    if semantic == "pixel":
+        visible = (1 - pixel_alpha) * visible + pixel_alpha * sem_img
+    return visible, infrared, sem_img
+
+
+def semantic_tokens(ae, sem_img: Tensor, semantic: str, in_context: str = "fill") -> dict[str, Tensor]:
+    """The semantic panel's tokens and their ids, for the modes that read them (else {}): the ids of the target's
+    place, the right half of the diptych (Fill) or the generated image itself (Kontext)."""
     if semantic not in SEMANTIC_TOKEN_MODES:
         return {}
     s = ae.encode(sem_img, sample=False)  # [B, 16, 64, 64]
-    return {"semantic": pack(s), "semantic_ids": right_half_ids(s.shape[0], s.shape[2] // 2, s.shape[3] // 2,
-                                                                  device=s.device)}  # [B, 1024, 64], [B, 1024, 3]
+    B, h, w = s.shape[0], s.shape[2] // 2, s.shape[3] // 2
+    ids = right_half_ids(B, h, w, device=s.device) if in_context == "fill" else latent_ids(s)
+    return {"semantic": pack(s), "semantic_ids": ids}  # [B, 1024, 64], [B, 1024, 3]
 
 
 @dataclass
 class Encoded:
-    """What the frozen VAE makes of triptychs, for training: one row per triptych."""
+    """What the frozen VAE makes of triptychs, for training: one row per triptych. Fill: the diptych and its Fill
+    condition; Kontext: the infrared panel and the references (the visible panel, the semantic map)."""
 
-    x0: Tensor  # [B, 2048, 64]  the diptych's latent
-    x_cond: Tensor  # [B, 2048, 320]  Fill condition
+    x0: Tensor  # [B, 2048, 64]  the latent to generate: the diptych's (Fill), the infrared panel's (Kontext)
     img_ids: Tensor  # [B, 2048, 3]
-    target_tokens: Tensor  # [B, 2048] bool: the target half
     semantic: dict[str, Tensor]  # semantic [B, 1024, 64], semantic_ids [B, 1024, 3], or nothing
+    x_cond: Tensor | None = None  # [B, 2048, 320]  Fill condition
+    target_tokens: Tensor | None = None  # [B, 2048] bool: the diptych's target half (Fill)
+    refs: Tensor | None = None  # [B, 1024 · k, 64]  Kontext: the k references' tokens
+    ref_ids: Tensor | None = None  # [B, 1024 · k, 3]  at axis0 = 1, 2
 
     def rows(self, idx) -> "Encoded":
-        return Encoded(self.x0[idx], self.x_cond[idx], self.img_ids[idx], self.target_tokens[idx],
-                       {k: v[idx] for k, v in self.semantic.items()})  # fmt: skip
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Encoded(self.x0[idx], self.img_ids[idx], {k: v[idx] for k, v in self.semantic.items()},
+                       pick(self.x_cond), pick(self.target_tokens), pick(self.refs), pick(self.ref_ids))  # fmt: skip
 
 
 @stage
 @torch.no_grad()
-def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_alpha: float = 0.5) -> Encoded:
+def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_alpha: float = 0.5,
+                    in_context: str = "fill") -> Encoded:  # fmt: skip
     """The frozen-VAE part of the training step: everything the trainable part needs, from a batch of triptychs."""
+    if in_context == "kontext":
+        visible, infrared, sem_img = panels(triptych, semantic, pixel_alpha)
+        z = ae.encode(infrared, sample=False)  # [B, 16, 64, 64]
+        refs, ref_ids = kontext_condition(ae, [visible, sem_img] if semantic == "reference" else [visible])
+        return Encoded(pack(z), latent_ids(z), semantic_tokens(ae, sem_img, semantic, in_context), refs=refs,
+                       ref_ids=ref_ids)  # fmt: skip
     pair, mask, sem_img = diptych(triptych, semantic, pixel_alpha)
     z = ae.encode(pair, sample=False)  # [B, 16, 64, 128]
     return Encoded(
         x0=pack(z),  # [B, 2048, 64]
-        x_cond=fill_condition(ae, pair, mask),  # [B, 2048, 320]
         img_ids=latent_ids(z),  # [B, 2048, 3]
-        target_tokens=pack(mask[:, :, ::8, ::8].expand(-1, 4, -1, -1))[..., 0] > 0.5,  # [B, 2048] bool
         semantic=semantic_tokens(ae, sem_img, semantic),
+        x_cond=fill_condition(ae, pair, mask),  # [B, 2048, 320]
+        target_tokens=pack(mask[:, :, ::8, ::8].expand(-1, 4, -1, -1))[..., 0] > 0.5,  # [B, 2048] bool
     )
 
 
 @stage
 @torch.no_grad()
-def prepare_vis2ir(t5, clip, noise: Tensor, prompts: list[str], ae, triptych: Tensor, semantic: str) -> Inputs:
-    """Sampling inputs: the Fill inputs of the diptych with its target half to generate, and the semantic tokens.
-    The triptychs' middle (target) panel is not read: the Fill condition erases it."""
-    pair, mask, sem_img = diptych(triptych, semantic)
-    inp = prepare_fill(t5, clip, noise, prompts, ae, pair, mask)  # img [B, 2048, 64], img_cond [B, 2048, 320]
-    inp.extra = {k: v.to(noise) if not k.endswith("_ids") else v for k, v in semantic_tokens(ae, sem_img, semantic).items()}
+def prepare_vis2ir(t5, clip, noise: Tensor, prompts: list[str], ae, triptych: Tensor, semantic: str,
+                   in_context: str = "fill") -> Inputs:  # fmt: skip
+    """Sampling inputs. Fill: the diptych with its target half to generate (prepare_fill); Kontext: the infrared
+    panel to generate, the visible panel (and the semantic map) as references (prepare_kontext). Then the semantic
+    tokens. The triptychs' middle (target) panel is not read."""
+    if in_context == "kontext":
+        visible, _, sem_img = panels(triptych, semantic)
+        references = [visible, sem_img] if semantic == "reference" else [visible]
+        inp = prepare_kontext(t5, clip, noise, prompts, ae, references)  # img [B, 1024, 64], img_cond_seq
+    else:
+        pair, mask, sem_img = diptych(triptych, semantic)
+        inp = prepare_fill(t5, clip, noise, prompts, ae, pair, mask)  # img [B, 2048, 64], img_cond [B, 2048, 320]
+    tokens = semantic_tokens(ae, sem_img, semantic, in_context)
+    inp.extra = {k: v.to(noise) if not k.endswith("_ids") else v for k, v in tokens.items()}
     return inp
 
 
 @torch.no_grad()
-def generate_infrared(model, ae, inp: Inputs, num_steps: int, guidance: float) -> Tensor:
-    """The target half of each generated diptych: the infrared panels [B, 3, H, W]."""
-    pair = generate(model, ae, inp, num_steps, guidance, shift=True)  # [B, 3, 512, 1024]
-    return pair[..., pair.shape[-1] // 2 :]  # [B, 3, 512, 512]
+def generate_infrared(model, ae, inp: Inputs, num_steps: int, guidance: float, in_context: str = "fill") -> Tensor:
+    """The generated infrared panels [B, 3, H, W]: the target half of each diptych (Fill), or the image (Kontext)."""
+    out = generate(model, ae, inp, num_steps, guidance, shift=True)  # [B, 3, 512, 1024] or [B, 3, 512, 512]
+    return out[..., out.shape[-1] // 2 :] if in_context == "fill" else out  # [B, 3, 512, 512]
+
+
+def in_context_of(cfg) -> str:
+    """How a run's config puts the visible panel in context: "kontext" for --task kontext, else "fill"."""
+    return "kontext" if cfg.task == "kontext" else "fill"
+
+
+def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
+    """The starting noise of each scene's generated image (seed + i for scene i): [N, 16, S/8, S/4] for the Fill
+    diptych, [N, 16, S/8, S/8] for Kontext's single panel."""
+    S = triptych.shape[-2]
+    return get_noise(len(triptych), S, 2 * S if in_context == "fill" else S, seed)
 
 
 # --- a finished run, loaded ---------------------------------------------------------------------------------------
@@ -167,7 +206,7 @@ def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
     flux = load_flux(paths.flux, device=device, dtype=dtype)
     if run.lora is not None:
         load_lora(flux, run.lora)
-    model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads)
+    model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, in_context_of(cfg))
     injection = model.injection_state_dict()
     if injection:
         if run.adapter is None:
@@ -206,12 +245,16 @@ def datasets(cfg, heldout: int | None = None):
 
 
 class Vis2IRTask:
-    """vis2ir training for train.py: the frozen parts, the encoded data, the model, the batches, the evaluation."""
+    """vis2ir training for train.py: the frozen parts, the encoded data, the model, the batches, the evaluation.
+
+    The visible panel is in context as FLUX.1-Fill takes an image (the diptych, --task vis2ir) or as FLUX.1-Kontext
+    takes a reference (the sequence, --task kontext on the generated scenes)."""
 
     what = "triptychs, captions"
 
     def __init__(self, cfg, run: Path, device, dtype):
         self.cfg, self.run, self.device, self.dtype = cfg, run, device, dtype
+        self.in_context = in_context_of(cfg)
         self.train_set, self.heldout_set = datasets(cfg)
         if cfg.flux:
             self.ae, self.clip, self.t5 = load_frozen(cfg, device, dtype)
@@ -229,23 +272,32 @@ class Vis2IRTask:
         parts, progress = [], Progress(len(data), label="encode ")
         for start in range(0, len(data), 32):
             batch = triptychs(data, range(start, min(start + 32, len(data))))
-            parts.append(encode_triptych(self.ae, batch.to(self.device, ae_dtype), cfg.semantic))
+            parts.append(encode_triptych(self.ae, batch.to(self.device, ae_dtype), cfg.semantic, in_context=self.in_context))
             if start % 256 == 0 or start + 32 >= len(data):
                 progress.update(min(start + 32, len(data)))
-        cat = lambda xs: torch.cat(xs).to("cpu", self.dtype if xs[0].is_floating_point() else None)  # noqa: E731
-        self.cache = Encoded(*(cat([getattr(p, k) for p in parts]) for k in ("x0", "x_cond", "img_ids", "target_tokens")),
-                             {k: cat([p.semantic[k] for p in parts]) for k in parts[0].semantic})  # fmt: skip
+
+        def cat(name, xs):  # on the CPU; the floating tensors in the training dtype, the ids in float32
+            if xs[0] is None:
+                return None
+            keep = not xs[0].is_floating_point() or name.endswith("ids")
+            return torch.cat(xs).to("cpu", None if keep else self.dtype)
+
+        fields = ("x0", "img_ids", "semantic", "x_cond", "target_tokens", "refs", "ref_ids")
+        self.cache = Encoded(*(cat(k, [getattr(p, k) for p in parts]) if k != "semantic" else
+                               {n: cat(n, [p.semantic[n] for p in parts]) for n in parts[0].semantic}
+                               for k in fields))  # fmt: skip
         self.texts = TextCache.encode(self.t5, self.clip, captions(data), self.dtype)
         self.text_index = self.texts.index(captions(data))  # [N]
         self.seq_len = self.cache.x0.shape[1] + self.texts.txt.shape[1]  # image + text tokens
 
         held = triptychs(self.heldout_set)  # [N, 3, S, 3S]
-        n, S = len(held), held.shape[-2]
-        noise = get_noise(n, S, 2 * S, cfg.seed).to(self.device, self.dtype)  # [N, 16, S/8, S/4]: image i, seed + i
+        noise = noise_for(held, self.in_context, cfg.seed).to(self.device, self.dtype)  # scene i: seed + i
         self.held = prepare_vis2ir(self.t5, self.clip, noise, captions(self.heldout_set), self.ae,
-                                   held.to(self.device, ae_dtype), cfg.semantic).to("cpu")  # fmt: skip
-        log(f"data: {len(data)} train, {n} held-out; x0 {list(self.cache.x0.shape[1:])}, "
-            f"x_cond {list(self.cache.x_cond.shape[1:])}, text {list(self.texts.txt.shape[1:])}")  # fmt: skip
+                                   held.to(self.device, ae_dtype), cfg.semantic, self.in_context).to("cpu")  # fmt: skip
+        context = self.cache.x_cond if self.cache.x_cond is not None else self.cache.refs
+        log(f"data: {len(data)} train, {len(held)} held-out; x0 {list(self.cache.x0.shape[1:])}, "
+            f"{'x_cond' if self.in_context == 'fill' else 'references'} {list(context.shape[1:])}, "
+            f"text {list(self.texts.txt.shape[1:])}")  # fmt: skip
         del self.clip, self.t5  # done: freed before the transformer trains
         self.frozen = {"ae": self.ae}
 
@@ -253,20 +305,10 @@ class Vis2IRTask:
         """The Fill transformer with the semantic injection, and the optimiser's groups: the transformer's trained
         parameters (all of them from scratch, the LoRA's on given weights) and the injection's."""
         cfg = self.cfg
-        if cfg.flux:
-            flux = load_flux(cfg.flux, device=self.device, dtype=self.dtype)
-            flux.requires_grad_(False)
-            trained = inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=lora_targets(cfg))
-        else:
-            torch.manual_seed(cfg.seed)
-            flux = Flux(configs[cfg.preset].params)
-            with torch.no_grad():  # DiT's init: the output layer starts at zero, so the first prediction is 0
-                flux.final_layer.linear.weight.zero_()
-                flux.final_layer.linear.bias.zero_()
-            flux.variant = cfg.preset
-            trained = list(flux.parameters())
-        flux.gradient_checkpointing = cfg.gradient_checkpointing
-        model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads).to(self.device, self.dtype)
+        flux = lora_transformer(cfg, self.device, self.dtype) if cfg.flux else scratch_transformer(cfg, self.device)
+        trained = [p for p in flux.parameters() if p.requires_grad]
+        model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, self.in_context)
+        model.to(self.device) if cfg.flux else model.to(self.device, self.dtype)  # the LoRA stays fp32
         adapter = [p for n, p in model.named_parameters() if not n.startswith("flux.")]
         groups = [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
         if adapter:
@@ -286,19 +328,39 @@ class Vis2IRTask:
         rows, text = enc.rows(idx), self.text_index[idx]
         txt = self.texts.txt[text]  # [B, 512, 4096]
         inputs = Inputs(None, rows.img_ids, txt, prepare_txt_ids(B, txt.shape[1]), self.texts.y[text],
-                        img_cond=rows.x_cond, extra=rows.semantic)  # fmt: skip
+                        img_cond=rows.x_cond, img_cond_seq=rows.refs, img_cond_seq_ids=rows.ref_ids,
+                        extra=rows.semantic)  # fmt: skip
         return Batch(rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs,
                      rows.target_tokens if cfg.target_only else None)  # fmt: skip
+
+    @torch.no_grad()
+    def generate_heldout(self, model, n: int | None = None) -> Tensor:
+        """The generated infrared panels of the first n held-out scenes (all by default), [n, 3, S, S] on the CPU."""
+        was_training = model.training
+        model.eval()
+        held = self.held if n is None else self.held.map(lambda name, t: t[:n])
+        out = generate_infrared(model, self.ae, held.to(self.device, self.dtype), self.cfg.sample_steps,
+                                self.cfg.guidance, self.in_context).float().cpu()  # fmt: skip
+        model.train(was_training)
+        return out
+
+    def grid(self, generated: Tensor, path: Path, text: dict) -> Path:
+        """samples.png: [visible | semantic | generated | ground truth] for the first held-out scenes."""
+        visible, truth, semantic = split_triptych(triptychs(self.heldout_set, range(min(len(generated), 8))))
+        rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(visible))]
+        return save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), path, text=text)
+
+    def samples(self, model, path: Path) -> Path:
+        """The samples of --sample-every: four held-out scenes, as samples.png shows them."""
+        return self.grid(self.generate_heldout(model, 4), path, {"steps": str(self.cfg.sample_steps)})
 
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
         """Held-out MSE and PSNR of the generated infrared panels; the weights, metrics, loss.png and samples.png."""
         cfg, run = self.cfg, self.run
-        model.eval()
-        generated = generate_infrared(model, self.ae, self.held.to(self.device, self.dtype), cfg.sample_steps,
-                                      cfg.guidance).float().cpu()  # fmt: skip
+        generated = self.generate_heldout(model)
         n = len(generated)
-        visible, truth, semantic = split_triptych(triptychs(self.heldout_set))
+        truth = split_triptych(triptychs(self.heldout_set))[1]
         mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()  # in [0, 1] pixel units
         metrics = {
             "heldout_mse": mse,
@@ -306,6 +368,7 @@ class Vis2IRTask:
             "train_seconds": train_seconds,
             "steps": steps,
             "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
+            "task": cfg.task,
             "semantic": cfg.semantic,
             "adapter_scales": model.scales,
         }
@@ -318,11 +381,5 @@ class Vis2IRTask:
             save_atomic(injection, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})
         write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.semantic})"), run / "loss.png")
-        rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(min(n, 8))]
-        grid = image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"])
-        save_png(grid, run / "samples.png", text={"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
+        self.grid(generated, run / "samples.png", {"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
         log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
-
-
-def lora_targets(cfg) -> list[str] | None:
-    return cfg.lora_targets.split(",") if cfg.lora_targets else None

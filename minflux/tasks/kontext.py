@@ -1,0 +1,54 @@
+"""Kontext training: image-editing LoRAs on FLUX.1-Kontext from pairs, and the embedded Kontext default.
+
+One step, as the Kontext walk-through has it (512 × 512, batch 4):
+
+    control [4, 3, 512, 512] → VAE (mean, cached) → [4, 16, 64, 64] → pack → [4, 1024, 64], ids axis0 = 1
+    target  [4, 3, 512, 512] → VAE (mean, cached) → x0 [4, 1024, 64], ids axis0 = 0;  x_t = (1 − t) x0 + t ε
+    cat along the sequence → [4, 2048, 64]   (+ the instruction: T5 [4, 512, 4096], CLIP pooled [4, 768])
+    v = FLUX(...)[:, :1024], the target's tokens → loss = MSE(v, ε − x0)            (sampling.flow_matching_loss)
+
+t is logit-normal and shifted by the target's token count, as dev's sampling schedule is (Kontext samples with it,
+so training sees the noise levels sampling visits). The guidance embedding gets --guidance (1.0 by default, as for
+dev's LoRAs: the LoRA learns inside the model it runs in; diffusers' Kontext script defaults to 3.5, and its own
+README trains with 1). The data is a folder of targets with instructions and a control/ folder of the same names
+(KontextFolder), trained as t2i is: LoRA, cache, aspect-ratio buckets, samples (T2ITask).
+
+Without weights, `--task kontext` trains the embedded default: a small Kontext-architecture model from scratch on
+the generated scenes as edit pairs, control = the visible panel, target = the infrared panel, instruction = the
+caption (--semantic reference adds the semantic map as a second reference, at axis0 = 2). That is the vis2ir task
+with the visible panel in the sequence instead of the Fill channels (Vis2IRTask, in_context "kontext").
+"""
+
+from minflux.tasks.data import KontextFolder
+from minflux.tasks.t2i import T2ITask
+
+
+class KontextTask(T2ITask):
+    """Kontext LoRA training on image-editing pairs, for train.py; held-out pairs are sampled as [control | edited
+    | target] grids."""
+
+    what = "pairs, instructions"
+
+    def __init__(self, cfg, run, device, dtype):
+        super().__init__(cfg, run, device, dtype)
+        n_held = min(cfg.heldout_samples, len(self.data) // 10)  # a tenth, at most heldout_samples: never trained on
+        self.held_items = list(range(len(self.data) - n_held, len(self.data)))
+        self.train_items = self.train_items[: len(self.data) - n_held]
+
+    def sample_items(self) -> list[int]:
+        """Up to four held-out pairs of one size (with fewer than ten pairs none is held out: training pairs)."""
+        items = self.held_items or self.train_items
+        return [i for i in items if self.data.group(i) == self.data.group(items[0])][:4]
+
+    def dataset(self, cfg):
+        return KontextFolder(cfg.data, cfg.control, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets,
+                             cfg.control_size)  # fmt: skip
+
+
+def kontext_task(cfg, run, device, dtype):
+    """--task kontext: pairs on official weights (KontextTask), or the embedded default on generated scenes."""
+    if cfg.flux:
+        return KontextTask(cfg, run, device, dtype)
+    from minflux.tasks.vis2ir import Vis2IRTask
+
+    return Vis2IRTask(cfg, run, device, dtype)
