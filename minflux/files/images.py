@@ -53,17 +53,18 @@ def mask_to_tensor(mask: Image.Image) -> Tensor:
     return (m >= 0.5).float()[None, None]  # [1, 1, H, W]
 
 
-def save_png(image: Image.Image, path, text: dict[str, str] | None = None) -> Path:
-    """A PNG written atomically, with `text` in its tEXt chunks (settings that reproduce the image)."""
+def save_png(image: Image.Image, path, text: dict[str, str] | None = None, exclusive: bool = False) -> Path:
+    """A PNG written atomically, with `text` in its tEXt chunks (settings that reproduce the image); with
+    `exclusive`, FileExistsError rather than replacing a file already there (weights.write_atomic)."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
-    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), exclusive=exclusive)
 
 
-def save_image(image: Image.Image, path) -> Path:
+def save_image(image: Image.Image, path, exclusive: bool = False) -> Path:
     """save_png with the settings a pipeline put in `image.info` as the text chunks."""
-    return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)})
+    return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)}, exclusive=exclusive)
 
 
 def read_settings(path) -> dict[str, str]:

@@ -10,7 +10,8 @@ Every failure raises `WeightsError` with a message that names the file, the key 
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -174,15 +175,26 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
 # --- writing ---------------------------------------------------------------------------------------------
 
 
-def write_atomic(path, write) -> Path:
-    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file, even after a crash."""
+def write_atomic(path, write, exclusive: bool = False) -> Path:
+    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file, even after a crash.
+
+    The temporary file is `.NAME.RANDOM.tmp` beside `path` (what a run cleans when it resumes after a crash). Files
+    get the mode any normal write gets (0666 less the umask), so others on a shared machine can read them.
+    exclusive: never replace an existing file: FileExistsError if `path` exists, decided atomically (a hard link),
+    so two processes never take one name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to open(path, "w")
+    mode = tmp.stat().st_mode
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write(str(tmp))
+        if tmp.stat().st_mode != mode:  # the writer made a file of its own (safetensors makes it 0600)
+            os.chmod(tmp, stat.S_IMODE(mode))
+        if exclusive:
+            os.link(tmp, path)  # fails if path exists, whoever made it
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
