@@ -37,24 +37,29 @@ def weight_files(path) -> list[Path]:
         raise WeightsError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
+    if not path.is_dir():  # reading a FIFO would wait forever, /dev/zero would never end
+        raise WeightsError(f"{path}: neither a file nor a folder (a pipe or a device?); expected weight files")
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
         index = indexes[0]
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a valid index file (expected a json object with 'weight_map'): {e}")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise WeightsError(f"{index}: 'weight_map' must map each key to a shard's file name, found "
+                               f"{json.dumps(weight_map)[:80]}")  # fmt: skip
         shards = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(s) for s in shards if not s.exists()]
+        missing = [str(s) for s in shards if not s.is_file()]
         if missing:
             raise WeightsError(f"{index}: lists shards that are missing: {', '.join(missing)}")
         return shards
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     # diffusers folders may hold precision variants beside the main file (model.fp16.safetensors): skip them
     main = [f for f in files if Path(f.stem).suffix not in VARIANT_SUFFIXES]
     files = main or files
     if not files:
-        files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if not files:
         raise WeightsError(f"{path}: folder holds no .safetensors file (nor an index json listing shards)")
     return files
@@ -72,6 +77,17 @@ def _open(file: Path):
 
 def _load_pickle(file: Path) -> dict:
     """A .pt/.bin/.ckpt file, read with weights_only=True: tensors only, never arbitrary unpickled objects."""
+    try:
+        with open(file, "rb") as f:
+            legacy = f.read(4) == b"\x80\x02\x8a\x0a"  # the pickled magic number of the format before torch 1.6's zip
+    except OSError as e:
+        raise WeightsError(f"{file}: cannot be read: {e}") from None
+    if legacy:
+        raise WeightsError(
+            f"{file}: a torch file in the legacy format (before torch 1.6, not a zip archive). minflux reads torch "
+            "files memory-mapped, which needs the zip format. Convert it once to safetensors, in an environment you "
+            f"trust: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('{file}', "
+            f"weights_only=True), '{file.with_suffix('.safetensors')}')\"")  # fmt: skip
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
@@ -168,6 +184,9 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
             raise WeightsError(
                 f"{source}: key {key!r} has shape {list(t.shape)}, the {what} expects {list(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() and not t.is_floating_point():
+            raise WeightsError(f"{source}: key {key!r} holds {str(t.dtype).removeprefix('torch.')} numbers; the "
+                               f"{what} expects floating point")  # fmt: skip
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
