@@ -87,6 +87,66 @@ def test_threads_taking_names_exclusively_never_share_one(tmp_path):
     assert len(taken) == 20 and len(set(taken)) == 20 and len(list(tmp_path.glob("img_*.png"))) == 20
 
 
+
+# --- images deeper than 8 bits: scaled by their depth, not clipped ---------------------------------------------------
+
+
+def grey16(path, values: np.ndarray):
+    """A real 16-bit grey PNG (PIL mode I;16) holding `values`."""
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    with Image.open(path) as im:
+        assert im.mode == "I;16"
+    return path
+
+
+def test_a_16_bit_png_is_scaled_by_its_bit_depth_not_crushed_to_white(tmp_path):
+    ramp = np.round(np.linspace(0, 65535, 64 * 64)).reshape(64, 64)
+    rgb = np.asarray(read_image(grey16(tmp_path / "ir.png", ramp)), np.float32)  # [64, 64, 3]
+    assert np.abs(rgb[..., 0] - ramp / 257).max() <= 0.5 + 1e-6  # 65535 → 255, rounded
+    assert (rgb[..., 0] == rgb[..., 2]).all() and 126 <= rgb.mean() <= 129  # grey, mid-range: not near white
+
+
+def test_a_16_bit_infrared_folder_keeps_levels_finer_than_8_bits(tmp_path):
+    from minflux.tasks.data import TriptychFolder
+
+    for panel in ("visible", "infrared", "semantic"):
+        (tmp_path / panel).mkdir()
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(tmp_path / "visible" / "a.png")
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "semantic" / "a.png")
+    ir = 30000 + np.arange(32 * 32).reshape(32, 32)  # neighbours one 16-bit level apart, all within 4 8-bit levels
+    grey16(tmp_path / "infrared" / "a.png", ir)
+    sample = TriptychFolder(tmp_path)[0]["triptych"]  # [3, 32, 96]
+    infrared = sample[:, :, 32:64].numpy()
+    assert np.allclose(infrared, ir / 65535 * 2 - 1, atol=1e-6)  # the exact levels, in [-1, 1]
+    assert len(np.unique(infrared[0])) == 32 * 32  # every level kept, not quantised to 8 bits
+    assert np.allclose(sample[:, 0, 0], torch.tensor([200, 100, 50]) / 255 * 2 - 1, atol=1e-6)  # 8-bit: as before
+
+
+def test_float_tiffs_are_used_in_0_1_or_stretched_from_their_own_range(tmp_path):
+    unit = np.linspace(0, 1, 16 * 48, dtype=np.float32).reshape(16, 48)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    kelvin = 280 + 30 * unit  # a thermal camera's temperatures
+    Image.fromarray(kelvin).save(tmp_path / "kelvin.tif")
+    a = np.asarray(read_image(tmp_path / "unit.tif"), np.float32)[..., 0]
+    b = np.asarray(read_image(tmp_path / "kelvin.tif"), np.float32)[..., 0]
+    assert np.abs(a - unit * 255).max() <= 0.5 + 1e-4 and np.abs(b - unit * 255).max() <= 0.5 + 1e-3
+    from minflux.tasks.data import TriptychFolder
+
+    folder = tmp_path / "triptychs"
+    folder.mkdir()
+    Image.fromarray(kelvin).save(folder / "t.tif")  # a 48 × 16 float triptych
+    x = TriptychFolder(folder)[0]["triptych"]  # [3, 16, 48]
+    assert x.min() == -1 and x.max() == 1 and np.allclose(x[0].numpy(), unit * 2 - 1, atol=1e-5)
+
+
+def test_a_16_bit_image_with_a_caption_trains_text_to_image_mid_grey(tmp_path):
+    from minflux.tasks.data import CaptionFolder
+
+    grey16(tmp_path / "a.png", np.full((32, 32), 32768))
+    (tmp_path / "a.txt").write_text("a grey square")
+    image = CaptionFolder(tmp_path, resolution=32)[0]["image"]  # [3, 32, 32] in [-1, 1]
+    assert image.abs().max() < 0.01  # mid-grey, not white (1.0)
+
 # --- loaders: every bad file is a WeightsError naming the file and the key -----------------------------------------
 
 
