@@ -169,9 +169,10 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
             )
         if down.shape[0] == 0:
             raise WeightsError(f"{source}: key {down_key!r} has rank 0 (shape {list(down.shape)}); a LoRA has rank ≥ 1")
-        if "alpha" in parts and (parts["alpha"][1].numel() != 1 or not parts["alpha"][1].float().isfinite().all()):
-            raise WeightsError(f"{source}: key {parts['alpha'][0]!r} must be one finite number, found "
-                               f"{parts['alpha'][1].flatten()[:4].tolist()} of shape {list(parts['alpha'][1].shape)}")  # fmt: skip
+        alpha_key, a = parts.get("alpha", (None, torch.tensor(1.0)))
+        if a.numel() != 1 or not a.float().isfinite().all():
+            raise WeightsError(f"{source}: key {alpha_key!r} must be one finite number, found "
+                               f"{a.flatten()[:4].tolist()} of shape {list(a.shape)}")  # fmt: skip
         alpha = parts["alpha"][1].item() if "alpha" in parts else down.shape[0]  # no alpha stored: factor 1
         bias = parts["bias"][1].float() if "bias" in parts else None
         if bias is not None and tuple(bias.shape) != (rows.stop - rows.start,):
