@@ -22,6 +22,7 @@ from minflux.files.weights import write_text_atomic
 from minflux.sampling import Inputs, prepare_img_ids, prepare_txt_ids
 from minflux.tasks.common import Batch
 from tests.flux_helpers import TINY, tiny_flux
+from tests.test_train import TINY as TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALLEST = replace(TINY, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=16, vec_in_dim=8,
@@ -91,6 +92,74 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def log_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+# --- 7. every setting checked when it is read, before any work -------------------------------------------------------
+
+BAD_FLAGS = [
+    (["--steps", "0"], "--steps 0: expected an integer ≥ 1"),
+    (["--steps", "-5"], "--steps -5: expected an integer ≥ 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0: expected an integer ≥ 1"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer ≥ 1"),
+    (["--lr", "nan"], "--lr nan: expected a finite number > 0"),
+    (["--lr=-1e-3"], "--lr -0.001: expected a finite number > 0"),
+    (["--adapter-lr", "inf"], "--adapter-lr inf: expected a finite number > 0"),
+    (["--stop-at", "0"], "--stop-at 0: expected an integer ≥ 1"),
+    (["--dtype", "fp64"], "--dtype fp64: expected one of auto, fp32, bf16, fp16"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: expected a finite number > 0"),
+    (["--t-sampling", "gaussian"], "--t-sampling gaussian: expected one of logit_normal, uniform"),
+    (["--panel-size", "100"], "--panel-size 100: expected a multiple of 16, at least 16"),
+    (["--caption-dropout", "1"], "--caption-dropout 1.0: expected a probability in [0, 1)"),
+    (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda, cuda:N or mps"),
+    (["--name", "../elsewhere"], "--name ../elsewhere: expected a folder name"),
+    (["--seed", "-1"], "--seed -1: expected an integer from 0 to 2^63 - 1"),
+    (["--sample-steps", "0"], "--sample-steps 0: the held-out evaluation of vis2ir needs at least 1 step"),
+    (["--target-only", "maybe"], "--target-only: expected true or false, got 'maybe'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_refused_naming_the_flag_and_the_accepted_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+BAD_TOML = [
+    ('steps = "ten"', 'steps = "ten": expected an integer ≥ 1'),
+    ('target_only = "yes"', 'target_only = "yes": expected true or false'),
+    ("lr = nan", "lr = NaN: expected a finite number > 0"),
+    ("batch_size = 0", "batch_size = 0: expected an integer ≥ 1"),
+    ('dtype = "fp64"', 'dtype = "fp64": expected one of auto, fp32, bf16, fp16'),
+    ("steps = 1.5", "steps = 1.5: expected an integer ≥ 1"),
+    ("lr = true", "lr = true: expected a finite number > 0"),
+    ("name = 3", "name = 3: expected a folder name"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_TOML, ids=[line for line, _ in BAD_TOML])
+def test_bad_toml_values_are_refused_naming_the_file_and_the_key(line, message, tmp_path, capsys):
+    (tmp_path / "c.toml").write_text(line + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--config", str(tmp_path / "c.toml")])
+    assert e.value.code == 2 and f"{tmp_path / 'c.toml'}: {message}" in capsys.readouterr().err
+
+
+def test_a_bad_value_stops_train_py_with_exit_2_before_any_folder_is_made(tmp_path):
+    (tmp_path / "c.toml").write_text('steps = "ten"\n')
+    out = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--out", str(tmp_path / "runs"), "--config",
+                          str(tmp_path / "c.toml")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and 'steps = "ten": expected an integer ≥ 1' in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_runs_config_is_checked_too(tiny, tmp_path, capsys):
+    assert tiny("--steps", "2", "--stop-at", "1", "--name", "r") == 0
+    config = tmp_path / "runs" / "r" / "config.toml"
+    config.write_text(config.read_text().replace("steps = 2", "steps = -2"))
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--resume", str(tmp_path / "runs" / "r")])
+    assert e.value.code == 2 and f"{config}: steps = -2: expected an integer ≥ 1" in capsys.readouterr().err
 
 
 # --- 2, 4. small and uncaptioned triptych folders -----------------------------------------------------------------------

@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 import time
 import tomllib
@@ -202,6 +204,73 @@ class TrainConfig:
     }
 
 
+# --- the accepted values, checked wherever a config is read: flags, a TOML file, a run's config.toml ----------
+
+FILL_PRESETS = tuple(n for n, s in configs.items() if s.params.in_channels == 384)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _at_least(low: int):
+    return f"an integer ≥ {low}", lambda v: v >= low
+
+
+def _one_of(*values):
+    return "one of " + ", ".join(values), lambda v: v in values
+
+
+ACCEPTED = {  # field: (the accepted values in words, the check after the type's); the others: any value of the type
+    "semantic": _one_of(*SEMANTIC_MODES),
+    "adapter_layers": _at_least(1),
+    "adapter_heads": _at_least(1),
+    "on_error": _one_of("skip", "stop"),
+    "panel_size": ("a multiple of 16, at least 16", lambda v: v >= 16 and v % 16 == 0),
+    "train_samples": _at_least(1),
+    "heldout_samples": _at_least(1),
+    "task": _one_of("vis2ir", "t2i"),
+    "resolution": ("a multiple of 16, at least 16 (VAE ×8, then 2×2 packing)", lambda v: v >= 16 and v % 16 == 0),
+    "caption_dropout": ("a probability in [0, 1)", lambda v: 0 <= v < 1),
+    "preset": ("a Fill preset (" + ", ".join(FILL_PRESETS) + ")", lambda v: v in FILL_PRESETS),
+    "lora_rank": _at_least(1),
+    "lora_alpha": ("a finite number > 0", lambda v: v > 0),
+    "lora_format": _one_of(*LORA_FORMATS),
+    "steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": ("a finite number > 0", lambda v: v > 0),
+    "adapter_lr": ("a finite number > 0", lambda v: v > 0),
+    "lr_warmup_steps": _at_least(0),
+    "adapter_warmup_steps": _at_least(0),
+    "t_sampling": _one_of("logit_normal", "uniform"),
+    "max_grad_norm": ("a finite number > 0", lambda v: v > 0),
+    "guidance": ("a finite number ≥ 0", lambda v: v >= 0),
+    "t5_max_length": _at_least(1),
+    "vae_steps": _at_least(1),
+    "seed": ("an integer from 0 to 2^63 - 1", lambda v: 0 <= v < 2**63),
+    "sample_steps": _at_least(0),
+    "out": ("a folder", lambda v: v != ""),
+    "name": ("a folder name (no / and not . or ..; the parent folder is --out)",
+             lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v),
+    "checkpoint_every": _at_least(1),
+    "stop_at": _at_least(1),
+    "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: DEVICE.fullmatch(v) is not None),
+    "dtype": _one_of("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def check_value(name: str, value) -> str | None:
+    """What TrainConfig's field `name` accepts, in words, if `value` is not among it; else None."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind = _field_type(f)
+    words, valid = ACCEPTED.get(name, (TYPE_WORDS[kind], lambda v: True))
+    if value is None:
+        return None if f.default is None else words
+    if kind is float:
+        typed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        typed = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    return None if typed and valid(value) else words
+
+
 # --- dataclass <-> flags <-> TOML --------------------------------------------------------------------------
 
 
@@ -260,6 +329,10 @@ def read_toml(path, cls) -> dict:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    for key, value in data.items():
+        expected = check_value(key, value) if cls is TrainConfig else None
+        if expected:
+            raise ValueError(f"{path}: {key} = {json.dumps(value)}: expected {expected}")
     return data
 
 
@@ -283,22 +356,24 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     add_config_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None and k != "config"}
-    if args.resume:  # the run's own config, then whatever this command line changes
-        cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
-    else:
-        cfg = config_from_args(TrainConfig, args)
-        given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
-        if cfg.task == "t2i":
-            cfg = replace(cfg, **{k: v for k, v in T2I_DEFAULTS.items() if k not in given})
+    for name in sorted(given, key=[f.name for f in dataclasses.fields(TrainConfig)].index):
+        expected = check_value(name, getattr(args, name))
+        if expected:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {expected}")
+    try:  # a TOML file or the resumed run's config.toml: checked as it is read (read_toml)
+        if args.resume:  # the run's own config, then whatever this command line changes
+            cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
+        else:
+            cfg = config_from_args(TrainConfig, args)
+            given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
+            if cfg.task == "t2i":
+                cfg = replace(cfg, **{k: v for k, v in T2I_DEFAULTS.items() if k not in given})
+    except ValueError as e:
+        parser.error(str(e))
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
-    if cfg.lora_format not in LORA_FORMATS:
-        parser.error(f"--lora-format {cfg.lora_format}: expected one of {', '.join(LORA_FORMATS)}")
-    if cfg.semantic not in SEMANTIC_MODES:
-        parser.error(f"--semantic {cfg.semantic}: expected one of {', '.join(SEMANTIC_MODES)}")
-    if cfg.preset not in configs or configs[cfg.preset].params.in_channels != 384:
-        fill = [n for n, s in configs.items() if s.params.in_channels == 384]
-        parser.error(f"--preset {cfg.preset}: expected a Fill preset ({', '.join(fill)})")
+    if cfg.task == "vis2ir" and cfg.sample_steps < 1:
+        parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
@@ -308,10 +383,6 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         if not cfg.flux:
             parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
                          "or --flux, --ae, --clip and --t5")  # fmt: skip
-        if cfg.resolution % 16 or cfg.resolution < 16:
-            parser.error(f"--resolution {cfg.resolution}: expected a multiple of 16 (VAE ×8, then 2×2 packing)")
-        if not 0 <= cfg.caption_dropout < 1:
-            parser.error(f"--caption-dropout {cfg.caption_dropout}: expected a probability in [0, 1)")
         if "t5_max_length" not in given and not args.resume:  # as the official pipelines: dev 512, schnell 256
             cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)
     return cfg
