@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +35,7 @@ from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
-from minflux.tasks.runs import Progress, TrainConfig, log, parse_train_args, rank, to_toml, world
+from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, to_toml, world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,24 +53,22 @@ def main(argv=None) -> int:
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    default_name = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
-    run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)
-    run.mkdir(parents=True, exist_ok=True)
-    if rank() == 0 and not cfg.resume:
-        write_text_atomic(run / "config.toml", to_toml(cfg))
+    if cfg.batch_size % world():
+        raise ValueError(f"--batch-size {cfg.batch_size}: expected a multiple of the {world()} processes")
+    run = Path(cfg.resume) if cfg.resume else on_first_process(lambda: new_folder(cfg))
     torch.manual_seed(cfg.seed)
 
-    # 1. data and the frozen parts; everything they compute is computed once
-    task = TASKS[cfg.task](cfg, run, device, dtype)
-    print_params(cfg, task.frozen, "the frozen parts")
-    with maybe_trace(cfg.trace, f"encoding the data ({task.what})"):
-        task.encode()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    with removed_if_setup_fails(run, fresh=not cfg.resume):
+        # 1. data and the frozen parts; everything they compute is computed once
+        task = TASKS[cfg.task](cfg, run, device, dtype)
+        print_params(cfg, task.frozen, "the frozen parts")
+        with maybe_trace(cfg.trace, f"encoding the data ({task.what})"):
+            task.encode()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    # 2. the trainable model and its optimiser
-    model, groups = task.build_model()
+        # 2. the trainable model and its optimiser
+        model, groups = task.build_model()
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     n_trained = sum(p.numel() for g in groups for p in g["params"])
     print_params(cfg, dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}, "the model")
@@ -104,7 +103,9 @@ def main(argv=None) -> int:
             loss = flow_matching_loss(ddp, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
                                       **batch.inputs)  # fmt: skip
         if not math.isfinite(loss.item()):
-            log(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good checkpoint is in {run / 'checkpoints'}")
+            kept = (run / "checkpoints" / "latest").exists()
+            log(f"step {step + 1}: the loss is {loss.item()}; stopping. " + (f"The last good checkpoint is in "
+                f"{run / 'checkpoints'}" if kept else "No checkpoint had been written yet."))
             return 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,6 +170,49 @@ def memory_estimate(model, n_trained: int, batch: int, seq: int, checkpointing: 
     acts = batch * seq * p.hidden_size * size * blocks * (1 if checkpointing else 30)
     gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
     return f"memory estimate: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations ~{gb(acts)}"
+
+
+# --- the run folder: a new one never written over --------------------------------------------------------------
+
+
+def on_first_process(make):
+    """make() on the first process, and its result (or its ValueError) for every process: one run folder for all."""
+    result = None
+    if rank() == 0:
+        try:
+            result = make()
+        except ValueError as e:
+            result = ValueError(str(e))
+    if dist.is_initialized():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, ValueError):
+        raise result
+    return result
+
+
+def new_folder(cfg: TrainConfig) -> Path:
+    """A new run's folder with its config.toml: OUT/NAME, or NAME-2, NAME-3, ... when taken (runs.make_run_folder)."""
+    default = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
+    name = cfg.name or default
+    run = make_run_folder(Path(cfg.out), name, cfg.overwrite)
+    if run.name != name:
+        log(f"{run.parent / name} is taken: this run is {run} (--resume continues a run, --overwrite replaces it)")
+    write_text_atomic(run / "config.toml", to_toml(cfg))
+    return run
+
+
+@contextlib.contextmanager
+def removed_if_setup_fails(run: Path, fresh: bool):
+    """A new run folder whose setup fails (bad data or weights, Ctrl-C while encoding) is removed again: it holds
+    no work yet, and the corrected run can take its name."""
+    try:
+        yield
+    except BaseException:
+        if fresh and rank() == 0:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
 # --- for study: --trace and --params ------------------------------------------------------------------------
@@ -240,3 +284,6 @@ if __name__ == "__main__":
     except (WeightsError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the first step: no training to keep (a new run folder was removed)
+        print("train.py: interrupted while setting up, before the first step", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

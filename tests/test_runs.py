@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from minflux.files.load import save_flux
 from minflux.files.weights import write_text_atomic
 from minflux.sampling import Inputs, prepare_img_ids, prepare_txt_ids
 from minflux.tasks.common import Batch
+from minflux.tasks.runs import make_run_folder
 from tests.flux_helpers import TINY, tiny_flux
 from tests.test_train import TINY as TINY_FLAGS
 
@@ -92,6 +94,50 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def log_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+# --- 1. a new run never writes into an existing run folder -----------------------------------------------------------
+
+
+def test_a_second_run_of_a_name_gets_a_fresh_numbered_folder_and_leaves_the_first_untouched(tiny, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert tiny("--steps", "3") == 0
+    first = files(runs / "vis2ir-zeroconv")
+    assert tiny("--steps", "2") == 0  # the same default name
+    out = capsys.readouterr().out
+    assert f"{runs / 'vis2ir-zeroconv'} is taken: this run is {runs / 'vis2ir-zeroconv-2'}" in out
+    assert out.strip().splitlines()[-1] == str(runs / "vis2ir-zeroconv-2")  # the last line is the run folder
+    assert files(runs / "vis2ir-zeroconv") == first  # not a byte changed
+    assert log_steps(runs / "vis2ir-zeroconv-2") == [1, 2]
+
+    assert tiny("--steps", "2", "--name", "mine") == 0 and tiny("--steps", "2", "--name", "mine") == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["mine", "mine-2", "vis2ir-zeroconv", "vis2ir-zeroconv-2"]
+    assert tiny("--steps", "1", "--name", "mine", "--overwrite") == 0  # explicitly: replaced, old files gone
+    assert log_steps(runs / "mine") == [1] and not (runs / "mine-3").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
+    (tmp_path / "runs" / "photos").mkdir(parents=True)
+    (tmp_path / "runs" / "photos" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"photos is not a train\.py run folder \(no config\.toml\); left as it is"):
+        tiny("--steps", "1", "--name", "photos", "--overwrite")
+    assert (tmp_path / "runs" / "photos" / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_runs_started_at_once_never_share_a_folder(tmp_path):
+    made, threads = [], [threading.Thread(target=lambda: made.append(make_run_folder(tmp_path, "run"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in made) == sorted(["run", *(f"run-{k}" for k in range(2, 9))])
+
+
+def test_a_new_run_whose_setup_fails_leaves_no_folder_behind(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(TinyTask, "fail", True)
+    with pytest.raises(DataError, match="cannot be used"):
+        tiny("--steps", "1", "--name", "broken")
+    assert not (tmp_path / "runs" / "broken").exists()  # the corrected run can take the name
 
 
 # --- 7. every setting checked when it is read, before any work -------------------------------------------------------

@@ -11,10 +11,12 @@
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import tomllib
@@ -139,6 +141,7 @@ class TrainConfig:
     sample_steps: int = 16
     out: str = "runs"
     name: str | None = None
+    overwrite: bool = False
     checkpoint_every: int = 500
     stop_at: int | None = None
     resume: str | None = None
@@ -192,7 +195,9 @@ class TrainConfig:
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "out": "folder holding the run folders",
-        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>)",
+        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>); a name already taken gets "
+        "a numbered suffix (-2, -3, ...), so no run is ever written over",
+        "overwrite": "replace the run folder of that name instead (its files are deleted first)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
         "stop_at": "stop after this step with a checkpoint (for jobs with a time limit; continue with --resume)",
         "resume": "a run folder to continue from its last checkpoint",
@@ -421,6 +426,28 @@ def read_run(folder) -> Run:
     weights = find_weights(None, own.flux or cfg.flux, own.ae or cfg.ae, own.clip or cfg.clip, own.t5 or cfg.t5)
     existing = lambda name: folder / name if (folder / name).is_file() else None  # noqa: E731
     return Run(folder, cfg, weights, existing("lora.safetensors"), existing("adapter.safetensors"))
+
+
+def make_run_folder(out, name: str, overwrite: bool = False) -> Path:
+    """A new, empty run folder OUT/NAME, made here. A name already taken (a finished or an unfinished run, anything)
+    gets the first free suffix, NAME-2, NAME-3, ...; mkdir decides, so two runs started at once never share one.
+    overwrite: OUT/NAME itself, its files deleted first (only a train.py run folder's, or an empty folder's)."""
+    folder = Path(out) / name
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and folder.exists():
+            if not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.toml").is_file()):
+                raise ValueError(f"--overwrite: {folder} is not a train.py run folder (no config.toml); left as it is")
+            shutil.rmtree(folder)
+        for k in itertools.count(1):
+            candidate = Path(out) / (name if k == 1 else f"{name}-{k}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the run folder {name} there: {e}") from None
 
 
 def latest_run(runs) -> Path | None:
