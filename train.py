@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if cfg.batch_size % world():
         raise ValueError(f"--batch-size {cfg.batch_size}: expected a multiple of the {world()} processes")
-    run = Path(cfg.resume) if cfg.resume else on_first_process(lambda: new_folder(cfg))
+    run = on_first_process(lambda: resume_folder(Path(cfg.resume)) if cfg.resume else new_folder(cfg))
     torch.manual_seed(cfg.seed)
 
     with removed_if_setup_fails(run, fresh=not cfg.resume):
@@ -172,7 +173,7 @@ def memory_estimate(model, n_trained: int, batch: int, seq: int, checkpointing: 
     return f"memory estimate: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations ~{gb(acts)}"
 
 
-# --- the run folder: a new one never written over --------------------------------------------------------------
+# --- the run folder: a new one never written over, or the resumed one cleaned -----------------------------------
 
 
 def on_first_process(make):
@@ -213,6 +214,52 @@ def removed_if_setup_fails(run: Path, fresh: bool):
         if fresh and rank() == 0:
             shutil.rmtree(run, ignore_errors=True)
         raise
+
+
+def resume_folder(run: Path) -> Path:
+    """The run to resume, cleaned of what a crash or a full disk left: the temporaries of half-done writes
+    (.NAME.*.tmp), checkpoint folders that checkpoints/latest does not point to, and log lines past its step
+    (the resumed run writes those steps again). What is removed is said."""
+    pointer = run / "checkpoints" / "latest"
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    temporaries = [p for p in run.rglob(".*.tmp") if p.is_file()]
+    orphans = [p for p in (run / "checkpoints").glob("step-*") if p.name != latest]
+    for p in temporaries:
+        p.unlink()
+    for p in orphans:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    removed = [f"{len(temporaries)} temporary file(s) of unfinished writes"] if temporaries else []
+    removed += [f"the unfinished checkpoint(s) {', '.join(p.name for p in orphans)}"] if orphans else []
+    if latest is None:
+        raise ValueError(f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
+                         f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
+                         f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite")  # fmt: skip
+    folder = run / "checkpoints" / latest
+    if not re.fullmatch(r"step-\d+", latest) or not all((folder / f).is_file() for f in ("weights.safetensors", "state.pt")):
+        raise ValueError(f"{pointer}: names {latest!r}, which is not a complete checkpoint folder of {run / 'checkpoints'}")
+    dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
+    removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
+    if removed:
+        log(f"resuming {run}: removed {'; '.join(removed)}")
+    return run
+
+
+def trim_log(path: Path, step: int) -> int:
+    """Keep the lines of log.jsonl up to `step`, and no half-written line; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (s := step_of(line)) is not None and s <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # --- for study: --trace and --params ------------------------------------------------------------------------

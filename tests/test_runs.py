@@ -19,7 +19,7 @@ import torch
 import train
 from minflux.files.images import DataError
 from minflux.files.load import save_flux
-from minflux.files.weights import write_text_atomic
+from minflux.files.weights import read_state_dict, write_text_atomic
 from minflux.sampling import Inputs, prepare_img_ids, prepare_txt_ids
 from minflux.tasks.common import Batch
 from minflux.tasks.runs import make_run_folder
@@ -138,6 +138,67 @@ def test_a_new_run_whose_setup_fails_leaves_no_folder_behind(tiny, tmp_path, mon
     with pytest.raises(DataError, match="cannot be used"):
         tiny("--steps", "1", "--name", "broken")
     assert not (tmp_path / "runs" / "broken").exists()  # the corrected run can take the name
+
+
+# --- 5. resuming removes what a crash left: temporaries, orphan checkpoints, log lines past the checkpoint ------------
+
+
+def test_resume_removes_stale_temporaries_orphan_checkpoints_and_log_lines_past_the_checkpoint(tiny, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert tiny("--steps", "6", "--name", "straight") == 0
+    assert tiny("--steps", "6", "--stop-at", "4", "--name", "crashed") == 0
+    run = runs / "crashed"
+    # what a SIGKILL while writing step 6's checkpoint leaves, after steps 5 and 6 (and half of 7) were logged
+    (run / ".config.toml.1a2b3c4d.tmp").write_text("half")
+    (run / "checkpoints" / "step-000004" / ".state.pt.5e6f7a8b.tmp").write_bytes(b"half")
+    (run / "checkpoints" / "step-000006").mkdir()
+    (run / "checkpoints" / "step-000006" / "weights.safetensors").write_bytes(b"whole, but never pointed to")
+    (run / "checkpoints" / "step-000006" / ".state.pt.9c0d1e2f.tmp").write_bytes(b"half")
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n{"step": 7, "lo')
+    capsys.readouterr()
+
+    assert train.main(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (f"resuming {run}: removed 3 temporary file(s) of unfinished writes; the unfinished checkpoint(s) "
+            "step-000006; 3 line(s) of log.jsonl after step 4") in out  # fmt: skip
+    assert log_steps(run) == [1, 2, 3, 4, 5, 6]  # each step once
+    assert not list(run.rglob("*.tmp")) and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "latest", "step-000006"]  # fmt: skip
+    a = read_state_dict(runs / "straight" / "transformer.safetensors")
+    b = read_state_dict(run / "transformer.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and the resumed run is still the uninterrupted one
+
+
+def test_a_run_killed_in_its_first_checkpoint_says_there_is_nothing_to_resume(tiny, tmp_path):
+    assert tiny("--steps", "4", "--stop-at", "2", "--name", "early") == 0
+    run = tmp_path / "runs" / "early"
+    # the state a SIGKILL leaves while the first checkpoint's state.pt is written: no pointer yet
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "step-000002" / "state.pt").rename(run / "checkpoints" / "step-000002" / ".state.pt.ab.tmp")
+    out = subprocess.run([sys.executable, "train.py", "--resume", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert (f"train.py: {run}: nothing to resume: the run stopped before its first checkpoint was complete (removed: "
+            "1 temporary file(s) of unfinished writes; the unfinished checkpoint(s) step-000002). Start it again: "
+            f"python train.py --config {run / 'config.toml'} --out {run.parent} --name early --overwrite") in out.stderr
+    assert not (run / "checkpoints" / "step-000002").exists()  # a full-size one would be 24 GB
+
+
+def test_after_sigkill_mid_run_the_resumed_log_holds_each_step_once(tmp_path):
+    run = tmp_path / "runs" / "killed"
+    proc = train_script("--out", str(tmp_path / "runs"), "--name", "killed", "--steps", "100000",
+                        "--checkpoint-every", "3")  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run / "log.jsonl").exists() or len(log_steps(run)) < 8):
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    proc.communicate(timeout=60)
+    logged = len((run / "log.jsonl").read_text().splitlines())
+    resumed = subprocess.run([sys.executable, "-c", RUNNER, "--resume", str(run), "--steps", str(logged + 2)],
+                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    assert log_steps(run) == list(range(1, logged + 3))
+    assert not list(run.rglob("*.tmp"))
 
 
 # --- 7. every setting checked when it is read, before any work -------------------------------------------------------
