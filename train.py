@@ -142,9 +142,24 @@ def main(argv=None) -> int:
         log(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with: python train.py --resume {run}")
         return 0
 
-    # 4. held-out evaluation and the run folder
+    # 4. held-out evaluation and the run folder; a signal now stops it at once (the checkpoint of `step` is whole)
     if rank() == 0:
-        task.finish(model, losses, step, train_seconds)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, raise_stopped)
+        before = {f: (run / f).stat().st_mtime_ns for f in task.final_files(model) if (run / f).exists()}
+        try:
+            if stop["signal"] is not None:  # one that came as the loop ended
+                raise Stopped(stop["signal"])
+            task.finish(model, losses, step, train_seconds)
+        except Stopped as e:
+            missing = [f for f in task.final_files(model) if not (run / f).exists() or
+                       (run / f).stat().st_mtime_ns == before.get(f)]  # fmt: skip
+            log(f"stopped by signal {e.signum} during the final evaluation and writes; not written: "
+                f"{', '.join(missing)}. The checkpoint of step {step} is kept; write them with: "
+                f"python train.py --resume {run}")  # fmt: skip
+            return 128 + e.signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if dist.is_initialized():
         dist.barrier()
     log(run)  # while the ranks are known: printed once
@@ -260,6 +275,18 @@ def step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+class Stopped(Exception):
+    """A signal during the final evaluation and writes: the checkpoint is whole, --resume writes what is missing."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
 
 
 # --- for study: --trace and --params ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ marked slow run the real vis2ir task."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -201,6 +202,31 @@ def test_after_sigkill_mid_run_the_resumed_log_holds_each_step_once(tmp_path):
     assert not list(run.rglob("*.tmp"))
 
 
+# --- 10. a signal during the final evaluation and writes --------------------------------------------------------------
+
+
+def test_a_signal_during_the_final_writes_stops_keeps_the_checkpoint_and_says_what_is_not_written(tmp_path):
+    sig = signal.SIGTERM  # a job's time limit; Ctrl-C (SIGINT) is the slow test's below
+    run = tmp_path / "runs" / "final"
+    proc = train_script("--out", str(tmp_path / "runs"), "--name", "final", "--steps", "3",
+                        env={"TINY_TASK_SLOW_FINISH": "1"})  # fmt: skip
+    lines = []
+    for line in proc.stdout:  # until finish has written its first file and is evaluating
+        lines.append(line)
+        if line.strip() == "evaluating":
+            break
+    proc.send_signal(sig)
+    out = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + sig, out
+    assert (f"stopped by signal {sig} during the final evaluation and writes; not written: metrics.json. The "
+            f"checkpoint of step 3 is kept; write them with: python train.py --resume {run}") in out
+    assert "Traceback" not in out and not (run / "metrics.json").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "step-000003"
+    resumed = subprocess.run([sys.executable, "-c", RUNNER, "--resume", str(run)], cwd=ROOT, capture_output=True,
+                             text=True)  # fmt: skip
+    assert resumed.returncode == 0 and json.loads((run / "metrics.json").read_text()) == {"steps": 3}
+
+
 # --- 7. every setting checked when it is read, before any work -------------------------------------------------------
 
 BAD_FLAGS = [
@@ -302,3 +328,29 @@ def test_captions_that_are_all_empty_still_make_text_encoders_for_the_empty_capt
     write_text_encoders(tmp_path, ["", "", ""])  # a triptych folder without any .txt: sentencepiece had no text
     clip, t5 = load_clip(tmp_path / "text_encoder"), load_t5(tmp_path / "text_encoder_2", max_length=8)
     assert clip([""]).isfinite().all() and t5([""]).shape == (1, 8, 64)
+
+
+@pytest.mark.slow
+def test_a_small_uncaptioned_folder_trains_and_a_signal_in_the_final_writes_keeps_the_checkpoint(tmp_path):
+    """The real vis2ir task: 5 triptychs without captions train (4 train, 1 held out); Ctrl-C during the held-out
+    evaluation stops it promptly, names the files not written, and --resume writes them from the checkpoint."""
+    data = triptych_folder(tmp_path / "data", 5, captions=False)
+    run = tmp_path / "runs" / "small"
+    cmd = [sys.executable, "train.py", *TINY_FLAGS, "--out", str(tmp_path / "runs"), "--name", "small", "--data",
+           str(data), "--steps", "2", "--sample-steps", "100000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1)  # into the 100000-step evaluation
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "data: no triptych has a caption (a .txt beside it): every one trains with the empty caption" in out
+    assert "data: 4 train, 1 held-out" in out
+    assert ("not written: transformer.safetensors, adapter.safetensors, loss.png, samples.png, metrics.json. The "
+            "checkpoint of step 2 is kept") in out  # fmt: skip
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--sample-steps", "2"], cwd=ROOT,
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2 and (run / "samples.png").is_file()

@@ -123,17 +123,26 @@ class T2ITask:
 
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
-        """lora.safetensors, metrics.json, loss.png, and samples.png: [training image | generated from its caption]."""
+        """lora.safetensors, loss.png, samples.png ([training image | generated from its caption]), metrics.json."""
         cfg, run, data = self.cfg, self.run, self.data
         model.eval()
         save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
         metrics = {"task": "t2i", "train_seconds": train_seconds, "steps": steps,
                    "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(data),
                    "lora_format": cfg.lora_format}  # fmt: skip
-        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         save_png(line_plot({"loss": smooth(losses)}, "training loss (t2i)"), run / "loss.png")
-        if cfg.sample_steps <= 0:
-            return
+        if cfg.sample_steps > 0:
+            self.samples(model)
+        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
+
+    def final_files(self, model) -> list[str]:
+        """What finish writes, in order: metrics.json last, as it marks a finished run."""
+        return ["lora.safetensors", "loss.png", *(["samples.png"] if self.cfg.sample_steps > 0 else []), "metrics.json"]
+
+    @torch.no_grad()
+    def samples(self, model) -> None:
+        """samples.png: up to 4 training images of one size, each beside the image generated from its caption."""
+        cfg, run, data = self.cfg, self.run, self.data
         spec = spec_for(model)
         self.ae.to(self.device)
         width, height = data.sizes[0]

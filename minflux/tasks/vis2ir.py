@@ -293,6 +293,12 @@ class Vis2IRTask:
         return Batch(rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs,
                      rows.target_tokens if cfg.target_only else None)  # fmt: skip
 
+    def final_files(self, model) -> list[str]:
+        """What finish writes, in order: metrics.json last, as it marks a finished run."""
+        weights = "lora.safetensors" if self.cfg.flux else "transformer.safetensors"
+        adapter = ["adapter.safetensors"] if model.injection_state_dict() else []
+        return [weights, *adapter, "loss.png", "samples.png", "metrics.json"]
+
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
         """Held-out MSE and PSNR of the generated infrared panels; the weights, metrics, loss.png and samples.png."""
@@ -319,11 +325,11 @@ class Vis2IRTask:
         injection = model.injection_state_dict()
         if injection:
             save_atomic(injection, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})
-        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.semantic})"), run / "loss.png")
         rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(min(n, 8))]
         grid = image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"])
         save_png(grid, run / "samples.png", text={"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
+        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
         log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
 
 
