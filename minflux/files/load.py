@@ -11,10 +11,8 @@ memory once. The variant and sizes are read off the tensor shapes. Every failure
 file, the key and what was expected. The other layouts' key names are tables in keys.py.
 """
 
-import contextlib
 import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -41,11 +39,17 @@ from minflux.files.keys import (
 from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
 from minflux.files.weights import (
     WeightsError,
+    is_finite_number,
+    is_sizes,
+    layers_agree,
     load_into,
+    metadata_json,
+    numbered,
     read_metadata,
     read_shapes,
     read_state_dict,
     save_atomic,
+    sizes_of,
     weight_files,
 )
 from minflux.model import Flux, FluxParams
@@ -63,51 +67,6 @@ def read_json(file: Path) -> dict:
     if not isinstance(config, dict):
         raise WeightsError(f"{file}: expected a json object, found {type(config).__name__}")
     return config
-
-
-@contextlib.contextmanager
-def sizes_of(source, what: str):
-    """Where a model's sizes are read off a file's shapes, and the model is built from them: shapes that make no
-    such model (a tensor of another rank, a zero size, sizes that do not divide) raise WeightsError."""
-    try:
-        yield
-    except WeightsError:
-        raise
-    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
-        raise WeightsError(f"{source}: its tensor shapes make no {what} ({type(e).__name__}: {e})") from None
-
-
-def metadata_json(metadata: dict, key: str, fields: dict, source) -> dict | None:
-    """The json object a minflux file keeps in its header under `key` (None if absent), with `fields` {name: what
-    each must be, as a check} present and valid; else WeightsError naming the file and the key."""
-    if key not in metadata:
-        return None
-    try:
-        value = json.loads(metadata[key])
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{source}: metadata {key!r} is not valid json: {e}") from None
-    for name, valid in fields.items():
-        if not isinstance(value, dict) or name not in value or not valid(value[name]):
-            raise WeightsError(f"{source}: metadata {key!r} has no valid {name!r} (found {metadata[key][:80]!r})")
-    return value
-
-
-def numbered(keys, prefix: str, source) -> int:
-    """How many numbered blocks the keys hold under `prefix` ("encoder.block." → 0, 1, ...): checked to run 0 … n-1,
-    so a renamed key can never ask for a model of a billion blocks."""
-    found = {k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)}
-    if not all(i.isdigit() for i in found) or sorted(int(i) for i in found) != list(range(len(found))):
-        shown = ", ".join(sorted(found, key=lambda i: (len(i), i))[:6])
-        raise WeightsError(f"{source}: the blocks under {prefix!r} are numbered {shown}; expected 0, 1, ... n-1")
-    return len(found)
-
-
-def _is_int_list(n: int):
-    return lambda v: isinstance(v, list) and len(v) == n and all(isinstance(x, int) and 0 < x <= 4096 for x in v)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # --- the transformer -----------------------------------------------------------------------------------------
@@ -180,7 +139,7 @@ def load_flux(path, name: str | None = None, device="cpu", dtype: torch.dtype | 
         sd = diffusers_to_flux(sd, source=path)
         if config_file.exists():
             axes_dim = read_json(config_file).get("axes_dims_rope")
-    stored = metadata_json(metadata, "minflux.params", {"axes_dim": _is_int_list(3)}, path)
+    stored = metadata_json(metadata, "minflux.params", {"axes_dim": is_sizes(3)}, path)
     if stored is not None:
         axes_dim = stored["axes_dim"]
 
@@ -267,7 +226,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
             params.shift_factor = config["shift_factor"]
 
     stored = metadata_json(read_metadata(path), "minflux.ae_params",  # a VAE trained by minflux: its scale/shift
-                           {"scale_factor": _is_number, "shift_factor": _is_number}, path)  # fmt: skip
+                           {"scale_factor": is_finite_number, "shift_factor": is_finite_number}, path)  # fmt: skip
     if stored is not None:
         params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
         params.norm_groups = stored.get("norm_groups", params.norm_groups)
@@ -380,7 +339,7 @@ def load_clip(path, device="cpu", dtype: torch.dtype | None = None) -> CLIPEmbed
         params = _clip_params_from_shapes(shapes, path)
     if path.is_dir() and (path / "config.json").is_file():
         params = _clip_params_from_config(path / "config.json", params)
-        _layers_agree(params.num_layers, numbered(shapes, "text_model.encoder.layers.", path), path / "config.json")
+        layers_agree(params.num_layers, numbered(shapes, "text_model.encoder.layers.", path), path / "config.json")
 
     sd = read_state_dict(path, dtype, select=lambda key: _official_name(key, prefix) is not None)
     sd = {_official_name(key, prefix): t for key, t in sd.items()}
@@ -391,12 +350,6 @@ def load_clip(path, device="cpu", dtype: torch.dtype | None = None) -> CLIPEmbed
         model = CLIPTextModel(params)
     load_into(model, sd, path, what="CLIP text model")
     return CLIPEmbedder(model.to(device).eval(), _find_tokenizer(path), source=path)
-
-
-def _layers_agree(configured, held: int, source) -> None:
-    """A config.json's layer count must be the weights' own (a model is built from it before any tensor loads)."""
-    if configured != held:
-        raise WeightsError(f"{source}: the config says {configured!r} layers, the weights hold {held}")
 
 
 # --- T5 ------------------------------------------------------------------------------------------------------
@@ -480,7 +433,7 @@ def load_t5(path, max_length: int = 512, device="cpu", dtype: torch.dtype | None
         shapes[tied[0]] = shapes[tied[1]]
     with sizes_of(path, "T5 encoder"):
         params = _t5_params(path, shapes, prefix)
-    _layers_agree(params.num_layers, numbered(shapes, "encoder.block.", path), path)
+    layers_agree(params.num_layers, numbered(shapes, "encoder.block.", path), path)
 
     def is_encoder_key(key: str) -> bool:  # drops the decoder, lm_head and anything outside the prefix
         key = key[len(prefix) :] if key.startswith(prefix) else ""

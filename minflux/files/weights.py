@@ -8,7 +8,9 @@ at a time, and puts it into a model built on the meta device, so the weights are
 Every failure raises `WeightsError` with a message that names the file, the key and what was expected.
 """
 
+import contextlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -158,6 +160,61 @@ def read_state_dict(path, dtype: torch.dtype | None = None, select=None) -> dict
                     t = t.to(dtype or torch.bfloat16)
                 sd[key] = t
     return {k: cast(v, dtype) for k, v in sd.items()}
+
+
+# --- checking what a file says: the sizes a model is built from, its metadata -------------------------
+
+
+@contextlib.contextmanager
+def sizes_of(source, what: str):
+    """Where a model's sizes are read off a file's shapes, and the model is built from them: shapes that make no
+    such model (a tensor of another rank, a zero size, sizes that do not divide) raise WeightsError."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        raise WeightsError(f"{source}: its tensor shapes make no {what} ({type(e).__name__}: {e})") from None
+
+
+def metadata_json(metadata: dict, key: str, fields: dict, source) -> dict | None:
+    """The json object a minflux file keeps in its header under `key` (None if absent), with `fields` {name: what
+    each must be, as a check} present and valid; else WeightsError naming the file and the key."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{source}: metadata {key!r} is not valid json: {e}") from None
+    for name, valid in fields.items():
+        if not isinstance(value, dict) or name not in value or not valid(value[name]):
+            raise WeightsError(f"{source}: metadata {key!r} has no valid {name!r} (found {metadata[key][:80]!r})")
+    return value
+
+
+def numbered(keys, prefix: str, source) -> int:
+    """How many numbered blocks the keys hold under `prefix` ("encoder.block." → 0, 1, ...): checked to run 0 … n-1,
+    so a renamed key can never ask for a model of a billion blocks."""
+    found = {k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)}
+    if not all(i.isdigit() for i in found) or sorted(int(i) for i in found) != list(range(len(found))):
+        shown = ", ".join(sorted(found, key=lambda i: (len(i), i))[:6])
+        raise WeightsError(f"{source}: the blocks under {prefix!r} are numbered {shown}; expected 0, 1, ... n-1")
+    return len(found)
+
+
+def is_sizes(n: int):
+    """A check: a list of n sizes (integers from 1 to 4096)."""
+    return lambda v: isinstance(v, list) and len(v) == n and all(type(x) is int and 0 < x <= 4096 for x in v)
+
+
+def is_finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def layers_agree(configured, held: int, source) -> None:
+    """A config.json's layer count must be the weights' own (a model is built from it before any tensor loads)."""
+    if configured != held:
+        raise WeightsError(f"{source}: the config says {configured!r} layers, the weights hold {held}")
 
 
 # --- putting weights into a model --------------------------------------------------------------------
