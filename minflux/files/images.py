@@ -97,9 +97,14 @@ def save_image(image: Image.Image, path, exclusive: bool = False) -> Path:
 
 
 def read_settings(path) -> dict[str, str]:
-    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote)."""
-    with Image.open(path) as im:
-        return dict(getattr(im, "text", {}))
+    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote); DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}))
+    except FileNotFoundError as e:
+        raise DataError(path, "no such file") from e
+    except Exception as e:  # a folder, an empty or corrupt file: PIL raises OSError, SyntaxError, ValueError...
+        raise DataError(path, f"cannot be read as a PNG ({type(e).__name__}: {e})") from e
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
