@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -215,7 +216,7 @@ def new_folder(cfg: TrainConfig) -> Path:
     run = make_run_folder(Path(cfg.out), name, cfg.overwrite)
     if run.name != name:
         log(f"{run.parent / name} is taken: this run is {run} (--resume continues a run, --overwrite replaces it)")
-    write_text_atomic(run / "config.toml", to_toml(cfg))
+    write_text_atomic(run / "config.toml", to_toml(replace(cfg, overwrite=False)))  # --config it again: a new run
     return run
 
 

@@ -115,6 +115,8 @@ def test_a_second_run_of_a_name_gets_a_fresh_numbered_folder_and_leaves_the_firs
     assert sorted(p.name for p in runs.iterdir()) == ["mine", "mine-2", "vis2ir-zeroconv", "vis2ir-zeroconv-2"]
     assert tiny("--steps", "1", "--name", "mine", "--overwrite") == 0  # explicitly: replaced, old files gone
     assert log_steps(runs / "mine") == [1] and not (runs / "mine-3").exists()
+    assert tiny("--config", str(runs / "mine" / "config.toml"), "--steps", "2") == 0  # its config, again: a new run
+    assert log_steps(runs / "mine") == [1] and log_steps(runs / "mine-3") == [1, 2]
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
