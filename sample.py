@@ -147,12 +147,17 @@ def check_args(args) -> None:
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """`folder` exists (made here if needed) and takes new files: found out before the work, not after it."""
+    """`folder` is, or can be made, a folder that takes new files: found out before the work, not after it, and
+    nothing is made (a bad run writes nothing)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder}: a file is in the way; expected a folder")
+    existing = folder.absolute()
+    while not existing.exists():  # the folder is made when the images are written: its first existing parent
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):  # unnamed, gone when closed
             pass
     except OSError as e:
         raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None

@@ -116,10 +116,11 @@ def bad_inputs(tmp):
 
 def test_bad_sampling_input_is_refused_with_exit_2_before_loading(tmp_path, capsys, no_loading):
     for argv, message in bad_inputs(tmp_path):
-        code = sample.main(["--repo", str(tmp_path / "repo"), "--prompt", "a fox", *argv])
+        code = sample.main(["--repo", str(tmp_path / "repo"), "--prompt", "a fox", "--output-dir", str(tmp_path / "out"),
+                            *argv])  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2 and message in err, (argv, err)
-    assert not list(tmp_path.rglob("img_*.png"))
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
 
 
 def test_bad_output_of_a_run_is_refused_before_loading(tmp_path, capsys, no_loading):
