@@ -19,6 +19,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,9 +100,67 @@ def apply_settings(args) -> None:
 
 
 def lora_and_scale(spec: str) -> tuple[Path, float]:
-    """"style.safetensors:0.8" -> (Path("style.safetensors"), 0.8); no scale -> 1.0."""
-    m = re.fullmatch(r"(.+):(-?[0-9.]+)", spec)
-    return (Path(m[1]), float(m[2])) if m else (Path(spec), 1.0)
+    """"style.safetensors:0.8" -> (Path("style.safetensors"), 0.8), "x:1e-3" -> (Path("x"), 0.001); no scale, or a
+    ":" that is part of the path -> 1.0. A scale that is not finite (x:nan) is a ValueError."""
+    path, colon, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if colon else None
+    except ValueError:
+        value = None
+    if value is None:
+        return Path(spec), 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale {scale} is not a finite number")
+    return Path(path), value
+
+
+# Image sides are bounded: FLUX.1 was trained at up to about 2 megapixels, and attention over the (W/16)·(H/16)
+# image tokens costs their square: 4096 × 4096 is already 65,536 tokens, hours of compute on one GPU.
+MAX_SIDE = 4096
+
+
+def check_args(args) -> None:
+    """Every value checked before any weights are loaded: a bad one is a ValueError naming the flag."""
+    numbers = [
+        ("--num", args.num, lambda v: v >= 1, "an integer ≥ 1"),
+        ("--num-images", args.num_images, lambda v: v >= 1, "an integer ≥ 1"),
+        ("--steps", args.steps, lambda v: v >= 1, "an integer ≥ 1 (leave it out for the model's own number)"),
+        ("--seed", args.seed, lambda v: 0 <= v < 2**63, "an integer ≥ 0"),
+        ("--max-length", args.max_length, lambda v: 1 <= v <= 512, "an integer from 1 to 512 (T5 tokens)"),
+        ("--guidance", args.guidance, lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
+        ("--true-cfg", args.true_cfg, lambda v: math.isfinite(v) and v >= 1, "a finite number ≥ 1 (1 is off)"),
+        *((f"--{side}", getattr(args, side), lambda v: 16 <= v <= MAX_SIDE, f"16 to {MAX_SIDE} pixels (FLUX.1 was "
+           f"trained up to about 2 megapixels; attention over the (W/16)·(H/16) image tokens costs their square)")
+          for side in ("width", "height")),
+    ]  # fmt: skip
+    for flag, value, valid, expected in numbers:
+        if value is not None and not valid(value):
+            raise ValueError(f"{flag} {value}: expected {expected}")
+    for spec in args.lora:
+        if not lora_and_scale(spec)[0].exists():
+            raise ValueError(f"--lora {spec}: no such file {lora_and_scale(spec)[0]}")
+    for flag, paths in (("--image", [args.image]), ("--mask", [args.mask]), ("--visible", args.visible or []),
+                        ("--semantic-map", args.semantic_map or [])):  # fmt: skip
+        for path in paths:
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """`folder` is, or can be made, a folder that takes new files: found out before the work, not after it, and
+    nothing is made (a bad run writes nothing)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder}: a file is in the way; expected a folder")
+    existing = folder.absolute()
+    while not existing.exists():  # the folder is made when the images are written: its first existing parent
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):  # unnamed, gone when closed
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
 
 
 def next_index(folder: Path) -> int:
@@ -110,10 +169,19 @@ def next_index(folder: Path) -> int:
 
 
 def write_images(images, folder: Path) -> list[Path]:
-    """Each image as img_NNNN.png after the highest index already there; written atomically."""
+    """Each image as img_NNNN.png after the highest index already there, written atomically. Each name is taken
+    exclusively (a file there is never replaced), so two processes writing to one folder never pick the same one."""
     folder.mkdir(parents=True, exist_ok=True)
-    start = next_index(folder)
-    return [save_image(im, folder / f"img_{start + i:04d}.png") for i, im in enumerate(images)]
+    paths, index = [], next_index(folder)
+    for im in images:
+        while True:
+            try:
+                paths.append(save_image(im, folder / f"img_{index:04d}.png", exclusive=True))
+                break
+            except FileExistsError:  # another process took it since next_index looked
+                index += 1
+        index += 1
+    return paths
 
 
 def maybe_trace(on: bool):
@@ -145,6 +213,9 @@ def official(args) -> int:
     """Text-to-image, Fill or Kontext with official weights (or any FLUX in their layouts)."""
     from minflux.pipeline import FluxPipeline
 
+    if args.prompt is None:
+        raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
+    check_writable(args.output_dir, "--output-dir")
     device = torch.device(args.device) if args.device else None
     start = time.perf_counter()
     pipe = FluxPipeline.from_files(
@@ -163,8 +234,6 @@ def official(args) -> int:
     print(f"{pipe.model.variant or 'custom'} ({pipe.task}) on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}"
           f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
           f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}")  # fmt: skip
-    if args.prompt is None:
-        raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
     print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     progress = Progress(steps * args.num_images, label="denoise ")
     with maybe_trace(args.trace):
@@ -189,6 +258,7 @@ def vis2ir(args, run: Path) -> int:
 
     if not args.semantic_map or len(args.semantic_map) != len(args.visible):
         raise ValueError(f"--visible names {len(args.visible)} image(s): give --semantic-map with one map for each")
+    check_writable(args.output_dir, "--output-dir")
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
@@ -210,6 +280,10 @@ def held_out(args, run: Path) -> int:
     from minflux.tasks.scenes import split_triptych
     from minflux.tasks.vis2ir import datasets
 
+    output = args.output or run / f"sample-{args.seed or 0}.png"
+    if output.is_dir():
+        raise ValueError(f"--output {output}: a folder is in the way; expected a PNG file name")
+    check_writable(output.parent, "--output")
     start = time.perf_counter()
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
@@ -227,7 +301,6 @@ def held_out(args, run: Path) -> int:
     mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
     psnr = 10 * math.log10(1 / mse)
     rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(held))]
-    output = args.output or run / f"sample-{seed}.png"
     settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.semantic, "psnr": f"{psnr:.2f}"}
     save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), output, text=settings)
     print(f"{len(held)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
@@ -242,6 +315,7 @@ def main(argv=None) -> int:
     try:
         if args.settings_from is not None:
             apply_settings(args)
+        check_args(args)
         if args.repo or args.flux:
             return official(args)
         run = args.run or latest_run(args.runs)
@@ -253,6 +327,9 @@ def main(argv=None) -> int:
     except (WeightsError, DataError, ValueError, FileNotFoundError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk that filled up while writing, say: the image files are whole or absent
+        print(f"sample.py: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

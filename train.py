@@ -21,9 +21,12 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,7 +38,7 @@ from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
-from minflux.tasks.runs import Progress, TrainConfig, log, parse_train_args, rank, to_toml, world
+from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, to_toml, world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,24 +58,22 @@ def main(argv=None) -> int:
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if note := cpu_bf16_note(device, dtype):
         log(note)
-
-    default_name = f"{cfg.task}-{Path(cfg.data).resolve().name if cfg.data and cfg.task != 'vis2ir' else cfg.semantic}"
-    run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)
-    run.mkdir(parents=True, exist_ok=True)
-    if rank() == 0 and not cfg.resume:
-        write_text_atomic(run / "config.toml", to_toml(cfg))
+    if cfg.batch_size % world():
+        raise ValueError(f"--batch-size {cfg.batch_size}: expected a multiple of the {world()} processes")
+    run = on_first_process(lambda: resume_folder(Path(cfg.resume)) if cfg.resume else new_folder(cfg))
     torch.manual_seed(cfg.seed)
 
-    # 1. data and the frozen parts; everything they compute is computed once
-    task = TASKS[cfg.task](cfg, run, device, dtype)
-    print_params(cfg, task.frozen, "the frozen parts")
-    with maybe_trace(cfg.trace, f"encoding the data ({task.what})"):
-        task.encode()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    with removed_if_setup_fails(run, fresh=not cfg.resume):
+        # 1. data and the frozen parts; everything they compute is computed once
+        task = TASKS[cfg.task](cfg, run, device, dtype)
+        print_params(cfg, task.frozen, "the frozen parts")
+        with maybe_trace(cfg.trace, f"encoding the data ({task.what})"):
+            task.encode()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    # 2. the trainable model and its optimiser
-    model, groups = task.build_model()
+        # 2. the trainable model and its optimiser
+        model, groups = task.build_model()
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     n_trained = sum(p.numel() for g in groups for p in g["params"])
     print_params(cfg, dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}, "the model")
@@ -107,7 +108,9 @@ def main(argv=None) -> int:
             loss = flow_matching_loss(ddp, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
                                       **batch.inputs)  # fmt: skip
         if not math.isfinite(loss.item()):
-            log(f"step {step + 1}: the loss is {loss.item()}; stopping. The last good checkpoint is in {run / 'checkpoints'}")
+            kept = (run / "checkpoints" / "latest").exists()
+            log(f"step {step + 1}: the loss is {loss.item()}; stopping. " + (f"The last good checkpoint is in "
+                f"{run / 'checkpoints'}" if kept else "No checkpoint had been written yet."))
             return 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,9 +148,24 @@ def main(argv=None) -> int:
         log(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with: python train.py --resume {run}")
         return 0
 
-    # 4. held-out evaluation and the run folder
+    # 4. held-out evaluation and the run folder; a signal now stops it at once (the checkpoint of `step` is whole)
     if rank() == 0:
-        task.finish(model, losses, step, train_seconds)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, raise_stopped)
+        before = {f: (run / f).stat().st_mtime_ns for f in task.final_files(model) if (run / f).exists()}
+        try:
+            if stop["signal"] is not None:  # one that came as the loop ended
+                raise Stopped(stop["signal"])
+            task.finish(model, losses, step, train_seconds)
+        except Stopped as e:
+            missing = [f for f in task.final_files(model) if not (run / f).exists() or
+                       (run / f).stat().st_mtime_ns == before.get(f)]  # fmt: skip
+            log(f"stopped by signal {e.signum} during the final evaluation and writes; not written: "
+                f"{', '.join(missing)}. The checkpoint of step {step} is kept; write them with: "
+                f"python train.py --resume {run}")  # fmt: skip
+            return 128 + e.signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if dist.is_initialized():
         dist.barrier()
     log(run)  # while the ranks are known: printed once
@@ -174,6 +192,107 @@ def memory_estimate(model, n_trained: int, batch: int, seq: int, checkpointing: 
     acts = batch * seq * p.hidden_size * size * blocks * (1 if checkpointing else 30)
     gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
     return f"memory estimate: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations ~{gb(acts)}"
+
+
+# --- the run folder: a new one never written over, or the resumed one cleaned -----------------------------------
+
+
+def on_first_process(make):
+    """make() on the first process, and its result (or its ValueError) for every process: one run folder for all."""
+    result = None
+    if rank() == 0:
+        try:
+            result = make()
+        except ValueError as e:
+            result = ValueError(str(e))
+    if dist.is_initialized():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, ValueError):
+        raise result
+    return result
+
+
+def new_folder(cfg: TrainConfig) -> Path:
+    """A new run's folder with its config.toml: OUT/NAME, or NAME-2, NAME-3, ... when taken (runs.make_run_folder)."""
+    default = f"{cfg.task}-{Path(cfg.data).resolve().name if cfg.data and cfg.task != 'vis2ir' else cfg.semantic}"
+    name = cfg.name or default
+    run = make_run_folder(Path(cfg.out), name, cfg.overwrite)
+    if run.name != name:
+        log(f"{run.parent / name} is taken: this run is {run} (--resume continues a run, --overwrite replaces it)")
+    write_text_atomic(run / "config.toml", to_toml(replace(cfg, overwrite=False)))  # --config it again: a new run
+    return run
+
+
+@contextlib.contextmanager
+def removed_if_setup_fails(run: Path, fresh: bool):
+    """A new run folder whose setup fails (bad data or weights, Ctrl-C while encoding) is removed again: it holds
+    no work yet, and the corrected run can take its name."""
+    try:
+        yield
+    except BaseException:
+        if fresh and rank() == 0:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def resume_folder(run: Path) -> Path:
+    """The run to resume, cleaned of what a crash or a full disk left: the temporaries of half-done writes
+    (.NAME.*.tmp), checkpoint folders that checkpoints/latest does not point to, and log lines past its step
+    (the resumed run writes those steps again). What is removed is said."""
+    pointer = run / "checkpoints" / "latest"
+    latest = pointer.read_text().strip() if pointer.is_file() else None
+    temporaries = [p for p in run.rglob(".*.tmp") if p.is_file()]
+    orphans = [p for p in (run / "checkpoints").glob("step-*") if p.name != latest]
+    for p in temporaries:
+        p.unlink()
+    for p in orphans:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    removed = [f"{len(temporaries)} temporary file(s) of unfinished writes"] if temporaries else []
+    removed += [f"the unfinished checkpoint(s) {', '.join(p.name for p in orphans)}"] if orphans else []
+    if latest is None:
+        raise ValueError(f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
+                         f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
+                         f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite")  # fmt: skip
+    folder = run / "checkpoints" / latest
+    if not re.fullmatch(r"step-\d+", latest) or not all((folder / f).is_file() for f in ("weights.safetensors", "state.pt")):
+        raise ValueError(f"{pointer}: names {latest!r}, which is not a complete checkpoint folder of {run / 'checkpoints'}")
+    dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
+    removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
+    if removed:
+        log(f"resuming {run}: removed {'; '.join(removed)}")
+    return run
+
+
+def trim_log(path: Path, step: int) -> int:
+    """Keep the lines of log.jsonl up to `step`, and no half-written line; returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (s := step_of(line)) is not None and s <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class Stopped(Exception):
+    """A signal during the final evaluation and writes: the checkpoint is whole, --resume writes what is missing."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
 
 
 # --- for study: --trace and --params ------------------------------------------------------------------------
@@ -245,3 +364,6 @@ if __name__ == "__main__":
     except (WeightsError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # before the first step: no training to keep (a new run folder was removed)
+        print("train.py: interrupted while setting up, before the first step", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)

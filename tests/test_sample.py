@@ -1,6 +1,7 @@
 """sample.py on the embedded default: it finds the latest run, writes a grid with its settings, says what to do
 when there is no run."""
 
+import os
 import re
 import subprocess
 import sys
@@ -69,3 +70,101 @@ def test_sample_without_a_run_says_which_command_to_run_first(tmp_path):
     assert out.returncode == 2
     assert "train one first with:  python train.py" in out.stderr
     assert not list(tmp_path.glob("**/*.png"))
+
+
+# --- bad input: a clear message and exit 2 before any weights are loaded -----------------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """The pipelines' loaders fail the test if called: every check below must come before them."""
+    from minflux import pipeline
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("weights were loaded before the bad input was found")
+
+    monkeypatch.setattr(pipeline.FluxPipeline, "from_files", loaded)
+    monkeypatch.setattr(pipeline.Vis2IRPipeline, "from_run", loaded)
+
+
+def bad_inputs(tmp):
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "empty.png").write_bytes(b"")
+    (tmp / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    (tmp / "folder.png").mkdir()
+    return [
+        (["--num-images", "0"], "--num-images 0: expected an integer ≥ 1"),
+        (["--steps", "-3"], "--steps -3: expected an integer ≥ 1"),
+        (["--steps", "0"], "--steps 0: expected an integer ≥ 1 (leave it out for the model's own number)"),
+        (["--width", "100000"], "--width 100000: expected 16 to 4096 pixels (FLUX.1 was trained up to about 2 "
+                                "megapixels; attention over the (W/16)·(H/16) image tokens costs their square)"),
+        (["--height", "8"], "--height 8: expected 16 to 4096 pixels"),
+        (["--true-cfg", "nan"], "--true-cfg nan: expected a finite number ≥ 1 (1 is off)"),
+        (["--guidance", "inf"], "--guidance inf: expected a finite number ≥ 0"),
+        (["--lora", "x:nan"], "--lora x:nan: the scale nan is not a finite number"),
+        (["--lora", f"{tmp / 'style.safetensors'}:1e-3"], f"--lora {tmp / 'style.safetensors'}:1e-3: no such file "
+                                                          f"{tmp / 'style.safetensors'}"),
+        (["--image", str(tmp / "absent.png")], f"--image {tmp / 'absent.png'}: no such file"),
+        (["--output-dir", str(tmp / "a_file")], f"--output-dir {tmp / 'a_file'}: a file is in the way; expected a folder"),
+        (["--output-dir", str(tmp / "a_file" / "sub")], f"--output-dir {tmp / 'a_file' / 'sub'}: cannot write there"),
+        (["--from", str(tmp / "empty.png")], f"{tmp / 'empty.png'}: cannot be read as a PNG"),
+        (["--from", str(tmp / "corrupt.png")], f"{tmp / 'corrupt.png'}: cannot be read as a PNG"),
+        (["--from", str(tmp / "folder.png")], f"{tmp / 'folder.png'}: cannot be read as a PNG"),
+        (["--from", str(tmp / "absent.png")], f"{tmp / 'absent.png'}: no such file"),
+    ]  # fmt: skip
+
+
+def test_bad_sampling_input_is_refused_with_exit_2_before_loading(tmp_path, capsys, no_loading):
+    for argv, message in bad_inputs(tmp_path):
+        code = sample.main(["--repo", str(tmp_path / "repo"), "--prompt", "a fox", "--output-dir", str(tmp_path / "out"),
+                            *argv])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (argv, err)
+    assert not (tmp_path / "out").exists()  # nothing written, not even the folder
+
+
+def test_bad_output_of_a_run_is_refused_before_loading(tmp_path, capsys, no_loading):
+    (tmp_path / "grid.png").mkdir()
+    assert sample.main(["--run", str(tmp_path), "--output", str(tmp_path / "grid.png")]) == 2
+    assert f"--output {tmp_path / 'grid.png'}: a folder is in the way" in capsys.readouterr().err
+    assert sample.main(["--run", str(tmp_path), "--visible", "v.png", "--semantic-map", "s.png"]) == 2
+    assert "--visible v.png: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_a_read_only_output_folder_is_refused_before_loading(tmp_path, capsys, no_loading):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert sample.main(["--repo", "r", "--prompt", "p", "--output-dir", str(tmp_path / "ro")]) == 2
+    assert f"--output-dir {tmp_path / 'ro'}: cannot write there" in capsys.readouterr().err
+
+
+def test_a_bad_input_exits_2_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "sample.py", "--repo", "r", "--prompt", "p", "--steps", "-3"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 2 and "--steps -3: expected an integer ≥ 1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lora_scales_are_read_in_any_float_notation():
+    assert sample.lora_and_scale("x:1e-3") == (Path("x"), 1e-3)
+    assert sample.lora_and_scale("style.safetensors:-0.5") == (Path("style.safetensors"), -0.5)
+    assert sample.lora_and_scale("style.safetensors") == (Path("style.safetensors"), 1.0)
+    assert sample.lora_and_scale("loras/v1:final.safetensors") == (Path("loras/v1:final.safetensors"), 1.0)
+
+
+def test_image_names_are_taken_exclusively(tmp_path, monkeypatch):
+    import threading
+
+    (tmp_path / "img_0000.png").write_bytes(b"an earlier image")
+    monkeypatch.setattr(sample, "next_index", lambda folder: 0)  # as if another process took 0 after the look
+    written = sample.write_images([Image.new("RGB", (8, 8))] * 2, tmp_path)
+    assert [p.name for p in written] == ["img_0001.png", "img_0002.png"]
+    assert (tmp_path / "img_0000.png").read_bytes() == b"an earlier image"  # never replaced
+
+    taken = []
+    threads = [threading.Thread(target=lambda: taken.extend(sample.write_images([Image.new("RGB", (8, 8))] * 3,
+                                                                                  tmp_path))) for _ in range(4)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(taken)) == 12 and len(list(tmp_path.glob("img_*.png"))) == 15

@@ -1,6 +1,7 @@
 """Images in and out: reading pictures as tensors, PNGs with their settings, grids and plots for the run folders.
 
     read_image, image_to_tensor, mask_to_tensor    a file (or a PIL image) → [1, 3, H, W] in [-1, 1], a 0/1 mask
+    deep_to_float, to_8bit                         16-bit and float images scaled by their depth, not clipped
     to_pil                                         [3, H, W] in [-1, 1] → a PIL image
     save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
     image_grid, line_plot                          the pictures of a run folder (samples.png, loss.png)
@@ -31,14 +32,42 @@ class DataError(ValueError):
 def read_image(source, mode: str = "RGB") -> Image.Image:
     """A PIL image from a path (or a PIL image as is), converted to `mode`; an unreadable file names itself."""
     if isinstance(source, Image.Image):
-        return source.convert(mode)
+        return to_8bit(source).convert(mode)
     try:
         with Image.open(source) as im:
-            return im.convert(mode)
+            return to_8bit(im).convert(mode)
     except FileNotFoundError as e:
         raise DataError(source, "no such file") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(source, f"cannot be read as an image ({type(e).__name__}: {e})") from e
+
+
+def deep_to_float(im: Image.Image) -> Image.Image:
+    """An image of more than 8 bits a channel as a float image (mode "F") on the 8-bit scale [0, 255], unrounded;
+    other images as they are. convert("RGB") would clip such values at 255 (a 16-bit infrared frame turns white).
+
+        16-bit grey ("I;16", the usual infrared format)   scaled by its bit depth: 65535 → 255
+        32-bit integer ("I")                              the same when its values fit 16 bits, else its min–max
+        float ("F", a float TIFF)                         values in [0, 1] as they are, else stretched from the
+                                                          image's own min–max (a float file states no range)
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)  # [H, W]
+        finite = a[np.isfinite(a)]
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and lo >= 0 and hi <= 65535):
+            a = a / 65535
+        elif not (im.mode == "F" and lo >= 0 and hi <= 1):
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        return Image.fromarray((np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0) * 255).astype(np.float32))
+    return im
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """deep_to_float rounded to an 8-bit grey image ("L"); 8-bit images as they are. (PIL's own float → 8-bit
+    conversion truncates.)"""
+    im = deep_to_float(im)
+    return Image.fromarray(np.round(np.asarray(im)).astype(np.uint8)) if im.mode == "F" else im
 
 
 def image_to_tensor(image: Image.Image) -> Tensor:
@@ -53,23 +82,29 @@ def mask_to_tensor(mask: Image.Image) -> Tensor:
     return (m >= 0.5).float()[None, None]  # [1, 1, H, W]
 
 
-def save_png(image: Image.Image, path, text: dict[str, str] | None = None) -> Path:
-    """A PNG written atomically, with `text` in its tEXt chunks (settings that reproduce the image)."""
+def save_png(image: Image.Image, path, text: dict[str, str] | None = None, exclusive: bool = False) -> Path:
+    """A PNG written atomically, with `text` in its tEXt chunks (settings that reproduce the image); with
+    `exclusive`, FileExistsError rather than replacing a file already there (weights.write_atomic)."""
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
-    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), exclusive=exclusive)
 
 
-def save_image(image: Image.Image, path) -> Path:
+def save_image(image: Image.Image, path, exclusive: bool = False) -> Path:
     """save_png with the settings a pipeline put in `image.info` as the text chunks."""
-    return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)})
+    return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)}, exclusive=exclusive)
 
 
 def read_settings(path) -> dict[str, str]:
-    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote)."""
-    with Image.open(path) as im:
-        return dict(getattr(im, "text", {}))
+    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote); DataError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}))
+    except FileNotFoundError as e:
+        raise DataError(path, "no such file") from e
+    except Exception as e:  # a folder, an empty or corrupt file: PIL raises OSError, SyntaxError, ValueError...
+        raise DataError(path, f"cannot be read as a PNG ({type(e).__name__}: {e})") from e
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

@@ -11,8 +11,8 @@ memory once. The variant and sizes are read off the tensor shapes. Every failure
 file, the key and what was expected. The other layouts' key names are tables in keys.py.
 """
 
-import json
 import dataclasses
+import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,11 +39,17 @@ from minflux.files.keys import (
 from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
 from minflux.files.weights import (
     WeightsError,
+    is_finite_number,
+    is_sizes,
+    layers_agree,
     load_into,
+    metadata_json,
+    numbered,
     read_metadata,
     read_shapes,
     read_state_dict,
     save_atomic,
+    sizes_of,
     weight_files,
 )
 from minflux.model import Flux, FluxParams
@@ -133,15 +139,17 @@ def load_flux(path, name: str | None = None, device="cpu", dtype: torch.dtype | 
         sd = diffusers_to_flux(sd, source=path)
         if config_file.exists():
             axes_dim = read_json(config_file).get("axes_dims_rope")
-    if "minflux.params" in metadata:
-        axes_dim = json.loads(metadata["minflux.params"])["axes_dim"]
+    stored = metadata_json(metadata, "minflux.params", {"axes_dim": is_sizes(3)}, path)
+    if stored is not None:
+        axes_dim = stored["axes_dim"]
 
     if name is not None:
         params = configs[name].params
     else:
-        params = infer_params(sd, axes_dim, path)
+        with sizes_of(path, "FLUX transformer"):
+            params = infer_params(sd, axes_dim, path)
         name = metadata.get("minflux.variant") or variant_name(params, path)
-    with torch.device("meta"):
+    with torch.device("meta"), sizes_of(path, "FLUX transformer"):
         model = Flux(params)
     load_into(model, sd, path, what=f"FLUX transformer ({name or 'custom'})")
     model.variant = name
@@ -206,7 +214,8 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
         num_levels = len({k.split(".")[2] for k in shapes if k.startswith("decoder.up_blocks.")})
         shapes = {official_key(k, num_levels): s for k, s in shapes.items()}
         shapes = {k: s + (1, 1) if k.endswith(ATTENTION_WEIGHTS) and len(s) == 2 else s for k, s in shapes.items()}
-    params = ae_params_from_shapes(shapes, path)
+    with sizes_of(path, "autoencoder"):
+        params = ae_params_from_shapes(shapes, path)
 
     config_file = path / "config.json" if path.is_dir() else None
     if config_file is not None and config_file.exists():
@@ -216,13 +225,13 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
         if config.get("shift_factor") is not None:
             params.shift_factor = config["shift_factor"]
 
-    stored = read_metadata(path).get("minflux.ae_params")  # a VAE trained by minflux records its scale/shift
+    stored = metadata_json(read_metadata(path), "minflux.ae_params",  # a VAE trained by minflux: its scale/shift
+                           {"scale_factor": is_finite_number, "shift_factor": is_finite_number}, path)  # fmt: skip
     if stored is not None:
-        stored = json.loads(stored)
         params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
         params.norm_groups = stored.get("norm_groups", params.norm_groups)
 
-    with torch.device("meta"):  # no memory: the loaded tensors are assigned in place of these
+    with torch.device("meta"), sizes_of(path, "autoencoder"):  # no memory: the loaded tensors are assigned here
         ae = AutoEncoder(params)
     sd = read_state_dict(path, dtype)
     if diffusers:
@@ -254,17 +263,17 @@ def _official_name(key: str, prefix: str) -> str | None:
     return None
 
 
-def _clip_params_from_shapes(shapes: dict) -> CLIPParams:
+def _clip_params_from_shapes(shapes: dict, source="the weights") -> CLIPParams:
     """The sizes a checkpoint fixes; the rest (activation, eps, eos rule) from CLIP_L. Head dim is 64 in every CLIP."""
     vocab_size, hidden_size = shapes[CLIP_TOKEN_EMBEDDING][0]
-    layers = [int(k.split(".")[3]) for k in shapes if k.startswith("text_model.encoder.layers.")]
+    layers = numbered(shapes, "text_model.encoder.layers.", source)
     fc1 = [shape[0] for k, (shape, _) in shapes.items() if k.endswith("mlp.fc1.weight")]
     positions = shapes.get("text_model.embeddings.position_embedding.weight")
     return CLIPParams(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=fc1[0] if fc1 else CLIP_L.intermediate_size,
-        num_layers=max(layers) + 1 if layers else 0,
+        num_layers=layers,
         num_heads=max(1, hidden_size // 64),
         max_position_embeddings=positions[0][0] if positions else CLIP_L.max_position_embeddings,
         layer_norm_eps=CLIP_L.layer_norm_eps,
@@ -326,16 +335,18 @@ def load_clip(path, device="cpu", dtype: torch.dtype | None = None) -> CLIPEmbed
     shapes = read_shapes(path)
     prefix = _clip_prefix(path, shapes)
     shapes = {name: shape for key, shape in shapes.items() if (name := _official_name(key, prefix))}
-    params = _clip_params_from_shapes(shapes)
+    with sizes_of(path, "CLIP text model"):
+        params = _clip_params_from_shapes(shapes, path)
     if path.is_dir() and (path / "config.json").is_file():
         params = _clip_params_from_config(path / "config.json", params)
+        layers_agree(params.num_layers, numbered(shapes, "text_model.encoder.layers.", path), path / "config.json")
 
     sd = read_state_dict(path, dtype, select=lambda key: _official_name(key, prefix) is not None)
     sd = {_official_name(key, prefix): t for key, t in sd.items()}
     dtype = dtype or sd[CLIP_TOKEN_EMBEDDING].dtype
     sd = {k: t.to(dtype) for k, t in sd.items()}  # one dtype for all, should a file mix them
 
-    with torch.device("meta"):
+    with torch.device("meta"), sizes_of(path, "CLIP text model"):
         model = CLIPTextModel(params)
     load_into(model, sd, path, what="CLIP text model")
     return CLIPEmbedder(model.to(device).eval(), _find_tokenizer(path), source=path)
@@ -379,7 +390,7 @@ def _t5_params(path: Path, shapes: dict, prefix: str = "") -> T5Params:
         d_model=d_model,
         d_kv=inner // num_heads,
         d_ff=d_ff,
-        num_layers=1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.block.")),
+        num_layers=numbered(shapes, "encoder.block.", path),
         num_heads=num_heads,
         relative_attention_num_buckets=num_buckets,
     )
@@ -420,7 +431,9 @@ def load_t5(path, max_length: int = 512, device="cpu", dtype: torch.dtype | None
     tied = ["shared.weight", "encoder.embed_tokens.weight"]
     if tied[0] not in shapes and tied[1] in shapes:
         shapes[tied[0]] = shapes[tied[1]]
-    params = _t5_params(path, shapes, prefix)
+    with sizes_of(path, "T5 encoder"):
+        params = _t5_params(path, shapes, prefix)
+    layers_agree(params.num_layers, numbered(shapes, "encoder.block.", path), path)
 
     def is_encoder_key(key: str) -> bool:  # drops the decoder, lm_head and anything outside the prefix
         key = key[len(prefix) :] if key.startswith(prefix) else ""
@@ -439,7 +452,7 @@ def load_t5(path, max_length: int = 512, device="cpu", dtype: torch.dtype | None
     if model_dtype == torch.float16:
         sd = {k: t.float() if k.endswith("DenseReluDense.wo.weight") else t for k, t in sd.items()}
 
-    with torch.device("meta"):
+    with torch.device("meta"), sizes_of(path, "T5 encoder"):
         model = T5Encoder(params)
     load_into(model, sd, path, "T5 encoder")
     model = model.to(device).eval()

@@ -167,6 +167,12 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
                 f"{source}: key {up_key!r} has shape {list(up.shape)}; layer {target.module} expects "
                 f"[{rows.stop - rows.start}, {down.shape[0]}] (a LoRA for another model?)"
             )
+        if down.shape[0] == 0:
+            raise WeightsError(f"{source}: key {down_key!r} has rank 0 (shape {list(down.shape)}); a LoRA has rank ≥ 1")
+        alpha_key, a = parts.get("alpha", (None, torch.tensor(1.0)))
+        if a.numel() != 1 or not a.float().isfinite().all():
+            raise WeightsError(f"{source}: key {alpha_key!r} must be one finite number, found "
+                               f"{a.flatten()[:4].tolist()} of shape {list(a.shape)}")  # fmt: skip
         alpha = parts["alpha"][1].item() if "alpha" in parts else down.shape[0]  # no alpha stored: factor 1
         bias = parts["bias"][1].float() if "bias" in parts else None
         if bias is not None and tuple(bias.shape) != (rows.stop - rows.start,):

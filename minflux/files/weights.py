@@ -8,9 +8,12 @@ at a time, and puts it into a model built on the meta device, so the weights are
 Every failure raises `WeightsError` with a message that names the file, the key and what was expected.
 """
 
+import contextlib
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -36,24 +39,29 @@ def weight_files(path) -> list[Path]:
         raise WeightsError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
+    if not path.is_dir():  # reading a FIFO would wait forever, /dev/zero would never end
+        raise WeightsError(f"{path}: neither a file nor a folder (a pipe or a device?); expected weight files")
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if indexes:
         index = indexes[0]
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a valid index file (expected a json object with 'weight_map'): {e}")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise WeightsError(f"{index}: 'weight_map' must map each key to a shard's file name, found "
+                               f"{json.dumps(weight_map)[:80]}")  # fmt: skip
         shards = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(s) for s in shards if not s.exists()]
+        missing = [str(s) for s in shards if not s.is_file()]
         if missing:
             raise WeightsError(f"{index}: lists shards that are missing: {', '.join(missing)}")
         return shards
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     # diffusers folders may hold precision variants beside the main file (model.fp16.safetensors): skip them
     main = [f for f in files if Path(f.stem).suffix not in VARIANT_SUFFIXES]
     files = main or files
     if not files:
-        files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if not files:
         raise WeightsError(f"{path}: folder holds no .safetensors file (nor an index json listing shards)")
     return files
@@ -71,6 +79,17 @@ def _open(file: Path):
 
 def _load_pickle(file: Path) -> dict:
     """A .pt/.bin/.ckpt file, read with weights_only=True: tensors only, never arbitrary unpickled objects."""
+    try:
+        with open(file, "rb") as f:
+            legacy = f.read(4) == b"\x80\x02\x8a\x0a"  # the pickled magic number of the format before torch 1.6's zip
+    except OSError as e:
+        raise WeightsError(f"{file}: cannot be read: {e}") from None
+    if legacy:
+        raise WeightsError(
+            f"{file}: a torch file in the legacy format (before torch 1.6, not a zip archive). minflux reads torch "
+            "files memory-mapped, which needs the zip format. Convert it once to safetensors, in an environment you "
+            f"trust: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('{file}', "
+            f"weights_only=True), '{file.with_suffix('.safetensors')}')\"")  # fmt: skip
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
@@ -143,6 +162,61 @@ def read_state_dict(path, dtype: torch.dtype | None = None, select=None) -> dict
     return {k: cast(v, dtype) for k, v in sd.items()}
 
 
+# --- checking what a file says: the sizes a model is built from, its metadata -------------------------
+
+
+@contextlib.contextmanager
+def sizes_of(source, what: str):
+    """Where a model's sizes are read off a file's shapes, and the model is built from them: shapes that make no
+    such model (a tensor of another rank, a zero size, sizes that do not divide) raise WeightsError."""
+    try:
+        yield
+    except WeightsError:
+        raise
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
+        raise WeightsError(f"{source}: its tensor shapes make no {what} ({type(e).__name__}: {e})") from None
+
+
+def metadata_json(metadata: dict, key: str, fields: dict, source) -> dict | None:
+    """The json object a minflux file keeps in its header under `key` (None if absent), with `fields` {name: what
+    each must be, as a check} present and valid; else WeightsError naming the file and the key."""
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{source}: metadata {key!r} is not valid json: {e}") from None
+    for name, valid in fields.items():
+        if not isinstance(value, dict) or name not in value or not valid(value[name]):
+            raise WeightsError(f"{source}: metadata {key!r} has no valid {name!r} (found {metadata[key][:80]!r})")
+    return value
+
+
+def numbered(keys, prefix: str, source) -> int:
+    """How many numbered blocks the keys hold under `prefix` ("encoder.block." → 0, 1, ...): checked to run 0 … n-1,
+    so a renamed key can never ask for a model of a billion blocks."""
+    found = {k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)}
+    if not all(i.isdigit() for i in found) or sorted(int(i) for i in found) != list(range(len(found))):
+        shown = ", ".join(sorted(found, key=lambda i: (len(i), i))[:6])
+        raise WeightsError(f"{source}: the blocks under {prefix!r} are numbered {shown}; expected 0, 1, ... n-1")
+    return len(found)
+
+
+def is_sizes(n: int):
+    """A check: a list of n sizes (integers from 1 to 4096)."""
+    return lambda v: isinstance(v, list) and len(v) == n and all(type(x) is int and 0 < x <= 4096 for x in v)
+
+
+def is_finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def layers_agree(configured, held: int, source) -> None:
+    """A config.json's layer count must be the weights' own (a model is built from it before any tensor loads)."""
+    if configured != held:
+        raise WeightsError(f"{source}: the config says {configured!r} layers, the weights hold {held}")
+
+
 # --- putting weights into a model --------------------------------------------------------------------
 
 
@@ -167,6 +241,9 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
             raise WeightsError(
                 f"{source}: key {key!r} has shape {list(t.shape)}, the {what} expects {list(expected[key].shape)}"
             )
+        if expected[key].is_floating_point() and not t.is_floating_point():
+            raise WeightsError(f"{source}: key {key!r} holds {str(t.dtype).removeprefix('torch.')} numbers; the "
+                               f"{what} expects floating point")  # fmt: skip
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 
@@ -174,15 +251,26 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
 # --- writing ---------------------------------------------------------------------------------------------
 
 
-def write_atomic(path, write) -> Path:
-    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file, even after a crash."""
+def write_atomic(path, write, exclusive: bool = False) -> Path:
+    """Call write(tmp_path), then rename tmp_path onto path: readers never see half a file, even after a crash.
+
+    The temporary file is `.NAME.RANDOM.tmp` beside `path` (what a run cleans when it resumes after a crash). Files
+    get the mode any normal write gets (0666 less the umask), so others on a shared machine can read them.
+    exclusive: never replace an existing file: FileExistsError if `path` exists, decided atomically (a hard link),
+    so two processes never take one name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to open(path, "w")
+    mode = tmp.stat().st_mode
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write(str(tmp))
+        if tmp.stat().st_mode != mode:  # the writer made a file of its own (safetensors makes it 0600)
+            os.chmod(tmp, stat.S_IMODE(mode))
+        if exclusive:
+            os.link(tmp, path)  # fails if path exists, whoever made it
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -9,8 +9,8 @@
     data.py       triptych folders and captioned image folders
     embedded.py   the embedded default's small VAE and text encoders, made here
 
-A task is a class with `encode()` (everything frozen, once), `build_model()`, `draw(generator)` (a global Batch)
-and `finish(...)` (evaluation and the run folder's files).
+A task is a class with `encode()` (everything frozen, once), `build_model()`, `draw(generator)` (a global Batch),
+`finish(...)` (evaluation and the run folder's files) and `final_files(model)` (what finish writes, metrics.json last).
 """
 
 from minflux.tasks.kontext import kontext_task

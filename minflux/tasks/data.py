@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from minflux.files.images import DataError
+from minflux.files.images import DataError, deep_to_float, to_8bit
 from minflux.tasks.scenes import to_tensor
 
 
@@ -55,11 +55,21 @@ def _probe(path: Path) -> tuple[int, int]:
 
 
 def _read(path: Path) -> Image.Image:
+    """The image at 8 bits ("RGB"), or at its own depth as a float image ("F", 0-255 scale) when it has more bits
+    (a 16-bit infrared frame keeps its levels; see images.deep_to_float)."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # a grey infrared image becomes three equal channels
+            im = deep_to_float(im)
+            return im if im.mode == "F" else im.convert("RGB")
     except Exception as e:
         raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _rgb(panel: np.ndarray) -> np.ndarray:
+    """[S, S, 3] in [0, 1]: a grey panel (a 16-bit or float image, read as "F") becomes three equal channels."""
+    if panel.ndim == 2:
+        panel = np.repeat(panel[..., None], 3, axis=2)
+    return np.clip(panel, 0.0, 1.0)  # bicubic resizing of a float image overshoots a little
 
 
 def fit_panel(panel: Image.Image, size: int | None, semantic: bool) -> Image.Image:
@@ -209,7 +219,8 @@ class TriptychFolder(_Folder):
         if len(images) == 1:  # cut the triptych into its panels
             h = images[0].height
             images = [images[0].crop((k * h, 0, (k + 1) * h, h)) for k in range(3)]
-        panels = [np.asarray(fit_panel(im, self.size, semantic=k == 2), np.float32) / 255 for k, im in enumerate(images)]
+        panels = [_rgb(np.asarray(fit_panel(im, self.size, semantic=k == 2), np.float32) / 255)
+                  for k, im in enumerate(images)]  # fmt: skip
         caption = files[0].with_suffix(".txt")
         caption = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
         return dict(triptych=to_tensor(panels), caption=caption)  # triptych [3, S, 3S]
@@ -314,7 +325,7 @@ class CaptionFolder(_Folder):
         path, size = self.items[i], self.sizes[i]
         try:
             with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
+                im = to_8bit(ImageOps.exif_transpose(im)).convert("RGB")
         except Exception as e:
             raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
         im = ImageOps.fit(im, size, Image.Resampling.LANCZOS)  # scale to cover, centre-crop to width × height

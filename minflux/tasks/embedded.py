@@ -43,7 +43,10 @@ def embedded_parts(cfg, train_set, run: Path, device):
     ae_path = autoencoder_path(spec.ae_params, scenes, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
     if rank() == 0:
         train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
-        write_text_encoders(run, captions(train_set), seed=cfg.seed)
+        texts = captions(train_set)
+        if not any(text.strip() for text in texts):
+            log("data: no triptych has a caption (a .txt beside it): every one trains with the empty caption")
+        write_text_encoders(run, texts, seed=cfg.seed)
     if dist.is_initialized():
         dist.barrier()
     ae = load_ae(ae_path)
@@ -55,9 +58,12 @@ def embedded_parts(cfg, train_set, run: Path, device):
 
 def write_text_encoders(folder, captions: list[str], seed: int = 0) -> None:
     """Tokenizers learned on the captions and randomly initialised small CLIP and T5, in the official layout under
-    `folder` (tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/); kept if already there."""
+    `folder` (tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/); kept if already there. Captions that are
+    all empty (a folder without .txt files) still get tokenizers, learned on the alphabet, to encode "" with."""
     folder = Path(folder)
     text = "\n".join(captions)  # with repeats: the tokenizers learn from how often words occur
+    if not text.strip():  # sentencepiece cannot learn from no text at all
+        text = " ".join("abcdefghijklmnopqrstuvwxyz")
     if not (folder / "text_encoder_2" / "model.safetensors").exists():
         torch.manual_seed(seed)
         write_clip_tokenizer(folder / "tokenizer", text, num_merges=200)

@@ -11,8 +11,12 @@
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
+import os
+import re
+import shutil
 import sys
 import time
 import tomllib
@@ -142,6 +146,7 @@ class TrainConfig:
     sample_every: int = 0
     out: str = "runs"
     name: str | None = None
+    overwrite: bool = False
     checkpoint_every: int = 500
     stop_at: int | None = None
     resume: str | None = None
@@ -200,7 +205,9 @@ class TrainConfig:
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "sample_every": "write samples/step-N.png every this many steps (0: only samples.png at the end)",
         "out": "folder holding the run folders",
-        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>)",
+        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>); a name already taken gets "
+        "a numbered suffix (-2, -3, ...), so no run is ever written over",
+        "overwrite": "replace the run folder of that name instead (its files are deleted first)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
         "stop_at": "stop after this step with a checkpoint (for jobs with a time limit; continue with --resume)",
         "resume": "a run folder to continue from its last checkpoint",
@@ -210,6 +217,75 @@ class TrainConfig:
         "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
         "params": "print the parameter table of every component, trainable and frozen",
     }
+
+
+# --- the accepted values, checked wherever a config is read: flags, a TOML file, a run's config.toml ----------
+
+SMALL_PRESETS = ("flux-small-fill", "flux-small-kontext")  # trained from scratch: vis2ir (Fill), kontext
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _at_least(low: int):
+    return f"an integer ≥ {low}", lambda v: v >= low
+
+
+def _one_of(*values):
+    return "one of " + ", ".join(values), lambda v: v in values
+
+
+ACCEPTED = {  # field: (the accepted values in words, the check after the type's); the others: any value of the type
+    "semantic": _one_of(*SEMANTIC_MODES),
+    "adapter_layers": _at_least(1),
+    "adapter_heads": _at_least(1),
+    "on_error": _one_of("skip", "stop"),
+    "panel_size": ("a multiple of 16, at least 16", lambda v: v >= 16 and v % 16 == 0),
+    "train_samples": _at_least(1),
+    "heldout_samples": _at_least(1),
+    "task": _one_of("vis2ir", "t2i", "kontext"),
+    "control_size": _one_of("target", "own"),
+    "sample_every": _at_least(0),
+    "resolution": ("a multiple of 16, at least 16 (VAE ×8, then 2×2 packing)", lambda v: v >= 16 and v % 16 == 0),
+    "caption_dropout": ("a probability in [0, 1)", lambda v: 0 <= v < 1),
+    "preset": ("a small preset (" + ", ".join(SMALL_PRESETS) + ")", lambda v: v in SMALL_PRESETS),
+    "lora_rank": _at_least(1),
+    "lora_alpha": ("a finite number > 0", lambda v: v > 0),
+    "lora_format": _one_of(*LORA_FORMATS),
+    "steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "lr": ("a finite number > 0", lambda v: v > 0),
+    "adapter_lr": ("a finite number > 0", lambda v: v > 0),
+    "lr_warmup_steps": _at_least(0),
+    "adapter_warmup_steps": _at_least(0),
+    "t_sampling": _one_of("logit_normal", "uniform"),
+    "max_grad_norm": ("a finite number > 0", lambda v: v > 0),
+    "guidance": ("a finite number ≥ 0", lambda v: v >= 0),
+    "t5_max_length": _at_least(1),
+    "vae_steps": _at_least(1),
+    "seed": ("an integer from 0 to 2^63 - 1", lambda v: 0 <= v < 2**63),
+    "sample_steps": _at_least(0),
+    "out": ("a folder", lambda v: v != ""),
+    "name": ("a folder name (no / and not . or ..; the parent folder is --out)",
+             lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v),
+    "checkpoint_every": _at_least(1),
+    "stop_at": _at_least(1),
+    "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: DEVICE.fullmatch(v) is not None),
+    "dtype": _one_of("auto", "fp32", "bf16", "fp16"),
+}
+
+
+def check_value(name: str, value) -> str | None:
+    """What TrainConfig's field `name` accepts, in words, if `value` is not among it; else None."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind = _field_type(f)
+    words, valid = ACCEPTED.get(name, (TYPE_WORDS[kind], lambda v: True))
+    if value is None:
+        return None if f.default is None else words
+    if kind is float:
+        typed = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        typed = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    return None if typed and valid(value) else words
 
 
 # --- dataclass <-> flags <-> TOML --------------------------------------------------------------------------
@@ -270,6 +346,10 @@ def read_toml(path, cls) -> dict:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    for key, value in data.items():
+        expected = check_value(key, value) if cls is TrainConfig else None
+        if expected:
+            raise ValueError(f"{path}: {key} = {json.dumps(value)}: expected {expected}")
     return data
 
 
@@ -293,30 +373,33 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     add_config_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None and k != "config"}
-    if args.resume:  # the run's own config, then whatever this command line changes
-        cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
-    else:
-        cfg = config_from_args(TrainConfig, args)
-        given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
-        official = cfg.repo or cfg.flux or cfg.finetune
-        defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") and official else {}
-        defaults = KONTEXT_DEFAULTS if cfg.task == "kontext" and not official else defaults
-        cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+    for name in sorted(given, key=[f.name for f in dataclasses.fields(TrainConfig)].index):
+        expected = check_value(name, getattr(args, name))
+        if expected:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {expected}")
+    try:  # a TOML file or the resumed run's config.toml: checked as it is read (read_toml)
+        if args.resume:  # the run's own config, then whatever this command line changes
+            cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
+        else:
+            cfg = config_from_args(TrainConfig, args)
+            given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
+            official = cfg.repo or cfg.flux or cfg.finetune
+            defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") and official else {}
+            defaults = KONTEXT_DEFAULTS if cfg.task == "kontext" and not official else defaults
+            cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+    except ValueError as e:
+        parser.error(str(e))
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
-    if cfg.lora_format not in LORA_FORMATS:
-        parser.error(f"--lora-format {cfg.lora_format}: expected one of {', '.join(LORA_FORMATS)}")
-    if cfg.semantic not in SEMANTIC_MODES:
-        parser.error(f"--semantic {cfg.semantic}: expected one of {', '.join(SEMANTIC_MODES)}")
+    if cfg.task == "vis2ir" and cfg.sample_steps < 1:
+        parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
     channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
-    if cfg.preset not in configs or configs[cfg.preset].params.in_channels != channels:
+    if configs[cfg.preset].params.in_channels != channels:
         fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
         parser.error(f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset "
                      f"({', '.join(fits)})")  # fmt: skip
     if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv"):
         parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
-    if cfg.control_size not in ("target", "own"):
-        parser.error(f"--control-size {cfg.control_size}: expected target or own")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
@@ -324,18 +407,14 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         parser.error("--task kontext trains on edit pairs (--data FOLDER: targets with .txt instructions, and "
                      "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "
                      "with neither, the embedded default on generated scenes")  # fmt: skip
-    if cfg.task == "t2i" and not cfg.data:
-        parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
-    if cfg.task == "t2i" and not cfg.flux:
-        parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
-                     "or --flux, --ae, --clip and --t5")  # fmt: skip
-    if cfg.task in ("t2i", "kontext") and cfg.flux:
-        if cfg.resolution % 16 or cfg.resolution < 16:
-            parser.error(f"--resolution {cfg.resolution}: expected a multiple of 16 (VAE ×8, then 2×2 packing)")
-        if not 0 <= cfg.caption_dropout < 1:
-            parser.error(f"--caption-dropout {cfg.caption_dropout}: expected a probability in [0, 1)")
-        if "t5_max_length" not in given and not args.resume:  # as the official pipelines: dev 512, schnell 256
-            cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)
+    if cfg.task == "t2i":
+        if not cfg.data:
+            parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
+        if not cfg.flux:
+            parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
+                         "or --flux, --ae, --clip and --t5")  # fmt: skip
+    if cfg.task in ("t2i", "kontext") and cfg.flux and "t5_max_length" not in given and not args.resume:
+        cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)  # dev 512, schnell 256
     return cfg
 
 
@@ -372,6 +451,28 @@ def read_run(folder) -> Run:
     weights = find_weights(None, own.flux or cfg.flux, own.ae or cfg.ae, own.clip or cfg.clip, own.t5 or cfg.t5)
     existing = lambda name: folder / name if (folder / name).is_file() else None  # noqa: E731
     return Run(folder, cfg, weights, existing("lora.safetensors"), existing("adapter.safetensors"))
+
+
+def make_run_folder(out, name: str, overwrite: bool = False) -> Path:
+    """A new, empty run folder OUT/NAME, made here. A name already taken (a finished or an unfinished run, anything)
+    gets the first free suffix, NAME-2, NAME-3, ...; mkdir decides, so two runs started at once never share one.
+    overwrite: OUT/NAME itself, its files deleted first (only a train.py run folder's, or an empty folder's)."""
+    folder = Path(out) / name
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and folder.exists():
+            if not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.toml").is_file()):
+                raise ValueError(f"--overwrite: {folder} is not a train.py run folder (no config.toml); left as it is")
+            shutil.rmtree(folder)
+        for k in itertools.count(1):
+            candidate = Path(out) / (name if k == 1 else f"{name}-{k}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make the run folder {name} there: {e}") from None
 
 
 def latest_run(runs) -> Path | None:

@@ -155,17 +155,21 @@ class T2ITask:
 
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
-        """lora.safetensors, metrics.json, loss.png, and samples.png."""
+        """lora.safetensors, loss.png, samples.png, and metrics.json last (it marks a finished run)."""
         cfg, run = self.cfg, self.run
         model.eval()
         save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
         metrics = {"task": cfg.task, "train_seconds": train_seconds, "steps": steps,
                    "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(self.data),
                    "lora_format": cfg.lora_format}  # fmt: skip
-        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.task})"), run / "loss.png")
         if cfg.sample_steps > 0:
             self.samples(model, run / "samples.png")
+        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
+
+    def final_files(self, model) -> list[str]:
+        """What finish writes, in order: metrics.json last, as it marks a finished run."""
+        return ["lora.safetensors", "loss.png", *(["samples.png"] if self.cfg.sample_steps > 0 else []), "metrics.json"]
 
     def sample_items(self) -> list[int]:
         """The images whose caption is sampled: up to four training images of the first one's size (one grid)."""

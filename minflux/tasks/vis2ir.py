@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minflux.files.images import image_grid, line_plot, save_png
+from minflux.files.images import DataError, image_grid, line_plot, save_png
 from minflux.files.load import load_ae, load_clip, load_flux, load_t5, save_flux
 from minflux.files.lora_files import load_lora, save_lora
 from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_text_atomic
@@ -227,7 +227,7 @@ def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
 
 def datasets(cfg, heldout: int | None = None):
     """(train, held-out): generated scenes (`heldout` of them, or heldout_samples), or a triptych folder whose last
-    tenth (at most heldout_samples) is held out."""
+    tenth (at least one, at most heldout_samples) is held out; a folder of fewer than 2 usable triptychs is an error."""
     if cfg.data is None:
         return (
             SyntheticTriptychs(cfg.train_samples, cfg.panel_size, "train", cfg.seed),
@@ -236,9 +236,12 @@ def datasets(cfg, heldout: int | None = None):
     folder = TriptychFolder(cfg.data, size=cfg.panel_size, on_error=cfg.on_error)
     if folder.n_skipped:
         log(f"data: skipped {folder.n_skipped} unusable file(s), e.g. {folder.skipped[0][0]}: {folder.skipped[0][1]}")
-    n_held = min(cfg.heldout_samples, len(folder) // 10)
-    idx = list(range(len(folder)))
-    return torch.utils.data.Subset(folder, idx[: len(idx) - n_held]), torch.utils.data.Subset(folder, idx[-n_held:])
+    if len(folder) < 2:
+        raise DataError(folder.root, f"{len(folder)} usable triptych: too few to hold any out for the evaluation; "
+                                     "at least 2 are needed (one to train on, one held out)")  # fmt: skip
+    n_held = min(cfg.heldout_samples, max(1, len(folder) // 10))
+    n_train = len(folder) - n_held
+    return torch.utils.data.Subset(folder, range(n_train)), torch.utils.data.Subset(folder, range(n_train, len(folder)))
 
 
 # --- the task: what train.py runs ---------------------------------------------------------------------------------
@@ -333,6 +336,12 @@ class Vis2IRTask:
         return Batch(rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs,
                      rows.target_tokens if cfg.target_only else None)  # fmt: skip
 
+    def final_files(self, model) -> list[str]:
+        """What finish writes, in order: metrics.json last, as it marks a finished run."""
+        weights = "lora.safetensors" if self.cfg.flux else "transformer.safetensors"
+        adapter = ["adapter.safetensors"] if model.injection_state_dict() else []
+        return [weights, *adapter, "loss.png", "samples.png", "metrics.json"]
+
     @torch.no_grad()
     def generate_heldout(self, model, n: int | None = None) -> Tensor:
         """The generated infrared panels of the first n held-out scenes (all by default), [n, 3, S, S] on the CPU."""
@@ -379,7 +388,7 @@ class Vis2IRTask:
         injection = model.injection_state_dict()
         if injection:
             save_atomic(injection, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})
-        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.semantic})"), run / "loss.png")
         self.grid(generated, run / "samples.png", {"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
+        write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
         log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
