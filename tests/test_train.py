@@ -131,6 +131,52 @@ def test_config_file_sets_fields_and_flags_win(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.semantic, cfg.target_only) == (7, 0.5, "none", True)
 
 
+# A string with what TOML must escape (quote, backslash, control characters, DEL) and what JSON would write as
+# surrogate pairs (beyond U+FFFF).
+TRICKY = 'caption ü ∞ 😀 𝄞 "quoted" back\\slash\nnew line\ttab \x7f \x01 [x] = # not a comment'
+
+
+def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_path):
+    import dataclasses
+    import math
+    import tomllib
+
+    from minflux.tasks.runs import _field_type, read_toml, to_toml
+
+    kinds = {}
+    for floats in ((math.inf, -math.inf, 1e-300), (0.1, 2.5e20, math.nan)):
+        values = {}
+        for i, f in enumerate(dataclasses.fields(train.TrainConfig)):
+            kind = _field_type(f)
+            kinds.setdefault(kind, []).append(f.name)
+            values[f.name] = {str: f"{TRICKY} {i}", int: 2**40 + i, float: floats[i % 3],
+                              bool: not (f.default is True)}[kind]  # fmt: skip
+        cfg = train.TrainConfig(**values)
+        (tmp_path / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))  # valid TOML, by the standard reader
+        back = train.TrainConfig(**read_toml(tmp_path / "config.toml", train.TrainConfig))
+        for name, value in values.items():
+            got = getattr(back, name)
+            assert got == value or (math.isnan(value) and math.isnan(got)), (name, value, got)
+            assert type(got) is type(value), name
+    assert set(kinds) == {str, int, float, bool}, kinds  # every type a flag takes was written and read back
+    with pytest.raises(ValueError, match="name: .* is not valid Unicode"):
+        to_toml(train.TrainConfig(name="run\udcff"))  # undecodable command-line bytes: named, not written
+
+
+def test_max_grad_norm_inf_then_resume_reads_the_config_back(tmp_path):
+    from minflux.tasks.runs import to_toml
+
+    cfg = train.parse(["--max-grad-norm", "inf", "--default-caption", TRICKY, "--out", str(tmp_path)])
+    run = tmp_path / "run"
+    run.mkdir()
+    from minflux.files.weights import write_text_atomic
+
+    write_text_atomic(run / "config.toml", to_toml(cfg))  # as train.py writes it
+    resumed = train.parse(["--resume", str(run)])
+    assert resumed.max_grad_norm == float("inf") and resumed.default_caption == TRICKY
+
+
 def test_bad_semantic_mode_is_rejected():
     with pytest.raises(SystemExit) as e:
         train.parse(["--semantic", "telepathy"])

@@ -190,7 +190,7 @@ def write_atomic(path, write) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

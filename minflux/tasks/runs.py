@@ -11,7 +11,6 @@
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -253,7 +252,7 @@ def config_from_args(cls, args: argparse.Namespace):
 def read_toml(path, cls) -> dict:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from None
     names = [f.name for f in dataclasses.fields(cls)]
@@ -264,13 +263,35 @@ def read_toml(path, cls) -> dict:
 
 
 def to_toml(config) -> str:
-    """A flat dataclass as TOML (None values are left out: absent means default)."""
-    lines = []
-    for key, value in dataclasses.asdict(config).items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {json.dumps(value)}")  # JSON strings, numbers, bools and lists are valid TOML
-    return "\n".join(lines) + "\n"
+    """A flat dataclass as TOML, UTF-8 (None values are left out: absent means default)."""
+    return "".join(f"{key} = {toml_value(value, key)}\n" for key, value in dataclasses.asdict(config).items()
+                   if value is not None)  # fmt: skip
+
+
+# TOML basic strings escape ", \\ and the control characters (U+0000-U+001F, U+007F); any other character is itself.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
+
+
+def toml_value(value, key: str = "value") -> str:
+    """One value as TOML: a string, an integer, a float (inf, -inf and nan included), a boolean, or a list of them.
+    JSON is not TOML for inf/nan ("Infinity") nor for characters beyond U+FFFF (JSON writes surrogate pairs)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)  # repr: "inf", "-inf", "0.001", "1e-05", all TOML
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v, key) for v in value) + "]"
+    if not isinstance(value, str):
+        raise TypeError(f"{key}: cannot write a {type(value).__name__} as TOML")
+    if any("\ud800" <= c <= "\udfff" for c in value):  # undecodable bytes on the command line, kept as surrogates
+        raise ValueError(f"{key}: {value!r} is not valid Unicode text (bytes that are not UTF-8?)")
+    return '"' + "".join(_toml_char(c) for c in value) + '"'
+
+
+def _toml_char(c: str) -> str:
+    return _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
 
 
 # --- the command line, checked --------------------------------------------------------------------------------
