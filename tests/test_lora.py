@@ -146,6 +146,56 @@ def test_diffusers_format_loads_into_diffusers_with_the_same_output(tmp_path):
     assert err <= 1e-4 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
 
 
+def test_diffusers_lora_with_alpha_other_than_rank_loads_at_the_strength_diffusers_reloads_it(tmp_path):
+    """diffusers keeps a PEFT LoRA's alpha in the file's metadata (save_lora_weights(...,
+    transformer_lora_adapter_metadata=LoraConfig.to_dict())). Reading the tensors alone: max|Δ|/std 1.45 here."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model, inputs = tiny_flux(), flux_inputs(TINY)
+    trained = diffusers_flux(TINY, model.state_dict())
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # random lora_B: every layer changes the output
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_mlp", "norm.linear"],
+                        rank_pattern={"single_transformer_blocks.1.attn.to_q": 2},  # other ranks and alphas by name
+                        alpha_pattern={"transformer_blocks.0.attn.to_k": 1.5, "single_transformer_blocks.1.attn.to_q": 6})  # fmt: skip
+    torch.manual_seed(0)
+    trained.add_adapter(config)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained),
+                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+
+    reloaded = diffusers_flux(TINY, model.state_dict())  # what FluxPipeline.load_lora_weights does with the file
+    state_dict, _, metadata = FluxPipeline.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
+    reloaded.load_lora_adapter(state_dict, prefix="transformer", metadata=metadata, adapter_name="file")
+    theirs = diffusers_forward(reloaded, inputs).detach()
+    base = diffusers_forward(diffusers_flux(TINY, model.state_dict()), inputs).detach()
+    assert (theirs - base).abs().max() > theirs.std(), "the LoRA must change the output for the check to mean much"
+    assert torch.equal(theirs, diffusers_forward(trained, inputs).detach())
+
+    load_lora(model, path)
+    assert model.get_submodule("double_blocks.1.img_attn.proj").alpha.item() == 8.0  # to_out.0: lora_alpha, rank 4
+    err = (run(model, inputs) - theirs).abs().max().item()
+    assert err <= 1e-5 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
+
+
+def test_peft_adapter_folder_with_adapter_config_json_and_rslora(tmp_path):
+    """PEFT's save_pretrained writes the alpha in adapter_config.json beside the weights (0.61 max|Δ|/std without)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, inputs = tiny_flux(), flux_inputs(TINY)
+    ref = diffusers_flux(TINY, model.state_dict())
+    config = LoraConfig(r=4, lora_alpha=3, use_rslora=True, init_lora_weights=False,  # scale alpha / √r
+                        target_modules=["to_q", "to_add_out", "proj_out"])  # fmt: skip
+    torch.manual_seed(1)
+    get_peft_model(ref, config).save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors + adapter_config.json
+    theirs = diffusers_forward(ref, inputs).detach()
+    assert "lora_adapter_metadata" not in read_metadata(tmp_path / "adapter" / "adapter_model.safetensors")
+    load_lora(model, tmp_path / "adapter" / "adapter_model.safetensors")
+    err = (run(model, inputs) - theirs).abs().max().item()
+    assert err <= 1e-5 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
+
+
 def test_kohya_file_converted_by_diffusers_matches_minflux_loading_it(tmp_path):
     from diffusers import FluxPipeline
 

@@ -9,7 +9,9 @@ LoRA files differ only in how they name the layers and how they cut FLUX's fused
     XLabs      double_blocks.0.processor.qkv_lora1.down.weight / .up.weight                   lora1 img, lora2 txt
 
 `layer_names` lists every such name for each linear layer of a model (the tables are in keys.py), so reading
-any of these files is one dictionary lookup per key.
+any of these files is one dictionary lookup per key. The alpha (the update is alpha / rank · up @ down) is a tensor
+of the file in kohya's and minflux's layouts; a diffusers / PEFT file keeps it in its PEFT LoraConfig instead,
+in the file's metadata or in adapter_config.json beside it (`peft_config`); BFL and XLabs files have none (factor 1).
 
 References: kohya-ss/sd-scripts (networks/lora_flux.py: how split q/k/v LoRAs are saved); black-forest-labs/flux
 (src/flux/modules/lora.py); XLabs-AI/x-flux (src/flux/modules/layers.py); diffusers (loaders/
@@ -17,6 +19,9 @@ lora_conversion_utils.py: _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_
 conversions the tests use as the oracle.
 """
 
+import json
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from minflux.files.keys import LORA_PREFIXES, LORA_SUFFIXES, SWAPPED_HALVES, XLABS, diffusers_key_pairs, swap_halves
-from minflux.files.weights import WeightsError, read_state_dict, save_atomic
+from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic
 from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers
 
 # --- the names other tools give the layers ------------------------------------------------------------------
@@ -92,6 +97,41 @@ def _split_key(key: str, names: dict) -> tuple[str, str] | None:
     return None
 
 
+# --- the alpha of a PEFT file ---------------------------------------------------------------------------------
+
+
+def peft_config(path) -> dict | None:
+    """The PEFT LoraConfig (as a dict) a diffusers / PEFT LoRA file comes with, or None.
+
+    diffusers keeps it in the safetensors metadata under "lora_adapter_metadata" (JSON; `save_lora_weights`
+    prefixes its keys with "transformer.", a model's `save_lora_adapter` does not); PEFT's `save_pretrained` writes
+    adapter_config.json beside adapter_model.safetensors. Without one, PEFT's rule holds: alpha = rank.
+    """
+    path = Path(path)
+    raw = read_metadata(path).get("lora_adapter_metadata")
+    sidecar = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    if raw:
+        config = json.loads(raw)
+        config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")} or config
+    elif sidecar.is_file():
+        config = json.loads(sidecar.read_text(encoding="utf-8"))
+    else:
+        return None
+    return config if "lora_alpha" in config or "r" in config else None
+
+
+def peft_alpha(config: dict, name: str, rank: int) -> float:
+    """minflux's alpha (factor alpha / rank) for the layer a PEFT config calls `name` (transformer_blocks.0.attn.to_q):
+    its alpha_pattern entry (matched on the name's end, as PEFT matches), else lora_alpha (PEFT's default 8).
+    rsLoRA (use_rslora) scales by lora_alpha / √rank, which is alpha = lora_alpha · √rank here."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            alpha = value
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
 # --- reading --------------------------------------------------------------------------------------------------
 
 
@@ -133,6 +173,7 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """
     source = "LoRA state dict" if isinstance(path, dict) else path
     sd = dict(path) if isinstance(path, dict) else read_state_dict(path)
+    config = None if isinstance(path, dict) else peft_config(path)  # where a diffusers / PEFT file keeps its alpha
     names, layers = layer_names(model), linear_layers(model)
 
     groups, unmatched = {}, []  # {layer name in the file: {"down": (key, tensor), "up": ..., "alpha": ...}}
@@ -167,7 +208,13 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
                 f"{source}: key {up_key!r} has shape {list(up.shape)}; layer {target.module} expects "
                 f"[{rows.stop - rows.start}, {down.shape[0]}] (a LoRA for another model?)"
             )
-        alpha = parts["alpha"][1].item() if "alpha" in parts else down.shape[0]  # no alpha stored: factor 1
+        rank = down.shape[0]
+        if "alpha" in parts:  # kohya, minflux
+            alpha = parts["alpha"][1].item()
+        elif config is not None and down_key.endswith(".lora_A.weight"):  # diffusers / PEFT, with its LoraConfig
+            alpha = peft_alpha(config, name, rank)
+        else:  # no alpha anywhere: factor 1 (BFL, XLabs, PEFT without a config)
+            alpha = rank
         bias = parts["bias"][1].float() if "bias" in parts else None
         if bias is not None and tuple(bias.shape) != (rows.stop - rows.start,):
             raise WeightsError(f"{source}: key {parts['bias'][0]!r} has shape {list(bias.shape)}, expected "
