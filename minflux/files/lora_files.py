@@ -271,12 +271,13 @@ def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
     return tensors
 
 
-def save_lora(model: nn.Module, path, format: str = "minflux") -> Path:
+def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
     """Write the model's LoRA layers to a .safetensors file, atomically; the metadata names format, rank, alpha.
 
-    format: "minflux" (official names, .lora_down / .lora_up / .alpha), "kohya" (lora_unet_…, as sd-scripts and
-    ComfyUI write FLUX LoRAs) or "diffusers" (PEFT names under transformer., q/k/v split, alpha folded into
-    lora_B). The user's `scale` is not saved: a file holds the LoRA as trained.
+    format: "kohya" (lora_unet_…, as sd-scripts writes FLUX LoRAs: ComfyUI, diffusers' load_lora_weights and
+    minflux read it), "diffusers" (PEFT names under transformer., q/k/v split, alpha folded into lora_B, so any
+    PEFT reader gets it right without a config) or "minflux" (official names, .lora_down / .lora_up / .alpha; the one
+    that keeps a LoRA bias). The user's `scale` is not saved: a file holds the LoRA as trained.
     """
     layers = lora_layers(model)
     if not layers:
@@ -292,10 +293,16 @@ def save_lora(model: nn.Module, path, format: str = "minflux") -> Path:
             for name, layer in layers.items()
             for k, v in _adapter_state(layer).items()
         }
+        outside = [name for name in layers if not name.startswith(("double_blocks.", "single_blocks."))]
+        if outside:  # diffusers 0.42's _convert_kohya_flux_lora_to_diffusers names them without "transformer."
+            warnings.warn(f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
+                          f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
+                          "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
+                          "in the diffusers format for diffusers")  # fmt: skip
     elif format == "diffusers":
         tensors = _diffusers_tensors(model, layers)
     else:
-        raise ValueError(f"save_lora: unknown format {format!r}; use 'minflux', 'kohya' or 'diffusers'")
+        raise ValueError(f"save_lora: unknown format {format!r}; use 'kohya', 'diffusers' or 'minflux'")
     metadata = {
         "minflux.lora_format": format,
         "minflux.lora_rank": ", ".join(str(r) for r in sorted({layer.rank for layer in layers.values()})),

@@ -86,7 +86,7 @@ def format_seconds(s: float) -> str:
 # ai-toolkit), where the from-scratch vis2ir defaults would not fit. Given flags and TOML keys win.
 T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10, "checkpoint_every": 250,
                 "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
-LORA_FORMATS = ("minflux", "kohya", "diffusers")
+LORA_FORMATS = ("kohya", "diffusers", "minflux")
 
 
 @dataclass
@@ -117,7 +117,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_targets: str | None = None
-    lora_format: str = "minflux"
+    lora_format: str = "kohya"
     # optimisation
     steps: int = 1300
     batch_size: int = 16
@@ -173,7 +173,8 @@ class TrainConfig:
         "lora_rank": "LoRA rank (LoRA is used with given weights or --finetune)",
         "lora_alpha": "LoRA alpha (default: the rank)",
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
-        "lora_format": "lora.safetensors layout: minflux (official names), kohya (sd-scripts, ComfyUI) or diffusers",
+        "lora_format": "lora.safetensors layout: kohya (sd-scripts' names; ComfyUI, diffusers and minflux read it), "
+        "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
         "steps": "optimisation steps",
         "batch_size": "global batch size (split across processes under torchrun)",
         "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10)",
