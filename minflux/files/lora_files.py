@@ -111,8 +111,9 @@ def peft_config(path) -> dict | None:
     raw = read_metadata(path).get("lora_adapter_metadata")
     sidecar = (path if path.is_dir() else path.parent) / "adapter_config.json"
     if raw:
-        config = json.loads(raw)
-        config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")} or config
+        config = json.loads(raw)  # a pipeline's file: the transformer's keys under "transformer."; a model's: its own
+        ours = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+        config = ours or config
     elif sidecar.is_file():
         config = json.loads(sidecar.read_text(encoding="utf-8"))
     else:

@@ -8,6 +8,7 @@ at a time, and puts it into a model built on the meta device, so the weights are
 Every failure raises `WeightsError` with a message that names the file, the key and what was expected.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -103,6 +104,15 @@ def read_metadata(path) -> dict[str, str]:
         return {}
     with _open(file) as f:
         return dict(f.metadata() or {})
+
+
+def sha256(path) -> str:
+    """The file's SHA-256 in hex (what A1111 and CivitAI name LoRAs by; a run records its files with it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

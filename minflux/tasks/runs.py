@@ -239,6 +239,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     parser.add_argument("--config", type=Path, help="a TOML file setting the same fields; flags win over it")
 
 
+def dashed(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with BFL's underscore spellings of the flags (--num_steps, --output_dir) written as this parser's
+    (--num-steps, --output-dir), so that commands pasted from the official scripts run."""
+    known = parser._option_string_actions  # every option string the parser takes
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and "_" in flag and flag.replace("_", "-") in known:
+            arg = flag.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
 def config_from_args(cls, args: argparse.Namespace):
     """The dataclass from defaults, then the TOML file, then the flags given. Unknown TOML keys are an error."""
     values = {}
