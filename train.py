@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     default_name = f"t2i-{Path(cfg.data or '.').resolve().name}" if cfg.task == "t2i" else f"vis2ir-{cfg.semantic}"
-    run = Path(cfg.resume) if cfg.resume else Path(cfg.out) / (cfg.name or default_name)
+    run = Path(cfg.resume) if cfg.resume else Path(cfg.output_dir) / (cfg.name or default_name)
     run.mkdir(parents=True, exist_ok=True)
     if rank() == 0 and not cfg.resume:
         write_text_atomic(run / "config.toml", to_toml(cfg))

@@ -177,6 +177,36 @@ def test_max_grad_norm_inf_then_resume_reads_the_config_back(tmp_path):
     assert resumed.max_grad_norm == float("inf") and resumed.default_caption == TRICKY
 
 
+def test_output_dir_is_the_flag_out_and_bfl_underscores_are_aliases_and_old_configs_read(tmp_path):
+    assert train.parse(["--output-dir", "a"]).output_dir == "a"
+    assert train.parse(["--out", "b"]).output_dir == "b"  # the earlier name
+    assert train.parse(["--output_dir", "c", "--batch_size=8", "--max_grad_norm", "2"]).output_dir == "c"
+    assert train.parse(["--batch_size=8"]).batch_size == 8
+    (tmp_path / "old.toml").write_text('out = "d"\nsteps = 3\n')  # a config.toml written before the rename
+    assert train.parse(["--config", str(tmp_path / "old.toml")]).output_dir == "d"
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused_and_progress_prints_once(monkeypatch, capsys):
+    import io
+
+    from minflux.tasks import runs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before the process group starts
+    assert train.parse(["--batch-size", "4"]).batch_size == 4
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--batch-size", "3"])
+    assert e.value.code == 2
+    assert "--batch-size 3 is the global batch: it must split evenly over the 2 processes" in capsys.readouterr().err
+
+    lines = {}
+    for r in (0, 1):
+        monkeypatch.setattr(runs, "rank", lambda r=r: r)
+        stream = io.StringIO()
+        runs.Progress(4, label="encode ", stream=stream).update(4)
+        lines[r] = stream.getvalue()
+    assert lines[0].startswith("encode 4/4") and lines[1] == ""
+
+
 def test_bad_semantic_mode_is_rejected():
     with pytest.raises(SystemExit) as e:
         train.parse(["--semantic", "telepathy"])
@@ -208,7 +238,9 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     pipe = Vis2IRPipeline.from_run(run, device="cpu")
     assert pipe.model.flux.double_blocks[0].img_attn.qkv.__class__.__name__ == "LoRALinear"
     image = pipe(Image.new("RGB", (80, 80), (30, 120, 30)), Image.new("RGB", (80, 80), (200, 0, 0)), num_steps=2)[0]
-    assert image.size == (64, 64) and image.info["task"] == "vis2ir"
+    from minflux.files.images import read_settings
+
+    assert image.size == (64, 64) and read_settings(image)["task"] == "vis2ir"
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def embedded_parts(cfg, train_set, run: Path, device):
     spec = configs[cfg.preset]
     scenes = range(min(len(train_set), 512))
     panels = torch.stack([p for i in scenes for p in split_triptych(train_set[i]["triptych"])])  # [1536, 3, 64, 64]
-    ae_path = autoencoder_path(spec.ae_params, panels, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
+    ae_path = autoencoder_path(spec.ae_params, panels, cfg.vae_steps, Path(cfg.output_dir) / "cache", seed=cfg.seed)
     if rank() == 0:
         train_autoencoder(spec.ae_params, panels, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         write_text_encoders(run, captions(train_set), seed=cfg.seed)

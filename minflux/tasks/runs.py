@@ -12,6 +12,7 @@
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 import tomllib
@@ -55,6 +56,8 @@ class Progress:
         self.tty = self.stream.isatty()
 
     def update(self, step: int, **fields) -> None:
+        if rank() != 0:  # under torchrun every process counts the same steps: one line is enough
+            return
         elapsed = time.perf_counter() - self.start
         rate = step / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("nan")
@@ -134,7 +137,7 @@ class TrainConfig:
     seed: int = 0
     # evaluation and output
     sample_steps: int = 16
-    out: str = "runs"
+    output_dir: str = "runs"
     name: str | None = None
     checkpoint_every: int = 500
     stop_at: int | None = None
@@ -189,7 +192,7 @@ class TrainConfig:
         "vae_steps": "training steps of the embedded default's VAE (cached)",
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
-        "out": "folder holding the run folders",
+        "output_dir": "folder holding the run folders (also --out)",
         "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
         "stop_at": "stop after this step with a checkpoint (for jobs with a time limit; continue with --resume)",
@@ -200,6 +203,8 @@ class TrainConfig:
         "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
         "params": "print the parameter table of every component, trainable and frozen",
     }
+    ALIASES = {"output_dir": ["--out"]}  # other spellings of a flag; BFL's underscores (--output_dir) come free
+    RENAMED = {"out": "output_dir"}  # keys of older config.toml files
 
 
 # --- dataclass <-> flags <-> TOML --------------------------------------------------------------------------
@@ -222,7 +227,7 @@ def _parse_bool(s: str) -> bool:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per dataclass field, with the field's comment-free help: its type and default."""
-    helps = getattr(cls, "HELP", {})
+    helps, aliases = getattr(cls, "HELP", {}), getattr(cls, "ALIASES", {})
     for f in dataclasses.fields(cls):
         kind = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -231,6 +236,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             flag = dict(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            *aliases.get(f.name, []),
             dest=f.name,
             default=None,  # None = not given, so the TOML file or the dataclass default applies
             help=f"{helps.get(f.name, '')} (default: {default})".strip(),
@@ -269,6 +275,7 @@ def read_toml(path, cls) -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from None
+    data = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in data.items()}
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -316,7 +323,7 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     the run's config.toml, then the flags given). Bad values stop here, with exit code 2 and the flag named."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dashed(parser, sys.argv[1:] if argv is None else argv))
     given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     if args.resume:  # the run's own config, then whatever this command line changes
         cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
@@ -327,6 +334,10 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
             cfg = replace(cfg, **{k: v for k, v in T2I_DEFAULTS.items() if k not in given})
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
+    if cfg.batch_size % processes:
+        parser.error(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the {processes} "
+                     f"processes (a multiple of {processes}, e.g. {cfg.batch_size // processes * processes or processes})")  # fmt: skip
     if cfg.lora_format not in LORA_FORMATS:
         parser.error(f"--lora-format {cfg.lora_format}: expected one of {', '.join(LORA_FORMATS)}")
     if cfg.semantic not in SEMANTIC_MODES:
