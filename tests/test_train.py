@@ -102,6 +102,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    encode = [[line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("encode ")] for r in (one, two)]
+    assert encode[1] == encode[0] == ["encode 16/16"]  # printed once, not once per process
     a = read_state_dict(tmp_path / "one" / "transformer.safetensors")
     b = read_state_dict(tmp_path / "two" / "transformer.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
