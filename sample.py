@@ -8,9 +8,12 @@
     python sample.py --repo FLUX.1-dev --from outputs/img_0003.png          again, from the settings in a PNG
 
 With official weights, --repo is one official repo folder (BFL or diffusers layout); --flux/--ae/--clip/--t5
-name the files one by one instead. Each image is written to --output-dir with its settings in PNG text chunks
-(read back by --from). Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps and
-guidance 3.5, Fill 50 and 30, Kontext 30 and 2.5. The last line printed is the last file written.
+name the files one by one instead. Each image is written to --output-dir with its settings in PNG text chunks:
+an A1111 "parameters" chunk (read by A1111, Forge, CivitAI, ComfyUI) and minflux's own, which --from reads back
+(weights, LoRAs and images by absolute path, so it works from any folder). Without --seed a random seed is drawn,
+printed and recorded. Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps and guidance
+3.5, Fill 50 and 30, Kontext 30 and 2.5. BFL's spellings (--num_steps, --output_dir, --name) are accepted too.
+The last line printed is the last file written.
 """
 
 import argparse
@@ -26,8 +29,8 @@ from pathlib import Path
 import torch
 
 from minflux.files.images import DataError, image_grid, read_settings, save_image, save_png
-from minflux.files.weights import WeightsError
-from minflux.tasks.runs import Progress, latest_run
+from minflux.files.weights import WeightsError, sha256
+from minflux.tasks.runs import Progress, dashed, latest_run
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -37,7 +40,6 @@ def parse_args(argv):
     g = p.add_argument_group("the embedded default and vis2ir (a train.py run)")
     g.add_argument("--run", type=Path, help="a train.py run folder (default: the latest under --runs)")
     g.add_argument("--runs", type=Path, default=Path("runs"), help="where train.py writes its runs")
-    g.add_argument("--num", type=int, default=8, help="held-out scenes to generate")
     g.add_argument("--visible", type=Path, nargs="+", help="visible image(s) to translate to infrared")
     g.add_argument("--semantic-map", type=Path, nargs="+", help="their semantic maps (class colours), one each")
     g.add_argument("--output", type=Path, default=None, help="the held-out grid PNG (default: RUN/sample-SEED.png)")
@@ -48,7 +50,8 @@ def parse_args(argv):
     g.add_argument("--ae", type=Path, help="ae.safetensors or a diffusers vae/ folder")
     g.add_argument("--clip", type=Path, help="CLIP-L: a text_encoder/ folder (its tokenizer/ beside it) or file")
     g.add_argument("--t5", type=Path, help="T5-XXL: a text_encoder_2/ folder (its tokenizer_2/ beside it) or file")
-    g.add_argument("--variant", help="the preset when the weights cannot tell (flux-dev-kontext has dev's shapes)")
+    g.add_argument("--variant", "--name", help="the preset when the weights cannot tell (flux-dev-kontext has dev's "
+                   "shapes); BFL's --name")  # fmt: skip
     g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (kohya, diffusers, BFL, XLabs or minflux file), scale 1 by default; repeat for more")
 
@@ -58,15 +61,17 @@ def parse_args(argv):
     g.add_argument("--true-cfg", type=float, default=None, help="true classifier-free guidance scale (default 1: off)")
     g.add_argument("--image", type=Path, help="Fill: the image to paint into; Kontext: the reference image")
     g.add_argument("--mask", type=Path, help="Fill: white where the model paints, the image's size")
-    g.add_argument("--width", type=int, help="pixels, rounded to a multiple of 16 (default 1024; Fill/Kontext: the image's)")
-    g.add_argument("--height", type=int, help="pixels, rounded to a multiple of 16")
-    g.add_argument("--steps", type=int, help="Euler steps (default: the model's official number)")
+    g.add_argument("--width", type=int, help="pixels, rounded down to a multiple of 16 as the official CLI (default "
+                   "1024; Fill/Kontext: the image's)")  # fmt: skip
+    g.add_argument("--height", type=int, help="pixels, rounded down to a multiple of 16")
+    g.add_argument("--steps", "--num-steps", type=int, help="Euler steps (default: the model's official number)")
     g.add_argument("--guidance", type=float, help="the guidance embedding's value (dev, Fill, Kontext)")
-    g.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed + i - 1 (default 0)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate")
+    g.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed + i - 1 (default: drawn "
+                   "at random, printed and recorded; held-out scenes: 0)")  # fmt: skip
+    g.add_argument("--num-images", "--num", type=int, help="images to generate (default 1), or held-out scenes (8)")
     g.add_argument("--max-length", type=int, help="T5 tokens (default 512, schnell 256)")
     g.add_argument("--from", dest="settings_from", type=Path, help="take unset options from a minflux PNG's settings")
-    g.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where images are written")
+    g.add_argument("--output-dir", "--out", type=Path, default=Path("outputs"), help="where images are written")
 
     g = p.add_argument_group("study")
     g.add_argument("--trace", action="store_true", help="print the tensor shapes of every stage, one line each")
@@ -77,26 +82,51 @@ def parse_args(argv):
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--offload", action="store_true",
                    help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
-    return p.parse_args(argv)
+    return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))
 
 
 def apply_settings(args) -> None:
-    """Fill the options not given on the command line from the text chunks of an earlier image."""
+    """Fill the options not given on the command line from the settings an earlier image carries (what determines
+    its pixels), and say where what is found now differs from what made it."""
     s = read_settings(args.settings_from)
-    if s.get("software") != "minflux":
-        raise DataError(args.settings_from, "holds no minflux settings (its PNG text chunks lack software=minflux)")
+    if not s:
+        raise DataError(args.settings_from, "holds no minflux settings (no \"minflux\" PNG text chunk)")
     fields = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
-              "steps": ("steps", int), "width": ("width", int), "height": ("height", int),
-              "true_cfg": ("true_cfg_scale", float), "image": ("image", Path), "mask": ("mask", Path)}  # fmt: skip
+              "steps": ("steps", int), "width": ("width", int), "height": ("height", int), "guidance": ("guidance", float),
+              "true_cfg": ("true_cfg_scale", float), "max_length": ("t5_max_length", int), "dtype": ("dtype", str)}  # fmt: skip
     for arg, (key, kind) in fields.items():
-        if getattr(args, arg) is None and key in s:
+        if getattr(args, arg) is None and s.get(key) not in (None, "none"):
             setattr(args, arg, kind(s[key]))
-    if args.guidance is None and s.get("guidance", "none") != "none":
-        args.guidance = float(s["guidance"])
-    if not args.lora and s.get("loras"):
-        args.lora = s["loras"].split(", ")
     if args.variant is None and s.get("variant", "custom") != "custom":
         args.variant = s["variant"]
+    if not (args.repo or args.flux):  # the weights it was made with, where they were
+        for part, path in s.get("weights", {}).items():
+            if getattr(args, part) is None:
+                setattr(args, part, Path(path))
+    for part in ("image", "mask"):
+        if getattr(args, part) is None and "path" in s.get(part, {}):
+            setattr(args, part, Path(s[part]["path"]))
+            check_same(args.settings_from, part, s[part])
+    if not args.lora:
+        for lora in (lora for lora in s.get("loras", []) if "path" in lora):  # not one given in memory
+            args.lora.append(f"{lora['path']}:{lora['scale']:g}")
+            check_same(args.settings_from, "LoRA", lora)
+    device = s.get("device")
+    if args.device is None and device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"note: {args.settings_from} was made on {device}; on the CPU its pixels may differ")
+        else:
+            args.device = device
+
+
+def check_same(png: Path, what: str, record: dict) -> None:
+    """Say so when a file an image was made from is missing or holds something else now."""
+    path = Path(record["path"])
+    if not path.is_file():
+        return  # loading it names it
+    if "sha256" in record and sha256(path) != record["sha256"]:
+        print(f"note: the {what} {path} differs from the one {png} was made with (sha256 {record['sha256'][:12]} "
+              f"then, {sha256(path)[:12]} now): expect another image")  # fmt: skip
 
 
 def lora_and_scale(spec: str) -> tuple[Path, float]:
@@ -211,7 +241,7 @@ def print_timings(timings: dict[str, float]) -> None:
 
 def official(args) -> int:
     """Text-to-image, Fill or Kontext with official weights (or any FLUX in their layouts)."""
-    from minflux.pipeline import FluxPipeline
+    from minflux.pipeline import FluxPipeline, random_seed
 
     if args.prompt is None:
         raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
@@ -235,11 +265,13 @@ def official(args) -> int:
           f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
           f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}")  # fmt: skip
     print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
-    progress = Progress(steps * args.num_images, label="denoise ")
+    seed, num_images = random_seed() if args.seed is None else args.seed, args.num_images or 1
+    print(f"seed {seed}" + (" (drawn at random; --seed to choose)" if args.seed is None else ""))
+    progress = Progress(steps * num_images, label="denoise ")
     with maybe_trace(args.trace):
         images = pipe(
             args.prompt, width=args.width, height=args.height, num_steps=steps, guidance=args.guidance,
-            seed=args.seed or 0, num_images=args.num_images, negative_prompt=args.negative_prompt,
+            seed=seed, num_images=num_images, negative_prompt=args.negative_prompt,
             true_cfg_scale=args.true_cfg or 1.0, image=args.image, mask=args.mask,
             callback=lambda step, total: progress.update(step),
         )  # fmt: skip
@@ -254,18 +286,22 @@ def official(args) -> int:
 
 def vis2ir(args, run: Path) -> int:
     """The run's vis2ir model on the given visible images and semantic maps."""
-    from minflux.pipeline import Vis2IRPipeline
+    from minflux.pipeline import Vis2IRPipeline, random_seed
 
     if not args.semantic_map or len(args.semantic_map) != len(args.visible):
         raise ValueError(f"--visible names {len(args.visible)} image(s): give --semantic-map with one map for each")
     check_writable(args.output_dir, "--output-dir")
+    if args.num_images is not None:
+        raise ValueError("--num-images does not apply with --visible: one image is made for each visible image")
+    seed = random_seed() if args.seed is None else args.seed
+    print(f"seed {seed}" + (" (drawn at random; --seed to choose)" if args.seed is None else ""))
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
     print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     with maybe_trace(args.trace):
         images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
-                      guidance=args.guidance, seed=args.seed or 0)  # fmt: skip
+                      guidance=args.guidance, seed=seed)  # fmt: skip
     paths = write_images(images, args.output_dir)
     print_timings(pipe.timings)
     for path in paths:
@@ -289,8 +325,9 @@ def held_out(args, run: Path) -> int:
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
     cfg = pipe.config
-    _, held = datasets(cfg, heldout=args.num)
-    held = torch.utils.data.Subset(held, range(min(args.num, len(held))))
+    num = args.num_images or 8
+    _, held = datasets(cfg, heldout=num)
+    held = torch.utils.data.Subset(held, range(min(num, len(held))))
     scenes = triptychs(held)  # [N, 3, 64, 192]
     seed = args.seed or 0
     steps = args.steps or cfg.sample_steps

@@ -58,8 +58,6 @@ def main(argv=None) -> int:
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if note := cpu_bf16_note(device, dtype):
         log(note)
-    if cfg.batch_size % world():
-        raise ValueError(f"--batch-size {cfg.batch_size}: expected a multiple of the {world()} processes")
     run = on_first_process(lambda: resume_folder(Path(cfg.resume)) if cfg.resume else new_folder(cfg))
     torch.manual_seed(cfg.seed)
 
@@ -218,7 +216,7 @@ def new_folder(cfg: TrainConfig) -> Path:
     """A new run's folder with its config.toml: OUT/NAME, or NAME-2, NAME-3, ... when taken (runs.make_run_folder)."""
     default = f"{cfg.task}-{Path(cfg.data).resolve().name if cfg.data and cfg.task != 'vis2ir' else cfg.semantic}"
     name = cfg.name or default
-    run = make_run_folder(Path(cfg.out), name, cfg.overwrite)
+    run = make_run_folder(Path(cfg.output_dir), name, cfg.overwrite)
     if run.name != name:
         log(f"{run.parent / name} is taken: this run is {run} (--resume continues a run, --overwrite replaces it)")
     write_text_atomic(run / "config.toml", to_toml(replace(cfg, overwrite=False)))  # --config it again: a new run

@@ -3,7 +3,7 @@
 What this file implements, top to bottom:
   ResnetBlock, AttnBlock, Downsample, Upsample   the four building blocks
   Encoder, Decoder                               the two halves, a stack of resolution levels and a middle
-  diagonal_gaussian                              mean / log-variance -> latent (sampled, as the official code does)
+  diagonal_gaussian                              mean / log-variance -> latent (the mean, or a draw when asked)
   AutoEncoder                                    encode / decode with the latent scale and shift, optionally tiled
   tiled                                          run a conv net on overlapping tiles, blended with linear ramps
 
@@ -241,11 +241,12 @@ class AutoEncoder(nn.Module):
         self.downscale = 2 ** (len(params.ch_mult) - 1)  # 8: pixels per latent value along H and W
 
     @stage
-    def encode(self, x: Tensor, sample: bool = True, tile: int | None = None) -> Tensor:
+    def encode(self, x: Tensor, sample: bool = False, tile: int | None = None) -> Tensor:
         """x [B, 3, H, W] in [-1, 1] -> z [B, 16, H/8, W/8], normalised to roughly zero mean, unit variance.
 
-        sample: draw z from the encoder's Gaussian (True, the official default: its AutoEncoder builds
-                DiagonalGaussian() whose `sample` defaults to True), or return the mean (False, deterministic).
+        sample: return the mean of the encoder's Gaussian (False, the official default: black-forest-labs/flux
+                builds `AutoEncoder(params, sample_z=False)`, whose DiagonalGaussian returns the mean unless
+                asked), or draw z from it (True; a VAE trained by hand draws its own, tasks/embedded.py).
         tile:   encode in overlapping tile x tile pixel windows (a multiple of 8) to bound memory; None: whole.
         """
         x = x.contiguous(memory_format=torch.channels_last)  # see `decode`

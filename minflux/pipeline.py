@@ -10,8 +10,11 @@ A pipeline holds the loaded parts, reads and checks the images, and runs the one
     pipe = FluxPipeline.from_files(repo="FLUX.1-dev")
     images = pipe("a prompt", width=1024, height=768, num_steps=28, guidance=3.5, seed=0)   # PIL images
 
-Every image carries its settings in `image.info` (prompt, seed, steps, guidance, size, variant, LoRAs), which
-`save_image` writes as PNG text chunks, so an image holds what it takes to make it again. Image i is made alone,
+Every image carries in `image.info` what determines its pixels (prompt, seed, steps, guidance, size, variant, T5
+length, dtype, device, the weights' and LoRAs' absolute paths, with the LoRAs' and images' SHA-256), which
+`save_image` writes as PNG text chunks (minflux/files/images.py: an A1111 "parameters" chunk for the image tools,
+a "minflux" JSON chunk for `sample.py --from`), so an image holds what it takes to make it again. Without a seed,
+one is drawn at random (as the official CLI does) and recorded. Image i is made alone,
 from noise drawn on the CPU in float32 with the seed seed + i (`get_noise`): a seed gives the same image alone, in
 a batch, and again from its PNG, on every CPU (diffusers' FluxPipeline with that list of generators draws the
 same noise). The official CLI makes its images one at a time too.
@@ -23,16 +26,20 @@ trained resolution nearest its aspect ratio.
 """
 
 import dataclasses
+import random
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from minflux.files.images import DataError, image_to_tensor, mask_to_tensor, read_image, to_pil
+from minflux.files.images import DataError, a1111_parameters, image_to_tensor, mask_to_tensor, read_image
+from minflux.files.images import settings_text, to_pil
 from minflux.files.load import find_weights, load_ae, load_clip, load_flux, load_t5
 from minflux.files.lora_files import load_lora
+from minflux.files.weights import sha256
 from minflux.presets import spec_for
 from minflux.sampling import generate, get_noise, pack, prepare, prepare_fill, prepare_kontext
 
@@ -53,11 +60,27 @@ def task_of(model) -> str:
 
 
 def snap(size: int, what: str, notes: list[str], multiple: int = 16) -> int:
-    """A width or height rounded to the nearest multiple of 16 (the VAE's 8 × the 2×2 packing), with a note."""
-    snapped = max(multiple, int(size / multiple + 0.5) * multiple)  # halves round up
+    """A width or height rounded down to a multiple of 16 (the VAE's 8 × the 2×2 packing), with a note: as the
+    official CLI (`16 * (width // 16)`) and diffusers' pipelines do."""
+    snapped = max(multiple, size // multiple * multiple)
     if snapped != size:
         notes.append(f"{what} {size} → {snapped} (a multiple of {multiple})")
     return snapped
+
+
+def random_seed() -> int:
+    """A seed for a run that names none: drawn from the OS (never the same twice), printed and recorded."""
+    return random.SystemRandom().randrange(2**32)
+
+
+def file_record(path) -> dict:
+    """A file an image was made from, for its settings: where it is (absolute) and what it holds (SHA-256)."""
+    if isinstance(path, (Image.Image, dict)):
+        return {"in_memory": type(path).__name__}  # nothing to find again
+    return {"path": str(Path(path).resolve()), "sha256": sha256(path)}
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def default_device() -> torch.device:
@@ -97,7 +120,8 @@ class FluxPipeline:
             part.to(home).eval().requires_grad_(False)
         self.task = task_of(model)
         self.defaults = spec_for(model)  # num_steps, guidance, shift, t5_max_length of the variant
-        self.loras: list[tuple[str, float]] = []
+        self.loras: list[dict] = []  # {"path", "sha256", "scale"} of each LoRA loaded, in order
+        self.weights: dict[str, str] = {}  # the parts' files, when loaded by from_files
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
 
@@ -119,19 +143,21 @@ class FluxPipeline:
         load_to = "cpu" if offload else device
         model = load_flux(paths.flux, name=variant, device=load_to, dtype=dtype)
         length = max_length or spec_for(model).t5_max_length
-        return cls(
+        pipe = cls(
             model,
             load_ae(paths.ae, device=load_to, dtype=dtype),
             load_clip(paths.clip, device=load_to, dtype=dtype),
             load_t5(paths.t5, max_length=length, device=load_to, dtype=dtype),
             device=device, dtype=dtype, offload=offload,
         )  # fmt: skip
+        pipe.weights = {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(paths).items() if v is not None}
+        return pipe
 
     def load_lora(self, path, scale: float = 1.0) -> list[str]:
         """Apply a LoRA file of any supported format (kohya, diffusers, BFL, XLabs, minflux); several stack."""
         layers = load_lora(self.model, path, scale)
         self.model.to(self.dtype)
-        self.loras.append((str(path), scale))
+        self.loras.append({**file_record(path), "scale": scale})
         return layers
 
     @contextmanager
@@ -157,7 +183,7 @@ class FluxPipeline:
         height: int | None = None,
         num_steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | None = None,  # None: a random seed (recorded in each image's settings)
         num_images: int = 1,
         negative_prompt: str | None = None,
         true_cfg_scale: float = 1.0,
@@ -167,6 +193,7 @@ class FluxPipeline:
         output: str = "pil",  # "pil": PIL images with their settings in .info; "tensor": [N, 3, H, W] in [0, 1]
     ):
         d = self.defaults
+        seed = random_seed() if seed is None else seed
         num_steps = num_steps or d.num_steps
         guidance = d.guidance if guidance is None else guidance
         if not self.model.params.guidance_embed:
@@ -211,6 +238,8 @@ class FluxPipeline:
 
         out = _outputs(images, output)
         if output != "tensor":
+            if negative_prompt is None or true_cfg_scale == 1.0:  # not used: not recorded
+                negative_prompt, true_cfg_scale = None, 1.0
             for i, im in enumerate(out):
                 im.info.update(self._settings(prompt, negative_prompt, true_cfg_scale, seed + i, num_steps, guidance,
                                               width, height, condition.get("sources", {})))  # fmt: skip
@@ -229,7 +258,7 @@ class FluxPipeline:
             what = "an image and a mask" if self.task == "fill" else "a reference image"
             raise ValueError(f"{self.model.variant or self.task}: this model needs {what} (image=...)")
         pil = read_image(image)
-        out["sources"] = {"image": str(image) if not isinstance(image, Image.Image) else "PIL image"}
+        out["sources"] = {"image": file_record(image)}
         if self.task == "fill":
             if mask is None:
                 raise ValueError(f"{self.model.variant or 'Fill'}: a mask is needed (white where the model paints)")
@@ -238,7 +267,7 @@ class FluxPipeline:
                 raise DataError(mask if not isinstance(mask, Image.Image) else "mask",
                                 f"the mask is {pil_mask.size[0]}×{pil_mask.size[1]}, the image "
                                 f"{pil.size[0]}×{pil.size[1]}: they must be the same size")  # fmt: skip
-            out["sources"]["mask"] = str(mask) if not isinstance(mask, Image.Image) else "PIL image"
+            out["sources"]["mask"] = file_record(mask)
             w = snap(width or pil.size[0], "width", notes)
             h = snap(height or pil.size[1], "height", notes)
             out["image"] = image_to_tensor(pil.resize((w, h), Image.Resampling.LANCZOS) if pil.size != (w, h) else pil)
@@ -255,23 +284,22 @@ class FluxPipeline:
         return out
 
     def _settings(self, prompt, negative, cfg, seed, steps, guidance, width, height, sources) -> dict[str, str]:
-        """What an image needs to be made again, as strings for PNG text chunks."""
-        s = {
-            "prompt": prompt,
-            "seed": str(seed),
-            "steps": str(steps),
-            "guidance": "none" if guidance is None else f"{guidance:g}",
-            "width": str(width),
-            "height": str(height),
-            "variant": self.model.variant or "custom",
-            "task": self.task,
-            "software": "minflux",
-        }
-        if negative is not None and cfg != 1.0:
-            s |= {"negative_prompt": negative, "true_cfg_scale": f"{cfg:g}"}
-        if self.loras:
-            s["loras"] = ", ".join(f"{name}:{scale:g}" for name, scale in self.loras)
-        return s | sources
+        """What determines an image's pixels, as PNG text chunks: for `sample.py --from`, and for A1111's readers."""
+        variant = self.model.variant or "custom"
+        settings = {
+            "task": self.task, "variant": variant, "prompt": prompt, "negative_prompt": negative,
+            "true_cfg_scale": cfg, "seed": seed, "steps": steps, "guidance": guidance, "width": width,
+            "height": height, "t5_max_length": getattr(self.t5.tokenizer, "max_length", None),
+            "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "device": str(self.device),
+            "weights": self.weights, "loras": self.loras, **sources,
+        }  # fmt: skip
+        # A1111 names a LoRA by its file's stem: <lora:stem:scale> in the prompt, "stem: sha256[:12]" in Lora hashes
+        names = [(Path(lora.get("path", "lora")).stem, lora) for lora in self.loras]
+        tags = "".join(f" <lora:{name}:{lora['scale']:g}>" for name, lora in names)
+        hashes = ", ".join(f"{name}: {lora['sha256'][:12]}" for name, lora in names if "sha256" in lora) or None
+        fields = {"Steps": steps, "Sampler": "Euler", "CFG scale": cfg, "Distilled CFG Scale": guidance, "Seed": seed,
+                  "Size": f"{width}x{height}", "Model": variant, "Lora hashes": hashes, "Version": "minflux"}  # fmt: skip
+        return settings_text(settings, a1111_parameters(prompt + tags, negative, fields))
 
 
 class Vis2IRPipeline:
@@ -325,15 +353,16 @@ class Vis2IRPipeline:
 
     @torch.no_grad()
     def __call__(self, visible, semantic, prompt: str = "", num_steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, output: str = "pil"):  # fmt: skip
-        """visible, semantic: paths or PIL images, or equally long lists of them. Returns one infrared image each."""
+                 guidance: float | None = None, seed: int | None = None, output: str = "pil"):  # fmt: skip
+        """visible, semantic: paths or PIL images, or equally long lists of them. Returns one infrared image each.
+        Without a seed, one is drawn at random and recorded in each image's settings."""
         from minflux.tasks.data import fit_panel
 
         visible = visible if isinstance(visible, (list, tuple)) else [visible]
         semantic = semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if len(visible) != len(semantic):
             raise ValueError(f"{len(visible)} visible image(s) but {len(semantic)} semantic map(s): give one map each")
-        size = self.config.panel_size
+        size, seed = self.config.panel_size, random_seed() if seed is None else seed
         num_steps, guidance = num_steps or self.config.sample_steps, self.config.guidance if guidance is None else guidance
         start = time.perf_counter()
         panels = []
@@ -345,11 +374,13 @@ class Vis2IRPipeline:
         self.timings["total"] = time.perf_counter() - start
         out = _outputs(list(infrared), output)
         if output != "tensor":
+            run = Path(self.run.folder).resolve()
             for i, (im, v, s) in enumerate(zip(out, visible, semantic)):
-                im.info.update({
-                    "task": "vis2ir", "run": str(self.run.folder), "prompt": prompt, "seed": str(seed + i),
-                    "steps": str(num_steps), "guidance": f"{guidance:g}", "semantic_mode": self.config.semantic,
-                    "visible": str(v) if not isinstance(v, Image.Image) else "PIL image",
-                    "semantic_map": str(s) if not isinstance(s, Image.Image) else "PIL image", "software": "minflux",
-                })  # fmt: skip
+                settings = {"task": "vis2ir", "run": str(run), "prompt": prompt, "seed": seed + i, "steps": num_steps,
+                            "guidance": guidance, "semantic_mode": self.config.semantic, "visible": file_record(v),
+                            "semantic_map": file_record(s), "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+                            "device": str(self.device)}  # fmt: skip
+                fields = {"Steps": num_steps, "Sampler": "Euler", "Distilled CFG Scale": guidance, "Seed": seed + i,
+                          "Size": f"{size}x{size}", "Model": f"vis2ir {run.name}", "Version": "minflux"}  # fmt: skip
+                im.info.update(settings_text(settings, a1111_parameters(prompt, None, fields)))
         return out

@@ -124,16 +124,18 @@ def test_decode_matches_diffusers_autoencoderkl(ae, ref):
 
 
 @torch.no_grad()
-def test_encode_samples_from_the_gaussian_by_default_like_the_official_code(ae):
+def test_encode_returns_the_mean_by_default_and_samples_when_asked_like_the_official_code(ae):
+    # black-forest-labs/flux: AutoEncoder(params, sample_z=False) -> DiagonalGaussian(sample=False): the mean
     x = image()
     mean, logvar = ae.encoder(x).chunk(2, dim=1)
     torch.manual_seed(7)
-    z = ae.encode(x)
+    z = ae.encode(x, sample=True)
     torch.manual_seed(7)
     noise = torch.randn_like(mean)
     expected = SMALL.scale_factor * (mean + torch.exp(0.5 * logvar) * noise - SMALL.shift_factor)
     torch.testing.assert_close(z, expected)
-    assert not torch.equal(z, ae.encode(x, sample=False))
+    torch.testing.assert_close(ae.encode(x), SMALL.scale_factor * (mean - SMALL.shift_factor))
+    assert torch.equal(ae.encode(x), ae.encode(x)) and not torch.equal(z, ae.encode(x))
 
 
 # --- 2. loading ---------------------------------------------------------------------------------------
@@ -371,9 +373,9 @@ def test_tiled_with_a_tile_as_large_as_the_image_is_exact(ae):
     for tile in (32, 40):
         assert torch.equal(ae.encode(x, sample=False, tile=tile), ae.encode(x, sample=False))
         torch.manual_seed(0)
-        sampled = ae.encode(x, tile=tile)
+        sampled = ae.encode(x, sample=True, tile=tile)
         torch.manual_seed(0)
-        assert torch.equal(sampled, ae.encode(x))
+        assert torch.equal(sampled, ae.encode(x, sample=True))
     for tile in (8, 16):
         assert torch.equal(ae.decode(z, tile=tile), ae.decode(z))
 

@@ -4,6 +4,7 @@ diffusers + PEFT is the oracle: a LoRA saved in its layout, or converted by its 
 the same output in diffusers' FluxTransformer2DModel as in minflux.
 """
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -146,6 +147,56 @@ def test_diffusers_format_loads_into_diffusers_with_the_same_output(tmp_path):
     assert err <= 1e-4 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
 
 
+def test_diffusers_lora_with_alpha_other_than_rank_loads_at_the_strength_diffusers_reloads_it(tmp_path):
+    """diffusers keeps a PEFT LoRA's alpha in the file's metadata (save_lora_weights(...,
+    transformer_lora_adapter_metadata=LoraConfig.to_dict())). Reading the tensors alone: max|Δ|/std 1.45 here."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model, inputs = tiny_flux(), flux_inputs(TINY)
+    trained = diffusers_flux(TINY, model.state_dict())
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # random lora_B: every layer changes the output
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_mlp", "norm.linear"],
+                        rank_pattern={"single_transformer_blocks.1.attn.to_q": 2},  # other ranks and alphas by name
+                        alpha_pattern={"transformer_blocks.0.attn.to_k": 1.5, "single_transformer_blocks.1.attn.to_q": 6})  # fmt: skip
+    torch.manual_seed(0)
+    trained.add_adapter(config)
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained),
+                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+
+    reloaded = diffusers_flux(TINY, model.state_dict())  # what FluxPipeline.load_lora_weights does with the file
+    state_dict, _, metadata = FluxPipeline.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
+    reloaded.load_lora_adapter(state_dict, prefix="transformer", metadata=metadata, adapter_name="file")
+    theirs = diffusers_forward(reloaded, inputs).detach()
+    base = diffusers_forward(diffusers_flux(TINY, model.state_dict()), inputs).detach()
+    assert (theirs - base).abs().max() > theirs.std(), "the LoRA must change the output for the check to mean much"
+    assert torch.equal(theirs, diffusers_forward(trained, inputs).detach())
+
+    load_lora(model, path)
+    assert model.get_submodule("double_blocks.1.img_attn.proj").alpha.item() == 8.0  # to_out.0: lora_alpha, rank 4
+    err = (run(model, inputs) - theirs).abs().max().item()
+    assert err <= 1e-5 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
+
+
+def test_peft_adapter_folder_with_adapter_config_json_and_rslora(tmp_path):
+    """PEFT's save_pretrained writes the alpha in adapter_config.json beside the weights (0.61 max|Δ|/std without)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, inputs = tiny_flux(), flux_inputs(TINY)
+    ref = diffusers_flux(TINY, model.state_dict())
+    config = LoraConfig(r=4, lora_alpha=3, use_rslora=True, init_lora_weights=False,  # scale alpha / √r
+                        target_modules=["to_q", "to_add_out", "proj_out"])  # fmt: skip
+    torch.manual_seed(1)
+    get_peft_model(ref, config).save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors + adapter_config.json
+    theirs = diffusers_forward(ref, inputs).detach()
+    assert "lora_adapter_metadata" not in read_metadata(tmp_path / "adapter" / "adapter_model.safetensors")
+    load_lora(model, tmp_path / "adapter" / "adapter_model.safetensors")
+    err = (run(model, inputs) - theirs).abs().max().item()
+    assert err <= 1e-5 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
+
+
 def test_kohya_file_converted_by_diffusers_matches_minflux_loading_it(tmp_path):
     from diffusers import FluxPipeline
 
@@ -173,6 +224,66 @@ def test_kohya_file_converted_by_diffusers_matches_minflux_loading_it(tmp_path):
     ours, theirs = run(fresh, inputs), diffusers_forward(ref, inputs).detach()
     err = (ours - theirs).abs().max().item()
     assert err <= 1e-4 * theirs.std().item(), f"max|Δ| {err:.3g}, std {theirs.std():.3g}"
+
+
+def test_kohya_file_is_read_by_comfyui_key_for_key_to_the_same_output(tmp_path):
+    from tests.other_tools import comfyui_apply, comfyui_key_map, comfyui_load_lora
+
+    model, inputs = tiny_flux(), flux_inputs(TINY)
+    base = model.state_dict()
+    inject_lora(model, rank=4, alpha=3.0, targets="all")  # the blocks and every layer outside them
+    randomize_lora_(model, seed=3)
+    with pytest.warns(UserWarning, match="10 LoRA layer.* outside the double and single blocks.*diffusers"):
+        path = save_lora(model, tmp_path / "lora.safetensors")  # the default format: kohya
+    lora = load_file(path)
+    assert all(k.startswith("lora_unet_") for k in lora)
+    patches, not_loaded = comfyui_load_lora(lora, comfyui_key_map(base))
+    assert not_loaded == [] and len(patches) == len(lora_layers(model)) == len(lora) // 3  # down, up, alpha each
+    comfy = Flux(TINY)
+    comfy.load_state_dict(comfyui_apply(base, patches))
+    ours = run(model, inputs)
+    assert (ours - run(tiny_flux(), inputs)).abs().max() > 0.1 * ours.std(), "the LoRA must change the output"
+    err = (run(comfy, inputs) - ours).abs().max().item()
+    assert err <= 1e-5 * ours.std().item(), f"max|Δ| {err:.3g}"
+
+    minflux_names = load_file(save_lora(model, tmp_path / "minflux.safetensors", format="minflux"))
+    assert len(comfyui_load_lora(minflux_names, comfyui_key_map(base))[1]) == len(minflux_names)  # ComfyUI: none
+
+
+def test_kohya_file_at_flux_width_loads_in_diffusers_every_layer_but_those_outside_the_blocks(tmp_path):
+    """FLUX.1's width (diffusers' converter hard-codes 3072 to split linear1), 2 + 2 blocks, on the meta device:
+    names and shapes only. FluxPipeline.load_lora_weights takes every layer of the default targets; of
+    `--lora-targets all` it leaves out the 10 outside the blocks (its converter names them without "transformer.")."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    params = replace(TINY, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=2, depth_single_blocks=2,
+                     context_in_dim=4096, vec_in_dim=768)  # fmt: skip
+    with torch.device("meta"):
+        reference = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
+    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=reference)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for targets in (None, "all"):
+        with torch.device("meta"):
+            model = Flux(params)
+        inject_lora(model, rank=2, alpha=1.0, targets=targets)
+        for layer in lora_layers(model).values():  # real LoRA tensors on a meta model
+            layer.lora_down.to_empty(device="cpu")
+            layer.lora_up.to_empty(device="cpu")
+            with torch.no_grad():
+                for p in (layer.lora_down.weight, layer.lora_up.weight):
+                    p.copy_(torch.randn(p.shape, generator=g))
+            layer.alpha = torch.tensor(1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = save_lora(model, tmp_path / f"{targets}.safetensors")
+        pipe.load_lora_weights(str(path), adapter_name=str(targets))
+        layers = lora_layers(model)
+        outside = [n for n in layers if not n.startswith(("double_blocks.", "single_blocks."))]
+        split = 2 * 2 * 2 + 2 * 3  # each qkv becomes to_q, to_k, to_v (+2); each linear1 to_q, to_k, to_v, proj_mlp (+3)
+        loaded = [m for m in reference.modules() if hasattr(m, "lora_A") and str(targets) in m.lora_A]
+        assert len(loaded) == len(layers) + split - len(outside), targets
+        assert len(outside) == (10 if targets == "all" else 0)
 
 
 def test_kohya_linear1_split_matches_diffusers_converter_at_full_width():

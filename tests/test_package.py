@@ -98,3 +98,20 @@ def test_files_stay_short_and_speak_of_the_concepts_not_the_notes_numbers():
         limit = 450 if path.name == "train.py" else 520
         assert len(text.splitlines()) <= limit, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
         assert not re.search(r"[Ss]eeds? 00\d", text), f"{path.relative_to(ROOT)} names a note by its number"
+
+
+# Standard-library modules newer than some Python 3 the package might declare: (module, the first version with it).
+NEWER_STDLIB = {"tomllib": (3, 11), "wsgiref.types": (3, 11)}
+
+
+def test_the_declared_python_floor_has_every_standard_module_the_code_imports():
+    import re
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"]
+    floor = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+)\.(\d+)", declared).groups())
+    for path in _code_files():
+        for module in _imports(path):
+            needs = NEWER_STDLIB.get(module, (3, 0))
+            assert floor >= needs, f"{path.relative_to(ROOT)} imports {module}, new in Python {needs}; {declared}"
+    assert sys.version_info[:2] >= floor  # and the tests run on a Python the package accepts

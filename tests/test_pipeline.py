@@ -8,6 +8,7 @@ in [0, 1] pixels.
 """
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from minflux.files.images import DataError
 from minflux.sampling import get_noise, pack
 from minflux.model import Flux
 from minflux.files.images import read_settings, save_image
+from minflux.files.weights import sha256
 from minflux.pipeline import FluxPipeline, snap
 from minflux.files.weights import WeightsError
 from tests.flux_helpers import TINY, diffusers_flux, randomize_
@@ -197,8 +199,8 @@ def test_the_mask_changes_the_fill_output(repos):
     root, _ = repos["fill"]
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
     image = Image.new("RGB", (32, 32), (200, 30, 30))
-    a = pipe("x", image=image, mask=Image.new("L", (32, 32), 255), num_steps=2, output="tensor")
-    b = pipe("x", image=image, mask=Image.new("L", (32, 32), 0), num_steps=2, output="tensor")
+    a = pipe("x", image=image, mask=Image.new("L", (32, 32), 255), num_steps=2, seed=0, output="tensor")
+    b = pipe("x", image=image, mask=Image.new("L", (32, 32), 0), num_steps=2, seed=0, output="tensor")
     assert (a - b).abs().max() > 1e-2
 
 
@@ -235,22 +237,75 @@ def test_png_text_chunks_hold_the_settings_and_reproduce_the_image(repos, tmp_pa
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
     image = pipe(PROMPT, width=40, height=33, num_steps=3, guidance=2.0, seed=4, negative_prompt="ugly",
                  true_cfg_scale=1.5)[0]  # fmt: skip
-    assert image.size == (48, 32) and pipe.notes == ["width 40 → 48 (a multiple of 16)",
+    assert image.size == (32, 32) and pipe.notes == ["width 40 → 32 (a multiple of 16)",
                                                      "height 33 → 32 (a multiple of 16)"]  # fmt: skip
     save_image(image, tmp_path / "a.png")
     s = read_settings(tmp_path / "a.png")
-    assert s["prompt"] == PROMPT and s["seed"] == "4" and s["steps"] == "3" and s["guidance"] == "2"
-    assert (s["width"], s["height"], s["negative_prompt"], s["true_cfg_scale"]) == ("48", "32", "ugly", "1.5")
-    again = pipe(s["prompt"], width=int(s["width"]), height=int(s["height"]), num_steps=int(s["steps"]),
-                 guidance=float(s["guidance"]), seed=int(s["seed"]), negative_prompt=s["negative_prompt"],
-                 true_cfg_scale=float(s["true_cfg_scale"]))[0]  # fmt: skip
+    assert (s["prompt"], s["seed"], s["steps"], s["guidance"]) == (PROMPT, 4, 3, 2.0)
+    assert (s["width"], s["height"], s["negative_prompt"], s["true_cfg_scale"]) == (32, 32, "ugly", 1.5)
+    assert (s["t5_max_length"], s["dtype"], s["device"], s["variant"]) == (512, "fp32", "cpu", "custom")  # tiny shapes: no preset
+    assert s["weights"]["flux"] == str((root / "transformer").resolve())
+    again = pipe(s["prompt"], width=s["width"], height=s["height"], num_steps=s["steps"], guidance=s["guidance"],
+                 seed=s["seed"], negative_prompt=s["negative_prompt"], true_cfg_scale=s["true_cfg_scale"])[0]  # fmt: skip
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "a.png")))
 
 
-def test_snap_rounds_to_the_nearest_multiple_of_16_with_a_note():
+def test_png_parameters_chunk_reads_in_a1111_and_collides_with_no_tool(repos, tmp_path):
+    from tests.other_tools import a1111_parse_parameters, comfyui_png_drop
+
+    root, _ = repos["dev"]
+    lora = random_lora(root, tmp_path)
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    pipe.load_lora(lora, 0.7)
+    prompt = 'a cat: "Tom", on a chair, 2 m tall\nsecond line, ünïcode ∞'
+    image = pipe(prompt, width=48, height=32, num_steps=2, guidance=3.5, seed=12, negative_prompt="blurry, dark",
+                 true_cfg_scale=1.5)[0]  # fmt: skip
+    save_image(image, tmp_path / "a.png")
+    text = Image.open(tmp_path / "a.png").text
+    assert set(text) == {"parameters", "minflux", "Software"} and text["Software"] == "minflux"
+    assert comfyui_png_drop(text) == "parameters"  # no "prompt" / "workflow" chunk for ComfyUI's JSON.parse to fail on
+    p = a1111_parse_parameters(text["parameters"])
+    assert p["Prompt"] == prompt + f" <lora:{lora.stem}:0.7>"  # A1111 carries a LoRA and its scale in the prompt
+    assert p["Negative prompt"] == "blurry, dark"
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Distilled CFG Scale"], p["Seed"]) == ("2", "Euler", "1.5",
+                                                                                               "3.5", "12")  # fmt: skip
+    assert (p["Size-1"], p["Size-2"], p["Model"], p["Version"]) == ("48", "32", "custom", "minflux")
+    assert p["Lora hashes"] == f"{lora.stem}: {read_settings(tmp_path / 'a.png')['loras'][0]['sha256'][:12]}"
+
+    schnell = FluxPipeline.from_files(repo=repos["schnell"][0], device="cpu")
+    p = a1111_parse_parameters(schnell("x", width=32, height=32, seed=1)[0].info["parameters"])
+    assert "Distilled CFG Scale" not in p and "Negative prompt" not in p["Prompt"] and p["CFG scale"] == "1"
+
+
+def test_read_settings_reads_pngs_of_an_earlier_minflux_and_nothing_from_other_pngs(tmp_path):
+    from minflux.files.images import save_png
+
+    old = {"software": "minflux", "prompt": "p", "seed": "4", "guidance": "none", "loras": "a.safetensors:0.5, b:1",
+           "image": "photo.png", "mask": "PIL image"}  # one chunk per setting, as minflux wrote them before  # fmt: skip
+    save_png(Image.new("RGB", (16, 16)), tmp_path / "old.png", text=old)
+    s = read_settings(tmp_path / "old.png")
+    assert (s["prompt"], s["seed"], s["image"], s["mask"]) == ("p", "4", {"path": "photo.png"}, {"in_memory": "Image"})
+    assert s["loras"] == [{"path": "a.safetensors", "scale": 0.5}, {"path": "b", "scale": 1.0}]
+    save_png(Image.new("RGB", (16, 16)), tmp_path / "other.png", text={"prompt": '{"3": {}}'})  # ComfyUI's
+    assert read_settings(tmp_path / "other.png") == {}
+
+
+def test_without_a_seed_one_is_drawn_and_recorded(repos):
+    root, _ = repos["schnell"]
+    pipe = FluxPipeline.from_files(repo=root, device="cpu")
+    a, b = pipe("x", width=32, height=32), pipe("x", width=32, height=32)
+    seeds = [read_settings(im[0])["seed"] for im in (a, b)]
+    assert seeds[0] != seeds[1] and not np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    again = pipe("x", width=32, height=32, seed=seeds[0])[0]
+    assert np.array_equal(np.asarray(again), np.asarray(a[0]))
+
+
+def test_snap_rounds_down_to_a_multiple_of_16_as_the_official_cli_with_a_note():
     notes = []
-    assert [snap(1000, "width", notes), snap(1024, "height", notes), snap(5, "width", notes)] == [1008, 1024, 16]
-    assert notes == ["width 1000 → 1008 (a multiple of 16)", "width 5 → 16 (a multiple of 16)"]
+    sizes = [snap(1000, "width", notes), snap(1024, "height", notes), snap(5, "width", notes), snap(1023, "w", notes)]
+    assert sizes == [992, 1024, 16, 1008]  # BFL's cli.py: 16 * (width // 16); diffusers: the same floor
+    assert notes == ["width 1000 → 992 (a multiple of 16)", "width 5 → 16 (a multiple of 16)",
+                     "w 1023 → 1008 (a multiple of 16)"]  # fmt: skip
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -298,16 +353,17 @@ def test_sample_py_writes_pngs_with_settings_and_reproduces_one_from_them(repos,
 
     root, _ = repos["dev"]
     lora = random_lora(root, tmp_path)
-    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "40", "--height", "32", "--steps", "3",
+    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "56", "--height", "32", "--steps", "3",
             "--seed", "5", "--num-images", "2", "--lora", f"{lora}:0.7", "--device", "cpu"]  # fmt: skip
     assert sample.main([*argv, "--output-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == str(tmp_path / "a" / "img_0001.png") and out[-2] == str(tmp_path / "a" / "img_0000.png")
     assert sum(line.startswith("denoise ") for line in out) == 6  # a progress line per step of each image
-    assert "note: width 40 → 48 (a multiple of 16)" in out
+    assert "note: width 56 → 48 (a multiple of 16)" in out and "seed 5" in out
     assert any(line.startswith("time per stage: load") and "| denoise" in line and "| decode" in line for line in out)
     second = Image.open(out[-1])
-    assert second.text["seed"] == "6" and second.text["loras"] == f"{lora}:0.7" and second.text["width"] == "48"
+    s = read_settings(out[-1])
+    assert s["seed"] == 6 and s["width"] == 48 and [(x["path"], x["scale"]) for x in s["loras"]] == [(str(lora), 0.7)]
 
     # the same image from its own settings, through --from
     assert sample.main(["--repo", str(root), "--from", out[-1], "--output-dir", str(tmp_path / "b")]) == 0
@@ -323,13 +379,67 @@ def test_several_loras_stack_with_their_scales(repos, tmp_path):
     root, _ = repos["schnell"]
     a, b = random_lora(root, tmp_path, "kohya"), random_lora(root, tmp_path, "diffusers")
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
-    base = pipe("x", width=32, height=32, output="tensor")
+    base = pipe("x", width=32, height=32, seed=0, output="tensor")
     pipe.load_lora(a, 0.5)
-    one = pipe("x", width=32, height=32, output="tensor")
+    one = pipe("x", width=32, height=32, seed=0, output="tensor")
     pipe.load_lora(b, 0.5)
-    two = pipe("x", width=32, height=32, output="tensor")
+    two = pipe("x", width=32, height=32, seed=0, output="tensor")
     assert (base - one).abs().max() > 1e-3 and (one - two).abs().max() > 1e-3
-    assert pipe("x", width=32, height=32)[0].info["loras"] == f"{a}:0.5, {b}:0.5"
+    loras = read_settings(pipe("x", width=32, height=32)[0])["loras"]
+    assert [(x["path"], x["scale"]) for x in loras] == [(str(a), 0.5), (str(b), 0.5)]
+    assert [x["sha256"] for x in loras] == [sha256(a), sha256(b)]
+
+
+@pytest.mark.slow
+def test_from_is_self_contained_from_another_folder_and_says_when_a_lora_changed(repos, tmp_path, capsys,
+                                                                                 monkeypatch):  # fmt: skip
+    import shutil
+
+    import sample
+
+    root, _ = repos["dev"]
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(random_lora(root, tmp_path), work / "style.safetensors")
+    monkeypatch.chdir(work)  # relative paths, as typed by hand
+    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2",
+            "--lora", "style.safetensors:0.7", "--max-length", "16", "--output-dir", "out"]  # fmt: skip
+    assert sample.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    made = work / out[-1]
+    seed = read_settings(made)["seed"]
+    assert f"seed {seed} (drawn at random; --seed to choose)" in out
+
+    monkeypatch.chdir(elsewhere)  # no --repo, no --lora, no --max-length: all from the image
+    assert sample.main(["--from", str(made), "--output-dir", "again"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert np.array_equal(np.asarray(Image.open(elsewhere / out[-1])), np.asarray(Image.open(made)))
+    assert not any(line.startswith("note: the LoRA") for line in out)
+    assert sample.main(["--from", str(made), "--max-length", "512", "--output-dir", "other"]) == 0  # T5's default
+    longer = capsys.readouterr().out.splitlines()[-1]
+    assert not np.array_equal(np.asarray(Image.open(elsewhere / longer)), np.asarray(Image.open(made)))
+
+    shutil.copy(random_lora(repos["dev"][0], tmp_path / "work", "diffusers"), work / "style.safetensors")  # changed
+    assert sample.main(["--from", str(made), "--output-dir", "changed"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"note: the LoRA {work / 'style.safetensors'} differs from the one") for line in out)
+    assert not np.array_equal(np.asarray(Image.open(elsewhere / out[-1])), np.asarray(Image.open(made)))
+
+
+def test_sample_py_takes_bfl_spellings_and_num_with_official_weights(repos, tmp_path, capsys):
+    import sample
+
+    root, _ = repos["schnell"]
+    argv = ["--repo", str(root), "--prompt", "x", "--width", "32", "--height", "32", "--num_steps", "1",
+            "--output_dir", str(tmp_path / "o"), "--num", "2", "--seed", "9"]  # fmt: skip
+    assert sample.main(argv) == 0
+    written = sorted((tmp_path / "o").glob("*.png"))
+    assert len(written) == 2  # --num is --num-images: not ignored with --repo
+    assert [(read_settings(p)["seed"], read_settings(p)["steps"]) for p in written] == [(9, 1), (10, 1)]
+    args = sample.parse_args(["--name", "flux-dev-kontext", "--max_length=77", "--negative_prompt", "snake_case",
+                              "--out", "imgs"])  # fmt: skip
+    assert (args.variant, args.max_length, args.negative_prompt) == ("flux-dev-kontext", 77, "snake_case")
+    assert args.output_dir == Path("imgs")
 
 
 @pytest.mark.parametrize("case", ["missing weights", "unreadable image", "mask of the wrong size", "foreign LoRA"])

@@ -13,6 +13,7 @@ from PIL import Image
 
 import sample
 import train
+from minflux.files.images import read_settings
 from tests.test_train import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +47,13 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     written = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert written == tmp_path / "ir" / "img_0000.png"
     infrared = Image.open(written)
-    assert infrared.size == (64, 64) and infrared.text["task"] == "vis2ir" and infrared.text["steps"] == "2"
+    settings = read_settings(written)
+    assert infrared.size == (64, 64) and settings["task"] == "vis2ir" and settings["steps"] == 2
+    assert settings["visible"]["path"] == str(tmp_path / "visible0.png")
     # the semantic map reaches the model: another map, the same visible image and seed, another result
     pipe = Vis2IRPipeline.from_run(tmp_path / "tiny", device="cpu")
-    a = pipe(tmp_path / "visible0.png", tmp_path / "semantic0.png", num_steps=2, output="tensor")
-    b = pipe(tmp_path / "visible0.png", tmp_path / "semantic1.png", num_steps=2, output="tensor")
+    a = pipe(tmp_path / "visible0.png", tmp_path / "semantic0.png", num_steps=2, seed=0, output="tensor")
+    b = pipe(tmp_path / "visible0.png", tmp_path / "semantic1.png", num_steps=2, seed=0, output="tensor")
     assert a.shape == (1, 3, 64, 64) and not torch.equal(a, b)
     assert sample.main([*argv[:4], "--steps", "2"]) == 2  # a visible image without its semantic map
     assert "give --semantic-map with one map for each" in capsys.readouterr().err

@@ -102,6 +102,8 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    encode = [[line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("encode ")] for r in (one, two)]
+    assert encode[1] == encode[0] == ["encode 16/16"]  # printed once, not once per process
     a = read_state_dict(tmp_path / "one" / "transformer.safetensors")
     b = read_state_dict(tmp_path / "two" / "transformer.safetensors")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -129,6 +131,82 @@ def test_config_file_sets_fields_and_flags_win(tmp_path):
     cfg = config_from_args(train.TrainConfig, args)
     assert train.TrainConfig().target_only is False  # so True below is the flag at work
     assert (cfg.steps, cfg.lr, cfg.semantic, cfg.target_only) == (7, 0.5, "none", True)
+
+
+# A string with what TOML must escape (quote, backslash, control characters, DEL) and what JSON would write as
+# surrogate pairs (beyond U+FFFF).
+TRICKY = 'caption ü ∞ 😀 𝄞 "quoted" back\\slash\nnew line\ttab \x7f \x01 [x] = # not a comment'
+
+
+def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_path):
+    import dataclasses
+    import math
+    import tomllib
+
+    from minflux.tasks.runs import _field_type, read_toml, to_toml
+
+    kinds = {}
+    for floats in ((math.inf, -math.inf, 1e-300), (0.1, 2.5e20, math.nan)):
+        values = {}
+        for i, f in enumerate(dataclasses.fields(train.TrainConfig)):
+            kind = _field_type(f)
+            kinds.setdefault(kind, []).append(f.name)
+            values[f.name] = {str: f"{TRICKY} {i}", int: 2**40 + i, float: floats[i % 3],
+                              bool: not (f.default is True)}[kind]  # fmt: skip
+        cfg = train.TrainConfig(**values)
+        (tmp_path / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))  # valid TOML, by the standard reader
+        back = train.TrainConfig(**read_toml(tmp_path / "config.toml", train.TrainConfig))
+        for name, value in values.items():
+            got = getattr(back, name)
+            assert got == value or (math.isnan(value) and math.isnan(got)), (name, value, got)
+            assert type(got) is type(value), name
+    assert set(kinds) == {str, int, float, bool}, kinds  # every type a flag takes was written and read back
+    with pytest.raises(ValueError, match="name: .* is not valid Unicode"):
+        to_toml(train.TrainConfig(name="run\udcff"))  # undecodable command-line bytes: named, not written
+
+
+def test_max_grad_norm_inf_then_resume_reads_the_config_back(tmp_path):
+    from minflux.tasks.runs import to_toml
+
+    cfg = train.parse(["--max-grad-norm", "inf", "--default-caption", TRICKY, "--out", str(tmp_path)])
+    run = tmp_path / "run"
+    run.mkdir()
+    from minflux.files.weights import write_text_atomic
+
+    write_text_atomic(run / "config.toml", to_toml(cfg))  # as train.py writes it
+    resumed = train.parse(["--resume", str(run)])
+    assert resumed.max_grad_norm == float("inf") and resumed.default_caption == TRICKY
+
+
+def test_output_dir_is_the_flag_out_and_bfl_underscores_are_aliases_and_old_configs_read(tmp_path):
+    assert train.parse(["--output-dir", "a"]).output_dir == "a"
+    assert train.parse(["--out", "b"]).output_dir == "b"  # the earlier name
+    assert train.parse(["--output_dir", "c", "--batch_size=8", "--max_grad_norm", "2"]).output_dir == "c"
+    assert train.parse(["--batch_size=8"]).batch_size == 8
+    (tmp_path / "old.toml").write_text('out = "d"\nsteps = 3\n')  # a config.toml written before the rename
+    assert train.parse(["--config", str(tmp_path / "old.toml")]).output_dir == "d"
+
+
+def test_a_batch_the_processes_do_not_divide_is_refused_and_progress_prints_once(monkeypatch, capsys):
+    import io
+
+    from minflux.tasks import runs
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before the process group starts
+    assert train.parse(["--batch-size", "4"]).batch_size == 4
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--batch-size", "3"])
+    assert e.value.code == 2
+    assert "--batch-size 3 is the global batch: it must split evenly over the 2 processes" in capsys.readouterr().err
+
+    lines = {}
+    for r in (0, 1):
+        monkeypatch.setattr(runs, "rank", lambda r=r: r)
+        stream = io.StringIO()
+        runs.Progress(4, label="encode ", stream=stream).update(4)
+        lines[r] = stream.getvalue()
+    assert lines[0].startswith("encode 4/4") and lines[1] == ""
 
 
 def test_bad_semantic_mode_is_rejected():
@@ -162,7 +240,9 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     pipe = Vis2IRPipeline.from_run(run, device="cpu")
     assert pipe.model.flux.double_blocks[0].img_attn.qkv.__class__.__name__ == "LoRALinear"
     image = pipe(Image.new("RGB", (80, 80), (30, 120, 30)), Image.new("RGB", (80, 80), (200, 0, 0)), num_steps=2)[0]
-    assert image.size == (64, 64) and image.info["task"] == "vis2ir"
+    from minflux.files.images import read_settings
+
+    assert image.size == (64, 64) and read_settings(image)["task"] == "vis2ir"
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from minflux.files.lora_files import load_lora
 from minflux.model import Flux
 from minflux.presets import AE_SMALL, FLUX_SMALL
 from minflux.files.weights import read_state_dict, save_atomic
+from tests.other_tools import comfyui_apply, comfyui_key_map, comfyui_load_lora
 
 # dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
 TINY_DEV = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1,
@@ -101,6 +102,15 @@ def test_dev_lora_trains_saves_and_changes_the_model(tmp_path, weights, folder, 
     assert len(layers) == 13  # kohya's default: every linear layer of the double (10) and single (3) block
     after = _output(base)
     assert after.shape == before.shape and (after - before).abs().max() > 1e-4  # the LoRA was trained
+
+    # the default format is kohya's, which ComfyUI reads key for key, to the same weights
+    lora = read_state_dict(run / "lora.safetensors")
+    assert metrics["lora_format"] == "kohya" and all(k.startswith("lora_unet_") for k in lora)
+    plain = load_flux(weights["dev"])
+    patches, not_loaded = comfyui_load_lora(lora, comfyui_key_map(plain.state_dict()))
+    assert not_loaded == [] and len(patches) == 13
+    plain.load_state_dict(comfyui_apply(plain.state_dict(), patches))
+    assert (_output(plain) - after).abs().max() <= 1e-5 * after.abs().max()
 
 
 def test_resume_continues_exactly(tmp_path, weights, folder):

@@ -4,11 +4,24 @@
     deep_to_float, to_8bit                         16-bit and float images scaled by their depth, not clipped
     to_pil                                         [3, H, W] in [-1, 1] → a PIL image
     save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
+    settings_text, a1111_parameters                what the text chunks of a generated image hold
     image_grid, line_plot                          the pictures of a run folder (samples.png, loss.png)
 
 A file that cannot be used raises DataError, which names it and says what was expected.
+
+A generated image carries its settings in three PNG text chunks, each for its readers:
+
+    parameters   AUTOMATIC1111's "infotext", which A1111, Forge, CivitAI and ComfyUI's drop-to-load read:
+                     the prompt (A1111's <lora:name:scale> tags added)
+                     Negative prompt: ...
+                     Steps: 28, Sampler: Euler, CFG scale: 1, Distilled CFG Scale: 3.5, Seed: 7, Size: 1024x768, ...
+    minflux      every setting that determines the pixels, as JSON (what `sample.py --from` reads back)
+    Software     "minflux" (the PNG standard's keyword)
+
+None of them is named "prompt" or "workflow": ComfyUI parses those as its own JSON graphs.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -96,15 +109,45 @@ def save_image(image: Image.Image, path, exclusive: bool = False) -> Path:
     return save_png(image, path, text={k: v for k, v in image.info.items() if isinstance(v, str)}, exclusive=exclusive)
 
 
-def read_settings(path) -> dict[str, str]:
-    """The settings a minflux PNG carries in its text chunks (what `save_image` wrote); DataError if unreadable."""
-    try:
-        with Image.open(path) as im:
-            return dict(getattr(im, "text", {}))
-    except FileNotFoundError as e:
-        raise DataError(path, "no such file") from e
-    except Exception as e:  # a folder, an empty or corrupt file: PIL raises OSError, SyntaxError, ValueError...
-        raise DataError(path, f"cannot be read as a PNG ({type(e).__name__}: {e})") from e
+def settings_text(settings: dict, parameters: str) -> dict[str, str]:
+    """The text chunks of a generated image (the module docstring): `settings` as JSON, `parameters` as is."""
+    return {"parameters": parameters, "minflux": json.dumps(settings), "Software": "minflux"}
+
+
+def read_settings(source) -> dict:
+    """The settings a minflux image carries (a PNG's path, or a PIL image with them in .info): its "minflux" JSON
+    chunk; from the PNG of an earlier minflux, its one chunk per setting. {} when it holds none."""
+    if isinstance(source, Image.Image):
+        text = dict(getattr(source, "text", None) or source.info)
+    else:
+        try:
+            with Image.open(source) as im:
+                text = dict(getattr(im, "text", {}))
+        except FileNotFoundError as e:
+            raise DataError(source, "no such file") from e
+        except Exception as e:
+            raise DataError(source, f"cannot be read as a PNG ({type(e).__name__}: {e})") from e
+    if "minflux" in text:
+        return json.loads(text["minflux"])
+    if text.get("software") != "minflux":
+        return {}
+    loras = [spec.rpartition(":") for spec in text.get("loras", "").split(", ") if spec]
+    files = {k: {"path": text[k]} if text[k] != "PIL image" else {"in_memory": "Image"} for k in ("image", "mask")
+             if k in text}  # fmt: skip
+    return {**text, **files, "loras": [{"path": path, "scale": float(scale)} for path, _, scale in loras]}
+
+
+def a1111_parameters(prompt: str, negative: str | None, fields: dict) -> str:
+    """AUTOMATIC1111's infotext: the prompt, "Negative prompt: ..." (when there is one), then one line of
+    "Key: value" pairs, a value holding a comma, colon or newline written as a JSON string (A1111's `quote`).
+    Fields whose value is None are left out."""
+    def quote(value) -> str:
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+    lines = [prompt] + ([f"Negative prompt: {negative}"] if negative else [])
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

@@ -9,7 +9,9 @@ LoRA files differ only in how they name the layers and how they cut FLUX's fused
     XLabs      double_blocks.0.processor.qkv_lora1.down.weight / .up.weight                   lora1 img, lora2 txt
 
 `layer_names` lists every such name for each linear layer of a model (the tables are in keys.py), so reading
-any of these files is one dictionary lookup per key.
+any of these files is one dictionary lookup per key. The alpha (the update is alpha / rank · up @ down) is a tensor
+of the file in kohya's and minflux's layouts; a diffusers / PEFT file keeps it in its PEFT LoraConfig instead,
+in the file's metadata or in adapter_config.json beside it (`peft_config`); BFL and XLabs files have none (factor 1).
 
 References: kohya-ss/sd-scripts (networks/lora_flux.py: how split q/k/v LoRAs are saved); black-forest-labs/flux
 (src/flux/modules/lora.py); XLabs-AI/x-flux (src/flux/modules/layers.py); diffusers (loaders/
@@ -17,6 +19,9 @@ lora_conversion_utils.py: _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_
 conversions the tests use as the oracle.
 """
 
+import json
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from minflux.files.keys import LORA_PREFIXES, LORA_SUFFIXES, SWAPPED_HALVES, XLABS, diffusers_key_pairs, swap_halves
-from minflux.files.weights import WeightsError, read_state_dict, save_atomic
+from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic
 from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers
 
 # --- the names other tools give the layers ------------------------------------------------------------------
@@ -92,6 +97,42 @@ def _split_key(key: str, names: dict) -> tuple[str, str] | None:
     return None
 
 
+# --- the alpha of a PEFT file ---------------------------------------------------------------------------------
+
+
+def peft_config(path) -> dict | None:
+    """The PEFT LoraConfig (as a dict) a diffusers / PEFT LoRA file comes with, or None.
+
+    diffusers keeps it in the safetensors metadata under "lora_adapter_metadata" (JSON; `save_lora_weights`
+    prefixes its keys with "transformer.", a model's `save_lora_adapter` does not); PEFT's `save_pretrained` writes
+    adapter_config.json beside adapter_model.safetensors. Without one, PEFT's rule holds: alpha = rank.
+    """
+    path = Path(path)
+    raw = read_metadata(path).get("lora_adapter_metadata")
+    sidecar = (path if path.is_dir() else path.parent) / "adapter_config.json"
+    if raw:
+        config = json.loads(raw)  # a pipeline's file: the transformer's keys under "transformer."; a model's: its own
+        ours = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+        config = ours or config
+    elif sidecar.is_file():
+        config = json.loads(sidecar.read_text(encoding="utf-8"))
+    else:
+        return None
+    return config if "lora_alpha" in config or "r" in config else None
+
+
+def peft_alpha(config: dict, name: str, rank: int) -> float:
+    """minflux's alpha (factor alpha / rank) for the layer a PEFT config calls `name` (transformer_blocks.0.attn.to_q):
+    its alpha_pattern entry (matched on the name's end, as PEFT matches), else lora_alpha (PEFT's default 8).
+    rsLoRA (use_rslora) scales by lora_alpha / √rank, which is alpha = lora_alpha · √rank here."""
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            alpha = value
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
 # --- reading --------------------------------------------------------------------------------------------------
 
 
@@ -133,6 +174,7 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """
     source = "LoRA state dict" if isinstance(path, dict) else path
     sd = dict(path) if isinstance(path, dict) else read_state_dict(path)
+    config = None if isinstance(path, dict) else peft_config(path)  # where a diffusers / PEFT file keeps its alpha
     names, layers = layer_names(model), linear_layers(model)
 
     groups, unmatched = {}, []  # {layer name in the file: {"down": (key, tensor), "up": ..., "alpha": ...}}
@@ -173,7 +215,13 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
         if a.numel() != 1 or not a.float().isfinite().all():
             raise WeightsError(f"{source}: key {alpha_key!r} must be one finite number, found "
                                f"{a.flatten()[:4].tolist()} of shape {list(a.shape)}")  # fmt: skip
-        alpha = parts["alpha"][1].item() if "alpha" in parts else down.shape[0]  # no alpha stored: factor 1
+        rank = down.shape[0]
+        if "alpha" in parts:  # kohya, minflux
+            alpha = parts["alpha"][1].item()
+        elif config is not None and down_key.endswith(".lora_A.weight"):  # diffusers / PEFT, with its LoraConfig
+            alpha = peft_alpha(config, name, rank)
+        else:  # no alpha anywhere: factor 1 (BFL, XLabs, PEFT without a config)
+            alpha = rank
         bias = parts["bias"][1].float() if "bias" in parts else None
         if bias is not None and tuple(bias.shape) != (rows.stop - rows.start,):
             raise WeightsError(f"{source}: key {parts['bias'][0]!r} has shape {list(bias.shape)}, expected "
@@ -230,12 +278,13 @@ def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
     return tensors
 
 
-def save_lora(model: nn.Module, path, format: str = "minflux") -> Path:
+def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
     """Write the model's LoRA layers to a .safetensors file, atomically; the metadata names format, rank, alpha.
 
-    format: "minflux" (official names, .lora_down / .lora_up / .alpha), "kohya" (lora_unet_…, as sd-scripts and
-    ComfyUI write FLUX LoRAs) or "diffusers" (PEFT names under transformer., q/k/v split, alpha folded into
-    lora_B). The user's `scale` is not saved: a file holds the LoRA as trained.
+    format: "kohya" (lora_unet_…, as sd-scripts writes FLUX LoRAs: ComfyUI, diffusers' load_lora_weights and
+    minflux read it), "diffusers" (PEFT names under transformer., q/k/v split, alpha folded into lora_B, so any
+    PEFT reader gets it right without a config) or "minflux" (official names, .lora_down / .lora_up / .alpha; the one
+    that keeps a LoRA bias). The user's `scale` is not saved: a file holds the LoRA as trained.
     """
     layers = lora_layers(model)
     if not layers:
@@ -251,10 +300,16 @@ def save_lora(model: nn.Module, path, format: str = "minflux") -> Path:
             for name, layer in layers.items()
             for k, v in _adapter_state(layer).items()
         }
+        outside = [name for name in layers if not name.startswith(("double_blocks.", "single_blocks."))]
+        if outside:  # diffusers 0.42's _convert_kohya_flux_lora_to_diffusers names them without "transformer."
+            warnings.warn(f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
+                          f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
+                          "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
+                          "in the diffusers format for diffusers")  # fmt: skip
     elif format == "diffusers":
         tensors = _diffusers_tensors(model, layers)
     else:
-        raise ValueError(f"save_lora: unknown format {format!r}; use 'minflux', 'kohya' or 'diffusers'")
+        raise ValueError(f"save_lora: unknown format {format!r}; use 'kohya', 'diffusers' or 'minflux'")
     metadata = {
         "minflux.lora_format": format,
         "minflux.lora_rank": ", ".join(str(r) for r in sorted({layer.rank for layer in layers.values()})),

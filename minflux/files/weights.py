@@ -9,6 +9,7 @@ Every failure raises `WeightsError` with a message that names the file, the key 
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,15 @@ def read_metadata(path) -> dict[str, str]:
         return {}
     with _open(file) as f:
         return dict(f.metadata() or {})
+
+
+def sha256(path) -> str:
+    """The file's SHA-256 in hex (what A1111 and CivitAI name LoRAs by; a run records its files with it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -278,7 +288,7 @@ def write_atomic(path, write, exclusive: bool = False) -> Path:
 
 
 def write_text_atomic(path, text: str) -> Path:
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:

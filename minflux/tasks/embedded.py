@@ -40,7 +40,7 @@ def embedded_parts(cfg, train_set, run: Path, device):
     into the run folder. The first process trains and writes; the others wait for it, then read."""
     spec = configs[cfg.preset]
     scenes = triptychs(train_set, range(min(len(train_set), 512)))  # [512, 3, 64, 192]
-    ae_path = autoencoder_path(spec.ae_params, scenes, cfg.vae_steps, Path(cfg.out) / "cache", seed=cfg.seed)
+    ae_path = autoencoder_path(spec.ae_params, scenes, cfg.vae_steps, Path(cfg.output_dir) / "cache", seed=cfg.seed)
     if rank() == 0:
         train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         texts = captions(train_set)

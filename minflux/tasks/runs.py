@@ -60,6 +60,8 @@ class Progress:
         self.tty = self.stream.isatty()
 
     def update(self, step: int, **fields) -> None:
+        if rank() != 0:  # under torchrun every process counts the same steps: one line is enough
+            return
         elapsed = time.perf_counter() - self.start
         rate = step / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else float("nan")
@@ -93,7 +95,7 @@ T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 1
                 "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
 # The embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer.
 KONTEXT_DEFAULTS = {"preset": "flux-small-kontext", "semantic": "none"}
-LORA_FORMATS = ("minflux", "kohya", "diffusers")
+LORA_FORMATS = ("kohya", "diffusers", "minflux")
 
 
 @dataclass
@@ -126,7 +128,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_targets: str | None = None
-    lora_format: str = "minflux"
+    lora_format: str = "kohya"
     # optimisation
     steps: int = 1300
     batch_size: int = 16
@@ -144,7 +146,7 @@ class TrainConfig:
     # evaluation and output
     sample_steps: int = 16
     sample_every: int = 0
-    out: str = "runs"
+    output_dir: str = "runs"
     name: str | None = None
     overwrite: bool = False
     checkpoint_every: int = 500
@@ -188,7 +190,8 @@ class TrainConfig:
         "lora_rank": "LoRA rank (LoRA is used with given weights or --finetune)",
         "lora_alpha": "LoRA alpha (default: the rank)",
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
-        "lora_format": "lora.safetensors layout: minflux (official names), kohya (sd-scripts, ComfyUI) or diffusers",
+        "lora_format": "lora.safetensors layout: kohya (sd-scripts' names; ComfyUI, diffusers and minflux read it), "
+        "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
         "steps": "optimisation steps",
         "batch_size": "global batch size (split across processes under torchrun)",
         "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10)",
@@ -204,8 +207,8 @@ class TrainConfig:
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "sample_every": "write samples/step-N.png every this many steps (0: only samples.png at the end)",
-        "out": "folder holding the run folders",
-        "name": "run folder name (default: vis2ir-<semantic>, or t2i-<data folder name>); a name already taken gets "
+        "output_dir": "folder holding the run folders (also --out)",
+        "name": "run folder name (default: vis2ir-<semantic>, or TASK-<data folder name>); a name already taken gets "
         "a numbered suffix (-2, -3, ...), so no run is ever written over",
         "overwrite": "replace the run folder of that name instead (its files are deleted first)",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
@@ -217,6 +220,8 @@ class TrainConfig:
         "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
         "params": "print the parameter table of every component, trainable and frozen",
     }
+    ALIASES = {"output_dir": ["--out"]}  # other spellings of a flag; BFL's underscores (--output_dir) come free
+    RENAMED = {"out": "output_dir"}  # keys of older config.toml files
 
 
 # --- the accepted values, checked wherever a config is read: flags, a TOML file, a run's config.toml ----------
@@ -264,7 +269,7 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "vae_steps": _at_least(1),
     "seed": ("an integer from 0 to 2^63 - 1", lambda v: 0 <= v < 2**63),
     "sample_steps": _at_least(0),
-    "out": ("a folder", lambda v: v != ""),
+    "output_dir": ("a folder", lambda v: v != ""),
     "name": ("a folder name (no / and not . or ..; the parent folder is --out)",
              lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v),
     "checkpoint_every": _at_least(1),
@@ -308,7 +313,7 @@ def _parse_bool(s: str) -> bool:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per dataclass field, with the field's comment-free help: its type and default."""
-    helps = getattr(cls, "HELP", {})
+    helps, aliases = getattr(cls, "HELP", {}), getattr(cls, "ALIASES", {})
     for f in dataclasses.fields(cls):
         kind = _field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -317,12 +322,26 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             flag = dict(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            *aliases.get(f.name, []),
             dest=f.name,
             default=None,  # None = not given, so the TOML file or the dataclass default applies
             help=f"{helps.get(f.name, '')} (default: {default})".strip(),
             **flag,
         )
     parser.add_argument("--config", type=Path, help="a TOML file setting the same fields; flags win over it")
+
+
+def dashed(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with BFL's underscore spellings of the flags (--num_steps, --output_dir) written as this parser's
+    (--num-steps, --output-dir), so that commands pasted from the official scripts run."""
+    known = parser._option_string_actions  # every option string the parser takes
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and "_" in flag and flag.replace("_", "-") in known:
+            arg = flag.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def config_from_args(cls, args: argparse.Namespace):
@@ -339,9 +358,10 @@ def config_from_args(cls, args: argparse.Namespace):
 def read_toml(path, cls) -> dict:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from None
+    data = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in data.items()}
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
@@ -354,13 +374,35 @@ def read_toml(path, cls) -> dict:
 
 
 def to_toml(config) -> str:
-    """A flat dataclass as TOML (None values are left out: absent means default)."""
-    lines = []
-    for key, value in dataclasses.asdict(config).items():
-        if value is None:
-            continue
-        lines.append(f"{key} = {json.dumps(value)}")  # JSON strings, numbers, bools and lists are valid TOML
-    return "\n".join(lines) + "\n"
+    """A flat dataclass as TOML, UTF-8 (None values are left out: absent means default)."""
+    return "".join(f"{key} = {toml_value(value, key)}\n" for key, value in dataclasses.asdict(config).items()
+                   if value is not None)  # fmt: skip
+
+
+# TOML basic strings escape ", \\ and the control characters (U+0000-U+001F, U+007F); any other character is itself.
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
+
+
+def toml_value(value, key: str = "value") -> str:
+    """One value as TOML: a string, an integer, a float (inf, -inf and nan included), a boolean, or a list of them.
+    JSON is not TOML for inf/nan ("Infinity") nor for characters beyond U+FFFF (JSON writes surrogate pairs)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)  # repr: "inf", "-inf", "0.001", "1e-05", all TOML
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v, key) for v in value) + "]"
+    if not isinstance(value, str):
+        raise TypeError(f"{key}: cannot write a {type(value).__name__} as TOML")
+    if any("\ud800" <= c <= "\udfff" for c in value):  # undecodable bytes on the command line, kept as surrogates
+        raise ValueError(f"{key}: {value!r} is not valid Unicode text (bytes that are not UTF-8?)")
+    return '"' + "".join(_toml_char(c) for c in value) + '"'
+
+
+def _toml_char(c: str) -> str:
+    return _TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c)
 
 
 # --- the command line, checked --------------------------------------------------------------------------------
@@ -371,7 +413,7 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     the run's config.toml, then the flags given). Bad values stop here, with exit code 2 and the flag named."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(dashed(parser, sys.argv[1:] if argv is None else argv))
     given = {k for k, v in vars(args).items() if v is not None and k != "config"}
     for name in sorted(given, key=[f.name for f in dataclasses.fields(TrainConfig)].index):
         expected = check_value(name, getattr(args, name))
@@ -391,6 +433,10 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         parser.error(str(e))
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
+    if cfg.batch_size % processes:
+        parser.error(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the {processes} "
+                     f"processes (a multiple of {processes}, e.g. {cfg.batch_size // processes * processes or processes})")  # fmt: skip
     if cfg.task == "vis2ir" and cfg.sample_steps < 1:
         parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
     channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
