@@ -30,7 +30,8 @@ import torch
 
 from minflux.files.images import DataError, image_grid, read_settings, save_image, save_png
 from minflux.files.weights import WeightsError, sha256
-from minflux.tasks.runs import Progress, dashed, latest_run
+from minflux.tasks.flags import dashed
+from minflux.tasks.runs import Progress, latest_run
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -152,7 +153,6 @@ MAX_SIDE = 4096
 def check_args(args) -> None:
     """Every value checked before any weights are loaded: a bad one is a ValueError naming the flag."""
     numbers = [
-        ("--num", args.num, lambda v: v >= 1, "an integer ≥ 1"),
         ("--num-images", args.num_images, lambda v: v >= 1, "an integer ≥ 1"),
         ("--steps", args.steps, lambda v: v >= 1, "an integer ≥ 1 (leave it out for the model's own number)"),
         ("--seed", args.seed, lambda v: 0 <= v < 2**63, "an integer ≥ 0"),

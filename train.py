@@ -38,7 +38,8 @@ from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
-from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, to_toml, world
+from minflux.tasks.flags import to_toml
+from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

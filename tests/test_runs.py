@@ -241,7 +241,7 @@ BAD_FLAGS = [
     (["--adapter-lr", "inf"], "--adapter-lr inf: expected a finite number > 0"),
     (["--stop-at", "0"], "--stop-at 0: expected an integer ≥ 1"),
     (["--dtype", "fp64"], "--dtype fp64: expected one of auto, fp32, bf16, fp16"),
-    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: expected a finite number > 0"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: expected a number > 0 (inf: no clipping)"),
     (["--t-sampling", "gaussian"], "--t-sampling gaussian: expected one of logit_normal, uniform"),
     (["--panel-size", "100"], "--panel-size 100: expected a multiple of 16, at least 16"),
     (["--caption-dropout", "1"], "--caption-dropout 1.0: expected a probability in [0, 1)"),

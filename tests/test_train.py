@@ -122,7 +122,7 @@ def test_unknown_config_key_is_an_error_listing_the_valid_keys(tmp_path):
 def test_config_file_sets_fields_and_flags_win(tmp_path):
     import argparse
 
-    from minflux.tasks.runs import add_config_flags, config_from_args
+    from minflux.tasks.flags import add_config_flags, config_from_args
 
     (tmp_path / "c.toml").write_text('steps = 5\nlr = 0.5\nsemantic = "none"\n')
     parser = argparse.ArgumentParser()
@@ -143,7 +143,7 @@ def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_p
     import math
     import tomllib
 
-    from minflux.tasks.runs import _field_type, read_toml, to_toml
+    from minflux.tasks.flags import _field_type, to_toml
 
     kinds = {}
     for floats in ((math.inf, -math.inf, 1e-300), (0.1, 2.5e20, math.nan)):
@@ -155,10 +155,9 @@ def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_p
                               bool: not (f.default is True)}[kind]  # fmt: skip
         cfg = train.TrainConfig(**values)
         (tmp_path / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-        tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))  # valid TOML, by the standard reader
-        back = train.TrainConfig(**read_toml(tmp_path / "config.toml", train.TrainConfig))
-        for name, value in values.items():
-            got = getattr(back, name)
+        back = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))  # valid TOML, by the standard reader
+        for name, value in values.items():  # (the values are not the accepted ones: read_toml's checks are tested apart)
+            got = back[name]
             assert got == value or (math.isnan(value) and math.isnan(got)), (name, value, got)
             assert type(got) is type(value), name
     assert set(kinds) == {str, int, float, bool}, kinds  # every type a flag takes was written and read back
@@ -167,7 +166,7 @@ def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_p
 
 
 def test_max_grad_norm_inf_then_resume_reads_the_config_back(tmp_path):
-    from minflux.tasks.runs import to_toml
+    from minflux.tasks.flags import to_toml
 
     cfg = train.parse(["--max-grad-norm", "inf", "--default-caption", TRICKY, "--out", str(tmp_path)])
     run = tmp_path / "run"
