@@ -25,6 +25,7 @@ report 33,088 for one layer.)
 into the visible panel before encoding, done by the task); zeroconv (plan A: a zero-initialised linear map of
 the semantic tokens added to the Fill channels of the target half); xattn and xattn_rope (SemanticCrossAttention
 on x_t, without and with positions); blocks (plan B: a zero-gated cross-attention after every transformer block);
+adapters (plan C: a gated adapter, semantic self-attention + cross-attention + feed-forward, between the blocks);
 reference (Kontext only: the semantic map as a second reference image in the sequence, no module at all).
 
 References: Vaswani et al. 2017 (attention); Zhang et al. 2023 (ControlNet: zero-initialised injection).
@@ -40,7 +41,18 @@ from torch import Tensor, nn
 from minflux.attention import embed_ids, rotate, scaled_dot_product
 from minflux.hooks import stage
 
-SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope", "blocks", "reference")
+SEMANTIC_MODES = ("none", "pixel", "zeroconv", "xattn", "xattn_rope", "blocks", "adapters", "reference")
+
+
+def multihead(q: Tensor, k: Tensor, v: Tensor, heads: int, positions: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """softmax(Q Kᵀ / √d) V over `heads` heads: q [B, Lq, C], k and v [B, Lk, C] → [B, Lq, C]. With positions (the
+    queries' and the keys' ids [B, L, 3]), RoPE on rows and columns: head dim d = 0 (axis0) + d/2 (row) + d/2 (col)."""
+    q, k, v = (rearrange(x, "B L (H D) -> B H L D", H=heads) for x in (q, k, v))  # q [B, 8, 2048, 8], k [B, 8, 1024, 8]
+    if positions is not None:
+        axes = [0, q.shape[-1] // 2, q.shape[-1] // 2]
+        q = rotate(q, embed_ids(positions[0], axes, theta=10_000))
+        k = rotate(k, embed_ids(positions[1], axes, theta=10_000))
+    return rearrange(scaled_dot_product(q, k, v), "B H L D -> B L (H D)")  # [B, 2048, 64]
 
 
 class SemanticCrossAttention(nn.Module):
@@ -62,18 +74,9 @@ class SemanticCrossAttention(nn.Module):
 
     def forward(self, image_feat: Tensor, semantic_feat: Tensor, positions: tuple[Tensor, Tensor] | None = None):
         # image_feat [B, 2048, 64] (x_t), semantic_feat [B, 1024, 64]; positions: their ids [B, L, 3]
-        q = rearrange(self.to_q(self.norm_image(image_feat)), "B L (H D) -> B H L D", H=self.num_heads)
-        k = rearrange(self.to_k(self.norm_semantic(semantic_feat)), "B L (H D) -> B H L D", H=self.num_heads)
-        v = rearrange(self.to_v(self.norm_semantic(semantic_feat)), "B L (H D) -> B H L D", H=self.num_heads)
-        # q [B, 8, 2048, 8], k and v [B, 8, 1024, 8]
-        if positions is not None:
-            # RoPE on rows and columns only: head dim 8 = 0 (axis0) + 4 (row) + 4 (col)
-            head_dim = q.shape[-1]
-            axes = [0, head_dim // 2, head_dim // 2]
-            q = rotate(q, embed_ids(positions[0], axes, theta=10_000))
-            k = rotate(k, embed_ids(positions[1], axes, theta=10_000))
-        out = scaled_dot_product(q, k, v)  # [B, 8, 2048, 8]
-        out = self.to_out(rearrange(out, "B H L D -> B L (H D)"))  # [B, 2048, 64]
+        image, semantic = self.norm_image(image_feat), self.norm_semantic(semantic_feat)
+        out = multihead(self.to_q(image), self.to_k(semantic), self.to_v(semantic), self.num_heads, positions)
+        out = self.to_out(out)  # [B, 2048, 64]
         return image_feat + self.scale * self.dropout(out)
 
 
@@ -99,13 +102,39 @@ class SemanticConditioningAdapter(nn.Module):
 # --- the injection designs, around a FLUX Fill transformer --------------------------------------------------
 
 
-class BlockInjection(nn.Module):
-    """Plan B of the vis2ir notes: a zero-gated cross-attention to the semantic tokens after every transformer block.
+class AfterBlocks(nn.Module):
+    """Modules run after transformer blocks on the blocks' image tokens, with the semantic tokens at hand (plans B
+    and C). The transformer's own code is left as it is: each chosen block gets a forward hook that, while Vis2IR
+    runs the transformer (`context` set), replaces the block's image tokens by module(image, semantic, positions)."""
 
-    The transformer's own code is left as it is: each block gets a forward hook that, while Vis2IR runs it,
-    lets the block's image tokens attend to the semantic tokens. Each SemanticCrossAttention's zero-initialised
-    scale is its gate, so at initialisation the blocks compute exactly what they computed before.
-    """
+    context = None  # (semantic tokens [B, 1024, W], positions, text length) while Vis2IR runs the blocks
+
+    def attach(self, flux: nn.Module, chosen: list[int], modules) -> None:
+        """A hook on each chosen block (double and single blocks counted in the order they run)."""
+        n_double = len(flux.double_blocks)
+        blocks = [*flux.double_blocks, *flux.single_blocks]
+        for i, module in zip(chosen, modules):
+            blocks[i].register_forward_hook(partial(self._after_double if i < n_double else self._after_single, module))
+
+    def _after_double(self, module, block, args, output):
+        if self.context is None:
+            return output
+        img, txt = output  # [B, 2048, 3072], [B, 512, 3072]
+        semantic, positions, _ = self.context
+        return module(img, semantic, positions), txt
+
+    def _after_single(self, module, block, args, output):
+        if self.context is None:
+            return output
+        semantic, positions, n_txt = self.context
+        txt, img = output[:, :n_txt], output[:, n_txt:]  # [B, 512, 3072], [B, 2048, 3072]
+        return torch.cat((txt, module(img, semantic, positions)), dim=1)
+
+
+class BlockInjection(AfterBlocks):
+    """Plan B of the vis2ir notes: a zero-gated cross-attention to the semantic tokens after every transformer block.
+    Each SemanticCrossAttention's zero-initialised scale is its gate, so at initialisation the blocks compute exactly
+    what they computed before."""
 
     def __init__(self, flux: nn.Module, heads: int):
         super().__init__()
@@ -113,25 +142,69 @@ class BlockInjection(nn.Module):
         self.proj = nn.Linear(64, p.hidden_size)  # semantic tokens to the transformer's width: [B, 1024, 3072]
         self.double_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth))
         self.single_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth_single_blocks))
-        self.context = None  # (semantic [B, 1024, 3072], positions, text length) while Vis2IR runs the blocks
-        for block, attn in zip(flux.double_blocks, self.double_attn):
-            block.register_forward_hook(partial(self._after_double, attn))
-        for block, attn in zip(flux.single_blocks, self.single_attn):
-            block.register_forward_hook(partial(self._after_single, attn))
+        self.attach(flux, list(range(p.depth + p.depth_single_blocks)), [*self.double_attn, *self.single_attn])
 
-    def _after_double(self, attn, block, args, output):
-        if self.context is None:
-            return output
-        img, txt = output  # [B, 2048, 3072], [B, 512, 3072]
-        semantic, positions, _ = self.context
-        return attn(img, semantic, positions), txt
 
-    def _after_single(self, attn, block, args, output):
-        if self.context is None:
-            return output
-        semantic, positions, n_txt = self.context
-        txt, img = output[:, :n_txt], output[:, n_txt:]  # [B, 512, 3072], [B, 2048, 3072]
-        return torch.cat((txt, attn(img, semantic, positions)), dim=1)
+class AdapterLayer(nn.Module):
+    """One layer of a plan C adapter: the semantic tokens attend to each other, the image tokens to them, then a
+    feed-forward on the image tokens. Pre-norm residuals throughout, at the adapter's width."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_self = nn.LayerNorm(width)
+        self.self_qkv = nn.Linear(width, 3 * width)
+        self.self_out = nn.Linear(width, width)
+        self.norm_image = nn.LayerNorm(width)
+        self.norm_semantic = nn.LayerNorm(width)
+        self.cross_q = nn.Linear(width, width)
+        self.cross_kv = nn.Linear(width, 2 * width)
+        self.cross_out = nn.Linear(width, width)
+        self.norm_ff = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+
+    def forward(self, image: Tensor, semantic: Tensor, positions: tuple[Tensor, Tensor] | None):
+        # image [B, 2048, W], semantic [B, 1024, W]; positions: (image ids, semantic ids)
+        q, k, v = self.self_qkv(self.norm_self(semantic)).chunk(3, dim=-1)
+        own = None if positions is None else (positions[1], positions[1])
+        semantic = semantic + self.self_out(multihead(q, k, v, self.heads, own))  # [B, 1024, W]
+        k, v = self.cross_kv(self.norm_semantic(semantic)).chunk(2, dim=-1)
+        image = image + self.cross_out(multihead(self.cross_q(self.norm_image(image)), k, v, self.heads, positions))
+        return image + self.ff(self.norm_ff(image)), semantic  # [B, 2048, W], [B, 1024, W]
+
+
+class SemanticAdapter(nn.Module):
+    """Plan C of the vis2ir notes: an adapter between two transformer blocks, image = image + gate · adapter(image,
+    semantic). The image tokens are brought down to the adapter's width, pass its layers, and go back up; the gate
+    starts at 0, so at initialisation the block's output passes unchanged."""
+
+    def __init__(self, hidden: int, width: int, heads: int, depth: int):
+        super().__init__()
+        if width % heads or (width // heads) % 4:
+            raise ValueError(f"SemanticAdapter: width {width} must split into {heads} heads of a multiple of 4")
+        self.down = nn.Linear(hidden, width)
+        self.layers = nn.ModuleList(AdapterLayer(width, heads) for _ in range(depth))
+        self.up = nn.Linear(width, hidden)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: Tensor, semantic: Tensor, positions: tuple[Tensor, Tensor] | None) -> Tensor:
+        h = self.down(image)  # [B, 2048, 3072] -> [B, 2048, W]
+        for layer in self.layers:
+            h, semantic = layer(h, semantic, positions)
+        return image + self.gate * self.up(h)  # [B, 2048, 3072]
+
+
+class AdapterInjection(AfterBlocks):
+    """Plan C around the transformer: a SemanticAdapter after every `every`-th block, the semantic tokens projected
+    once to the adapters' width."""
+
+    def __init__(self, flux: nn.Module, width: int, heads: int, depth: int, every: int = 1):
+        super().__init__()
+        p = flux.params
+        self.proj = nn.Linear(64, width)  # semantic tokens [B, 1024, 64] -> [B, 1024, W]
+        chosen = [i for i in range(p.depth + p.depth_single_blocks) if (i + 1) % every == 0]
+        self.adapters = nn.ModuleList(SemanticAdapter(p.hidden_size, width, heads, depth) for _ in chosen)
+        self.attach(flux, chosen, self.adapters)
 
 
 class Vis2IR(nn.Module):
@@ -144,7 +217,7 @@ class Vis2IR(nn.Module):
     """
 
     def __init__(self, flux: nn.Module, semantic: str = "xattn_rope", layers: int = 1, heads: int = 8,
-                 in_context: str = "fill"):  # fmt: skip
+                 in_context: str = "fill", width: int = 64, every: int = 1):  # fmt: skip
         super().__init__()
         if semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic mode {semantic!r}: expected one of {', '.join(SEMANTIC_MODES)}")
@@ -168,11 +241,18 @@ class Vis2IR(nn.Module):
             nn.init.zeros_(self.zero_conv.bias)
         if semantic == "blocks":
             self.blocks = BlockInjection(flux, heads)
+        if semantic == "adapters":  # plan C: `layers` layers per adapter, `width` wide, after every `every`-th block
+            self.blocks = AdapterInjection(flux, width, heads, layers, every)
 
     @property
     def scales(self) -> list[float]:
-        """The adapter's learnable scales, one per layer (xattn, xattn_rope; none for the other modes)."""
-        return self.adapter.scales if hasattr(self, "adapter") else []
+        """The injection's zero-initialised scales and gates: one per layer (xattn, xattn_rope), per block (blocks),
+        per adapter (adapters); none for the other modes."""
+        if hasattr(self, "adapter"):
+            return self.adapter.scales
+        if self.semantic == "blocks":
+            return [a.scale.item() for a in (*self.blocks.double_attn, *self.blocks.single_attn)]
+        return [a.gate.item() for a in self.blocks.adapters] if self.semantic == "adapters" else []
 
     def injection_state_dict(self) -> dict[str, Tensor]:
         """The semantic injection's tensors alone (adapter.safetensors): every key outside the transformer."""
@@ -198,7 +278,7 @@ class Vis2IR(nn.Module):
             img = torch.cat((x_t, x_cond), dim=-1)  # [B, 2048, 384]
         else:  # Kontext: [x_t | references] in the sequence, [B, 2048, 64]; the adapter sees both
             img, _ = self.inject(img, None, semantic, semantic_ids, img_ids)
-        if self.semantic != "blocks":
+        if self.semantic not in ("blocks", "adapters"):
             return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # [B, 2048, 64]
         self.blocks.context = (self.blocks.proj(semantic), (img_ids, semantic_ids), txt.shape[1])
         try:

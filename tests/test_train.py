@@ -61,6 +61,28 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_plan_c_adapters_train_resume_exactly_plot_their_gates_and_sample(tmp_path, capsys):
+    import sample
+    from minflux.pipeline import Vis2IRPipeline
+
+    plan_c = ["--semantic", "adapters", "--adapter-width", "32", "--adapter-heads", "4", "--adapter-every", "2"]
+    assert run_train(tmp_path, "--steps", "4", "--name", "straight", *plan_c) == 0
+    assert run_train(tmp_path, "--steps", "4", "--stop-at", "2", "--name", "halves", *plan_c) == 0
+    assert run_train(tmp_path, "--resume", str(tmp_path / "halves")) == 0
+    for name in ("transformer.safetensors", "adapter.safetensors"):
+        a, b = (read_state_dict(tmp_path / run / name) for run in ("straight", "halves"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.startswith("blocks.adapters.2.layers.0.cross_q") for k in a)  # 6 small-preset blocks, every 2nd
+    gates = [json.loads(line)["scales"] for line in (tmp_path / "halves" / "log.jsonl").read_text().splitlines()]
+    assert len(gates) == 4 and all(len(g) == 3 for g in gates) and gates[-1] != [0.0, 0.0, 0.0]
+    assert (tmp_path / "halves" / "scales.png").is_file()
+    capsys.readouterr()
+    assert sample.main(["--run", str(tmp_path / "halves"), "--num-images", "2", "--steps", "2"]) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]).is_file()
+    assert Vis2IRPipeline.from_run(tmp_path / "halves").model.semantic == "adapters"
+
+
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     cmd = [sys.executable, "train.py", *TINY, "--out", str(tmp_path), "--name", "sig", "--steps", "100000",
            "--checkpoint-every", "100000"]  # fmt: skip

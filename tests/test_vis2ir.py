@@ -121,7 +121,7 @@ def test_block_injection_is_the_identity_until_its_gates_open():
     assert len(model.blocks.double_attn) == flux.params.depth and len(model.blocks.single_attn) == flux.params.depth_single_blocks
 
 
-@pytest.mark.parametrize("mode", ["none", "reference", "xattn", "xattn_rope", "blocks"])
+@pytest.mark.parametrize("mode", ["none", "reference", "xattn", "xattn_rope", "blocks", "adapters"])
 def test_kontext_in_context_wrapper_is_the_plain_transformer_at_initialisation(mode):
     """With the visible panel in the sequence (Kontext), every semantic mode leaves the model as it was until it
     trains; the Fill-only modes and a Fill transformer are refused with what was expected."""
@@ -146,3 +146,66 @@ def prepare_img_ids_axis(ids, axis0):
     out = ids.clone()
     out[..., 0] = axis0
     return out
+
+
+def test_adapters_leave_the_fill_transformer_bit_for_bit_until_their_gates_open_then_train():
+    """Plan C: before any step the wrapped model is the plain Fill transformer, bit for bit; the gates get a gradient
+    at once, and one optimiser step opens them and changes the output."""
+    from minflux.sampling import prepare_txt_ids
+
+    flux = small_fill()
+    model = Vis2IR(flux, "adapters", layers=2, heads=4, width=32, every=2)
+    n_blocks = flux.params.depth + flux.params.depth_single_blocks
+    assert len(model.blocks.adapters) == n_blocks // 2 and len(model.scales) == n_blocks // 2
+    b = batch()
+    args = (torch.cat((b["x0"], b["x_cond"]), -1), b["img_ids"], torch.randn(2, 5, 64), prepare_txt_ids(2, 5),
+            torch.tensor([0.3, 0.8]), torch.randn(2, 64))  # fmt: skip
+    kw = dict(semantic=b["semantic"], semantic_ids=b["semantic_ids"])
+    with torch.no_grad():
+        plain = flux(*args)
+    assert torch.equal(model(*args, **kw).detach(), plain)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("flux.")], lr=0.1)
+    model(*args, **kw).pow(2).mean().backward()
+    assert all(a.gate.grad.abs().item() > 0 for a in model.blocks.adapters)
+    opt.step()
+    with torch.no_grad():
+        assert all(s != 0.0 for s in model.scales)
+        assert not torch.allclose(model(*args, **kw), plain, atol=1e-5)
+        assert torch.equal(flux(*args), plain)  # outside Vis2IR the hooks pass the blocks' outputs through
+
+
+def test_adapter_attention_is_the_softmax_formula_with_rope_written_out():
+    """multihead (the attention of SemanticCrossAttention and of the adapters) against softmax(Q Kᵀ / √d) V by hand,
+    RoPE written with cos and sin: channel pairs (2j, 2j+1) of each head turned by row · θ^(-2j'/(d/2)) on the first
+    half of the head and by col on the second."""
+    from minflux.semantic import multihead
+
+    g = torch.Generator().manual_seed(0)
+    B, H, D, Lq, Lk = 2, 4, 8, 6, 5
+    q, k, v = (torch.randn(B, L, H * D, generator=g, dtype=torch.float64).float() for L in (Lq, Lk, Lk))
+    q_ids = torch.randint(0, 9, (B, Lq, 3), generator=g).float()
+    k_ids = torch.randint(0, 9, (B, Lk, 3), generator=g).float()
+
+    def turn(x, ids):  # x [B, L, H, D], ids [B, L, 3]
+        out = x.clone().double()
+        half = D // 2
+        for axis, start in ((1, 0), (2, half)):  # rows on the first half of the head, columns on the second
+            for j in range(half // 2):
+                angle = ids[..., axis].double() * 10_000 ** (-2 * j / half)  # [B, L]
+                a, b = x[..., start + 2 * j].double(), x[..., start + 2 * j + 1].double()
+                c, s = torch.cos(angle)[..., None], torch.sin(angle)[..., None]
+                out[..., start + 2 * j], out[..., start + 2 * j + 1] = a * c - b * s, a * s + b * c
+        return out
+
+    def heads(x):
+        return x.reshape(x.shape[0], x.shape[1], H, D)
+
+    qh, kh, vh = turn(heads(q), q_ids), turn(heads(k), k_ids), heads(v).double()
+    scores = torch.einsum("bqhd,bkhd->bhqk", qh, kh) / D**0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vh).reshape(B, Lq, H * D)
+    got = multihead(q, k, v, H, (q_ids, k_ids))
+    assert (got.double() - expected).abs().max().item() < 1e-5
+    plain = torch.einsum("bhqk,bkhd->bqhd", (torch.einsum("bqhd,bkhd->bhqk", heads(q).double(), heads(k).double())
+                                              / D**0.5).softmax(-1), vh).reshape(B, Lq, H * D)  # fmt: skip
+    assert (multihead(q, k, v, H).double() - plain).abs().max().item() < 1e-5
+    assert (got.double() - plain).abs().max().item() > 1e-2  # the positions matter

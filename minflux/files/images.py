@@ -21,6 +21,7 @@ A generated image carries its settings in three PNG text chunks, each for its re
 None of them is named "prompt" or "workflow": ComfyUI parses those as its own JSON graphs.
 """
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -188,8 +189,8 @@ def line_plot(series: dict[str, list[float]], title: str, size=(640, 360), log_y
         y = bottom - frac * (bottom - top)
         v = lo + frac * (hi - lo)
         draw.text((2, y - 6), f"{10**v:.3g}" if log_y else f"{v:.3g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for (name, ys), colour in zip(series.items(), colours):
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for (name, ys), colour in zip(series.items(), itertools.cycle(colours)):
         pts = [
             (left + i / max(len(ys) - 1, 1) * (right - left), bottom - (f(v) - lo) / (hi - lo) * (bottom - top))
             for i, v in enumerate(ys)

@@ -103,6 +103,8 @@ class TrainConfig:
     semantic: str = "zeroconv"
     adapter_layers: int = 1
     adapter_heads: int = 8
+    adapter_width: int = 64
+    adapter_every: int = 1
     data: str | None = None
     on_error: str = "skip"
     panel_size: int = 64
@@ -165,8 +167,10 @@ class TrainConfig:
         "On official weights t2i and kontext default to " + ", ".join(f"{k} {v}" for k, v in {**T2I_DEFAULTS,
         "t5_max_length": "512 (dev) / 256 (schnell)"}.items()),
         "semantic": f"how the semantic map is injected: {', '.join(SEMANTIC_MODES)}",
-        "adapter_layers": "SemanticCrossAttention layers",
-        "adapter_heads": "heads per SemanticCrossAttention layer",
+        "adapter_layers": "SemanticCrossAttention layers (xattn, xattn_rope); layers per adapter (adapters)",
+        "adapter_heads": "heads of each SemanticCrossAttention (xattn, xattn_rope, blocks) or adapter layer",
+        "adapter_width": "adapters: the adapters' width (the image tokens are projected down to it and back)",
+        "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
         "scenes); t2i: a folder of images, each with a same-named .txt caption",
         "on_error": "an unusable data file: 'skip' (and count) or 'stop'",
@@ -247,6 +251,8 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "semantic": _one_of(*SEMANTIC_MODES),
     "adapter_layers": _at_least(1),
     "adapter_heads": _at_least(1),
+    "adapter_width": _at_least(4),
+    "adapter_every": _at_least(1),
     "on_error": _one_of("skip", "stop"),
     "panel_size": ("a multiple of 16, at least 16", lambda v: v >= 16 and v % 16 == 0),
     "train_samples": _at_least(1),
@@ -342,6 +348,11 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
+    hidden = 3072 if cfg.flux else configs[cfg.preset].params.hidden_size  # FLUX.1's width, or the small preset's
+    width = {"xattn": 64, "xattn_rope": 64, "blocks": hidden, "adapters": cfg.adapter_width}.get(cfg.semantic)
+    if width and (width % cfg.adapter_heads or width // cfg.adapter_heads % 4):
+        parser.error(f"--adapter-heads {cfg.adapter_heads}: --semantic {cfg.semantic} attends at width {width}, which "
+                     "must split into heads of a multiple of 4 channels (RoPE turns channel pairs on two axes)")
     if cfg.task == "kontext" and bool(cfg.data) != bool(cfg.flux):
         parser.error("--task kontext trains on edit pairs (--data FOLDER: targets with .txt instructions, and "
                      "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "

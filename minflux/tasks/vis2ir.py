@@ -55,7 +55,7 @@ from minflux.tasks.data import TriptychFolder, captions, triptychs
 from minflux.tasks.runs import Progress, Run, log, read_run, smooth
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 
-SEMANTIC_TOKEN_MODES = ("zeroconv", "xattn", "xattn_rope", "blocks")  # the modes that read the semantic tokens
+SEMANTIC_TOKEN_MODES = ("zeroconv", "xattn", "xattn_rope", "blocks", "adapters")  # the modes that read the semantic tokens
 
 
 # --- the triptych, encoded --------------------------------------------------------------------------------------
@@ -176,6 +176,12 @@ def in_context_of(cfg) -> str:
     return "kontext" if cfg.task == "kontext" else "fill"
 
 
+def vis2ir_model(flux, cfg) -> Vis2IR:
+    """The transformer with the semantic injection a run's config asks for."""
+    return Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, in_context_of(cfg), cfg.adapter_width,
+                  cfg.adapter_every)  # fmt: skip
+
+
 def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
     """The starting noise of each scene's generated image (seed + i for scene i): [N, 16, S/8, S/4] for the Fill
     diptych, [N, 16, S/8, S/8] for Kontext's single panel."""
@@ -206,7 +212,7 @@ def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
     flux = load_flux(paths.flux, device=device, dtype=dtype)
     if run.lora is not None:
         load_lora(flux, run.lora)
-    model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, in_context_of(cfg))
+    model = vis2ir_model(flux, cfg)
     injection = model.injection_state_dict()
     if injection:
         if run.adapter is None:
@@ -310,7 +316,7 @@ class Vis2IRTask:
         cfg = self.cfg
         flux = lora_transformer(cfg, self.device, self.dtype) if cfg.flux else scratch_transformer(cfg, self.device)
         trained = [p for p in flux.parameters() if p.requires_grad]
-        model = Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, self.in_context)
+        model = vis2ir_model(flux, cfg)
         model.to(self.device) if cfg.flux else model.to(self.device, self.dtype)  # the LoRA stays fp32
         adapter = [p for n, p in model.named_parameters() if not n.startswith("flux.")]
         groups = [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
@@ -340,7 +346,8 @@ class Vis2IRTask:
         """What finish writes, in order: metrics.json last, as it marks a finished run."""
         weights = "lora.safetensors" if self.cfg.flux else "transformer.safetensors"
         adapter = ["adapter.safetensors"] if model.injection_state_dict() else []
-        return [weights, *adapter, "loss.png", "samples.png", "metrics.json"]
+        scales = ["scales.png"] if model.scales else []
+        return [weights, *adapter, "loss.png", *scales, "samples.png", "metrics.json"]
 
     @torch.no_grad()
     def generate_heldout(self, model, n: int | None = None) -> Tensor:
@@ -389,6 +396,12 @@ class Vis2IRTask:
         if injection:
             save_atomic(injection, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.semantic})"), run / "loss.png")
+        if model.scales:  # every scale or gate over the steps, from log.jsonl (whole after a resume)
+            with open(run / "log.jsonl", encoding="utf-8") as f:
+                history = [json.loads(line)["scales"] for line in f]
+            series = {f"{'scale' if cfg.semantic != 'adapters' else 'gate'} {i}": [h[i] for h in history]
+                      for i in range(len(model.scales))}  # fmt: skip
+            save_png(line_plot(series, f"injection scales ({cfg.semantic})", log_y=False), run / "scales.png")
         self.grid(generated, run / "samples.png", {"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
         write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
         log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
