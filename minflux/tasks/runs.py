@@ -333,11 +333,13 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     if cfg.task == "vis2ir" and cfg.sample_steps < 1:
         parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
     channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
-    if configs[cfg.preset].params.in_channels != channels:
+    lora_on_weights = cfg.task in ("t2i", "kontext") and bool(cfg.repo or cfg.flux)  # no preset, no semantic map
+    if not lora_on_weights and configs[cfg.preset].params.in_channels != channels:
         fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
         parser.error(f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset "
                      f"({', '.join(fits)})")  # fmt: skip
-    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv"):
+    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv") and \
+            not lora_on_weights:
         parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
