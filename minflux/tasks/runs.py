@@ -168,7 +168,8 @@ class TrainConfig:
         "adapter_layers": "SemanticCrossAttention layers",
         "adapter_heads": "heads per SemanticCrossAttention layer",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
-        "scenes); t2i: a folder of images, each with a same-named .txt caption",
+        "scenes); t2i: a folder of images, each with a same-named .txt caption; kontext: the edited targets, each "
+        "with a .txt instruction, and control/ with the images they are made from, of the same names",
         "on_error": "an unusable data file: 'skip' (and count) or 'stop'",
         "panel_size": "panel side in pixels (a multiple of 16)",
         "train_samples": "generated training scenes",
@@ -181,7 +182,8 @@ class TrainConfig:
         "control_size": "kontext: 'target' (resized to its target's size) or 'own' (its own aspect, ~resolution²)",
         "preset": "the architecture trained from scratch when no weights are given",
         "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
-        "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i",
+        "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i, Kontext for "
+        "kontext",
         "ae": "autoencoder weights",
         "clip": "CLIP-L text encoder (folder or file)",
         "t5": "T5-XXL text encoder (folder or file)",
