@@ -166,14 +166,35 @@ def _fuse(pieces: list[tuple[slice, LoRAWeights]], out_features: int) -> LoRAWei
     return LoRAWeights(down, up, first.alpha if shared else rank, bias)
 
 
+def in_channels(model: nn.Module) -> int | None:
+    """The transformer's input channels (64: dev, schnell, Kontext; 384: Fill), or None for another module."""
+    params = getattr(model, "params", None) or getattr(getattr(model, "flux", None), "params", None)
+    return getattr(params, "in_channels", None)
+
+
+def check_in_channels(path, model: nn.Module) -> None:
+    """A LoRA minflux wrote names the input channels of the transformer it was trained on: a Kontext or dev LoRA
+    (64) has the shapes of a Fill model's blocks (384 only at img_in), so it would load there without a word."""
+    trained_on, ours = read_metadata(path).get("minflux.in_channels"), in_channels(model)
+    if trained_on is None or ours is None or int(trained_on) == ours:
+        return
+    kind = lambda n: "FLUX.1-Fill" if n == 384 else "dev, schnell or Kontext" if n == 64 else "custom"  # noqa: E731
+    raise WeightsError(f"{path}: a LoRA trained on a transformer with {trained_on} input channels "
+                       f"({kind(int(trained_on))}); this model has {ours} ({kind(ours)}): it belongs to another "
+                       "model, although its block layers have the same shapes")  # fmt: skip
+
+
 def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """A LoRA file (or state dict) of any supported format, as {official layer name of `model`: LoRAWeights}.
 
     The model is used only for its layer names and shapes (a model on the meta device will do). Keys that name
-    no layer are listed in a warning; shapes that do not fit the layer raise WeightsError naming the file and key.
+    no layer are listed in a warning; shapes that do not fit the layer raise WeightsError naming the file and key,
+    and so does a file minflux wrote for a transformer of other input channels (check_in_channels).
     """
     source = "LoRA state dict" if isinstance(path, dict) else path
     sd = dict(path) if isinstance(path, dict) else read_state_dict(path)
+    if not isinstance(path, dict):
+        check_in_channels(path, model)
     config = None if isinstance(path, dict) else peft_config(path)  # where a diffusers / PEFT file keeps its alpha
     names, layers = layer_names(model), linear_layers(model)
 
@@ -315,4 +336,6 @@ def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
         "minflux.lora_rank": ", ".join(str(r) for r in sorted({layer.rank for layer in layers.values()})),
         "minflux.lora_alpha": ", ".join(f"{a:g}" for a in sorted({layer.alpha.item() for layer in layers.values()})),
     }
+    if in_channels(model) is not None:  # what read_lora checks the model against (check_in_channels)
+        metadata["minflux.in_channels"] = str(in_channels(model))
     return save_atomic(tensors, path, metadata=metadata)

@@ -248,6 +248,18 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))  # small resolutions snap some ratios to one size: keep it once
 
 
+def _caption_text(path: Path, default: str | None = None) -> str | None:
+    """The caption file's text, stripped; `default` when there is none; DataError naming it when it is not UTF-8."""
+    if not path.is_file():
+        return default
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"is not UTF-8 text ({e.reason} at byte {e.start}): save the caption as UTF-8") from e
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or e})") from e
+
+
 class CaptionFolder(_Folder):
     """Text-to-image training data: root/a.png with its caption in root/a.txt, root/b.jpg with root/b.txt, ...
 
@@ -258,10 +270,10 @@ class CaptionFolder(_Folder):
 
     A caption is the .txt file's text, stripped (an empty file is the empty caption). An image without a .txt
     gets `default_caption`; with default_caption=None that is an error naming every such image (not a file to
-    skip: the folder is missing text, not holding a broken file). An image that cannot be read, or is smaller
-    than 16 px, raises DataError with its path under on_error="stop"; under on_error="skip" it is left out and
-    listed in `skipped` as (path, why). A file that passes the check but fails to decode later is replaced by
-    the next good image of the same size, and listed the same way.
+    skip: the folder is missing text, not holding a broken file). An image that cannot be read, is smaller than
+    16 px, or whose caption is not UTF-8 raises DataError with that file's path under on_error="stop"; under
+    on_error="skip" it is left out and listed in `skipped` as (path, why). A file that passes the check but fails
+    to decode later is replaced by the next good image of the same size, and listed the same way.
 
     Each sample: dict(image=[3, H, W] float in [-1, 1], caption=str).
     """
@@ -295,6 +307,7 @@ class CaptionFolder(_Folder):
                 w, h = _probe(f)
                 if min(w, h) < 16:
                     raise DataError(f, f"is {w}×{h} pixels; images must be at least 16 pixels on each side")
+                _caption_text(f.with_suffix(".txt"))  # a caption that cannot be read is found now, not mid-run
             except DataError as e:
                 self._reject(e)
                 continue
@@ -304,13 +317,7 @@ class CaptionFolder(_Folder):
             raise self._all_skipped()
 
     def caption(self, i: int) -> str:
-        path = self.items[i].with_suffix(".txt")
-        if not path.is_file():
-            return self.default_caption
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError as e:
-            raise DataError(path, f"is not UTF-8 text ({e.reason} at byte {e.start}): save the caption as UTF-8") from e
+        return _caption_text(self.items[i].with_suffix(".txt"), self.default_caption)
 
     def group(self, i: int):
         """What the images of one batch share: their size."""
@@ -382,7 +389,7 @@ class KontextFolder(CaptionFolder):
         if not self.control_dir.is_dir():
             raise DataError(self.control_dir, "no such folder: the controls, one per target image with its file name")
         controls = {p.stem: p for p in _images(self.control_dir)}
-        targets = {p.stem for p in self.items}
+        targets = {p.stem for p in _images(self.root)}  # a target skipped above still has its control
         for stem in sorted(set(controls) - targets):
             self._reject(DataError(controls[stem], f"a control without its target: no {self.root}/{stem}.* image"))
         items, sizes, self.controls, self.control_sizes = [], [], [], []

@@ -172,7 +172,8 @@ class TrainConfig:
         "adapter_width": "adapters: the adapters' width (the image tokens are projected down to it and back)",
         "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
-        "scenes); t2i: a folder of images, each with a same-named .txt caption",
+        "scenes); t2i: a folder of images, each with a same-named .txt caption; kontext: the edited targets, each "
+        "with a .txt instruction, and control/ with the images they are made from, of the same names",
         "on_error": "an unusable data file: 'skip' (and count) or 'stop'",
         "panel_size": "panel side in pixels (a multiple of 16)",
         "train_samples": "generated training scenes",
@@ -185,7 +186,8 @@ class TrainConfig:
         "control_size": "kontext: 'target' (resized to its target's size) or 'own' (its own aspect, ~resolution²)",
         "preset": "the architecture trained from scratch when no weights are given",
         "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
-        "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i",
+        "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i, Kontext for "
+        "kontext",
         "ae": "autoencoder weights",
         "clip": "CLIP-L text encoder (folder or file)",
         "t5": "T5-XXL text encoder (folder or file)",
@@ -339,11 +341,13 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     if cfg.task == "vis2ir" and cfg.sample_steps < 1:
         parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
     channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
-    if configs[cfg.preset].params.in_channels != channels:
+    lora_on_weights = cfg.task in ("t2i", "kontext") and bool(cfg.repo or cfg.flux)  # no preset, no semantic map
+    if not lora_on_weights and configs[cfg.preset].params.in_channels != channels:
         fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
         parser.error(f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset "
                      f"({', '.join(fits)})")  # fmt: skip
-    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv"):
+    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv") and \
+            not lora_on_weights:
         parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
