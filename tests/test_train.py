@@ -66,7 +66,10 @@ def test_plan_c_adapters_train_resume_exactly_plot_their_gates_and_sample(tmp_pa
     from minflux.pipeline import Vis2IRPipeline
 
     plan_c = ["--semantic", "adapters", "--adapter-width", "32", "--adapter-heads", "4", "--adapter-every", "2"]
-    assert run_train(tmp_path, "--steps", "4", "--name", "straight", *plan_c) == 0
+    assert run_train(tmp_path, "--steps", "4", "--name", "straight", "--sample-every", "3", *plan_c) == 0
+    with Image.open(tmp_path / "straight" / "samples" / "step-000003.png") as grid:  # the 2 held-out scenes at step 3
+        assert grid.size == (4 * (64 + 2) + 2, 14 + 2 * (64 + 2) + 2)  # [visible | semantic | generated | truth]
+    assert [p.name for p in (tmp_path / "straight" / "samples").iterdir()] == ["step-000003.png"]
     assert run_train(tmp_path, "--steps", "4", "--stop-at", "2", "--name", "halves", *plan_c) == 0
     assert run_train(tmp_path, "--resume", str(tmp_path / "halves")) == 0
     for name in ("transformer.safetensors", "adapter.safetensors"):

@@ -241,8 +241,9 @@ def kontext_output(model, control_tokens: torch.Tensor, seed: int = 0) -> torch.
 
 
 def test_kontext_lora_trains_from_a_folder_of_pairs(tmp_path, weights, pairs, capsys):
-    assert run_kontext(tmp_path, weights, pairs, "--steps", "4", "--name", "edit") == 0
+    assert run_kontext(tmp_path, weights, pairs, "--steps", "4", "--sample-every", "2", "--name", "edit") == 0
     run = tmp_path / "runs" / "edit"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000002.png"]  # the last is samples.png
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == str(run)
     assert "data: 4 pairs, 4 distinct captions; sizes 32×32 (4)" in out

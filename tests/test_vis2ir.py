@@ -209,3 +209,19 @@ def test_adapter_attention_is_the_softmax_formula_with_rope_written_out():
                                               / D**0.5).softmax(-1), vh).reshape(B, Lq, H * D)  # fmt: skip
     assert (multihead(q, k, v, H).double() - plain).abs().max().item() < 1e-5
     assert (got.double() - plain).abs().max().item() > 1e-2  # the positions matter
+
+
+def test_plan_c_parameter_counts_by_formula_at_the_small_and_the_full_width():
+    """An adapter at width W on a transformer of hidden size C: down C·W + W, up W·C + C, the gate, and per layer
+    four LayerNorms, the self- and cross-attention projections and the feed-forward (the README quotes these)."""
+    W = 64
+    layer = (2 * W) * 4 + (W * 3 * W + 3 * W) + 3 * (W * W + W) + (W * 2 * W + 2 * W) + (W * 4 * W + 4 * W) + (4 * W * W + W)
+    assert layer == 66_880  # four LayerNorms, self qkv, self out / cross q / cross out, cross kv, the feed-forward
+    for preset, per_adapter, total in (("flux-small-fill", 99_969, 603_974), ("flux-dev-fill", 463_233, 26_408_441)):
+        with torch.device("meta"):
+            flux = Flux(configs[preset].params)
+            model = Vis2IR(flux, "adapters", layers=1, heads=8, width=W)
+        C, blocks = flux.params.hidden_size, flux.params.depth + flux.params.depth_single_blocks
+        assert per_adapter == (C * W + W) + (W * C + C) + layer + 1
+        assert sum(p.numel() for p in model.blocks.adapters[0].parameters()) == per_adapter
+        assert sum(p.numel() for p in model.injection_state_dict().values()) == total == blocks * per_adapter + 64 * W + W
