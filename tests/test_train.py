@@ -37,7 +37,7 @@ def test_default_pipeline_writes_a_complete_run_folder(tmp_path, capsys):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["heldout_mse"] > 0 and metrics["train_seconds"] > 0
-    assert 0 < metrics["heldout_psnr"] < 100
+    assert 0 < metrics["heldout_psnr"] < 100 and 0 < metrics["vae_psnr"] < 100
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 7)) and all("scales" in r for r in lines)
     # the adapter's scale starts at 0 and moves once trained

@@ -225,3 +225,19 @@ def test_plan_c_parameter_counts_by_formula_at_the_small_and_the_full_width():
         assert per_adapter == (C * W + W) + (W * C + C) + layer + 1
         assert sum(p.numel() for p in model.blocks.adapters[0].parameters()) == per_adapter
         assert sum(p.numel() for p in model.injection_state_dict().values()) == total == blocks * per_adapter + 64 * W + W
+
+
+def test_the_vae_bound_is_the_infrared_panel_of_the_reconstruction_encoded_as_the_task_encodes_it():
+    from minflux.tasks.vis2ir import reconstruct_infrared
+
+    class Halves(nn.Module):  # a stand-in VAE that keeps the image and marks what it was given
+        def encode(self, x, sample=False):
+            return x
+
+        def decode(self, z):
+            return z + z.shape[-1] / 1000  # the width it was given, written into every pixel
+
+    triptych = torch.randn(2, 3, 8, 24)
+    fill = reconstruct_infrared(Halves(), triptych, "none")
+    kontext = reconstruct_infrared(Halves(), triptych, "none", in_context="kontext")
+    assert torch.allclose(fill, triptych[..., 8:16] + 0.016) and torch.allclose(kontext, triptych[..., 8:16] + 0.008)

@@ -171,6 +171,15 @@ def generate_infrared(model, ae, inp: Inputs, num_steps: int, guidance: float, i
     return out[..., out.shape[-1] // 2 :] if in_context == "fill" else out  # [B, 3, 512, 512]
 
 
+@torch.no_grad()
+def reconstruct_infrared(ae, triptych: Tensor, semantic: str, in_context: str = "fill") -> Tensor:
+    """The VAE's own reconstruction of the infrared panels [B, 3, H, H], encoded as the task encodes them (in the
+    diptych for Fill, alone for Kontext): how close the latents the transformer learns can bring it to the truth."""
+    x = diptych(triptych, semantic)[0] if in_context == "fill" else split_triptych(triptych)[1]
+    out = ae.decode(ae.encode(x, sample=False))  # [B, 3, 512, 1024] or [B, 3, 512, 512]
+    return out[..., -triptych.shape[-2] :]  # the infrared panel: the right half of the diptych, or all of it
+
+
 def in_context_of(cfg) -> str:
     """How a run's config puts the visible panel in context: "kontext" for --task kontext, else "fill"."""
     return "kontext" if cfg.task == "kontext" else "fill"
@@ -376,11 +385,17 @@ class Vis2IRTask:
         cfg, run = self.cfg, self.run
         generated = self.generate_heldout(model)
         n = len(generated)
-        truth = split_triptych(triptychs(self.heldout_set))[1]
+        held = triptychs(self.heldout_set)
+        truth = split_triptych(held)[1]
         mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()  # in [0, 1] pixel units
+        ae_dtype = self.ae.encoder.conv_in.weight.dtype
+        recon = torch.cat([reconstruct_infrared(self.ae, part.to(self.device, ae_dtype), cfg.semantic, self.in_context)
+                           .float().cpu() for part in held.split(8)])  # fmt: skip
+        vae_mse = ((recon.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
         metrics = {
             "heldout_mse": mse,
             "heldout_psnr": 10 * math.log10(1 / mse),
+            "vae_psnr": 10 * math.log10(1 / vae_mse),  # the VAE's reconstruction of the same panels: the ceiling
             "train_seconds": train_seconds,
             "steps": steps,
             "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
@@ -404,4 +419,5 @@ class Vis2IRTask:
             save_png(line_plot(series, f"injection scales ({cfg.semantic})", log_y=False), run / "scales.png")
         self.grid(generated, run / "samples.png", {"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
         write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
-        log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes)")
+        log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes);"
+            f" the VAE's reconstruction of them {metrics['vae_psnr']:.2f} dB")
