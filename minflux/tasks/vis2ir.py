@@ -395,7 +395,7 @@ class Vis2IRTask:
         metrics = {
             "heldout_mse": mse,
             "heldout_psnr": 10 * math.log10(1 / mse),
-            "vae_psnr": 10 * math.log10(1 / vae_mse),  # the VAE's reconstruction of the same panels: the ceiling
+            "vae_psnr": 10 * math.log10(1 / vae_mse),  # the VAE's reconstruction of the same panels
             "train_seconds": train_seconds,
             "steps": steps,
             "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
