@@ -20,6 +20,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+def test_sample_edits_held_out_scenes_of_an_embedded_kontext_run_as_its_training_evaluated_them(tmp_path, capsys):
+    """A Kontext run's held-out scenes through sample.py: the infrared panel generated from the visible panel (and
+    the map) in the sequence, with the noise of the panel's size; the same pixels as the run's own evaluation."""
+    import json
+
+    from minflux.pipeline import Vis2IRPipeline
+    from minflux.tasks.data import triptychs
+    from minflux.tasks.vis2ir import datasets
+
+    args = [*TINY, "--out", str(tmp_path), "--steps", "2", "--task", "kontext", "--semantic", "reference"]
+    assert train.main([*args, "--name", "edit"]) == 0
+    run = tmp_path / "edit"
+    capsys.readouterr()
+    assert sample.main(["--run", str(run), "--num-images", "2", "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "2 held-out scenes" in lines[0] and Path(lines[-1]).is_file()
+    pipe = Vis2IRPipeline.from_run(run)
+    _, held = datasets(pipe.config)
+    generated = pipe.infrared(triptychs(held), [held[i]["caption"] for i in range(len(held))])  # [2, 3, 64, 64]
+    truth = triptychs(held)[..., 64:128]
+    mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
+    assert generated.shape == truth.shape
+    assert abs(mse - json.loads((run / "metrics.json").read_text())["heldout_mse"]) < 1e-6
+
+
+@pytest.mark.slow
 def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, capsys):
     assert train.main([*TINY, "--out", str(tmp_path), "--steps", "2", "--name", "tiny"]) == 0
     capsys.readouterr()
