@@ -343,7 +343,7 @@ class Vis2IRPipeline:
         t0 = time.perf_counter()
         noise = noise_for(triptychs, in_context, seed).to(self.device, self.dtype)  # [N, 16, S/8, S/4] (Fill)
         inp = prepare_vis2ir(self.t5, self.clip, noise, prompts, self.ae, triptychs.to(self.device, self.dtype),
-                             cfg.semantic, in_context)  # fmt: skip
+                             cfg.semantic, in_context, cfg.semantic_layout)  # fmt: skip
         self.timings["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         infrared = generate_infrared(self.model, self.ae, inp, num_steps, guidance, in_context)  # [N, 3, S, S]

@@ -264,7 +264,9 @@ class Vis2IR(nn.Module):
         if self.semantic in ("xattn", "xattn_rope"):
             positions = (img_ids, semantic_ids) if self.semantic == "xattn_rope" else None
             x_t = self.adapter(x_t, semantic, positions)  # [B, 2048, 64]
-        elif self.semantic == "zeroconv":
+        elif self.semantic == "zeroconv" and semantic.shape[1] == x_cond.shape[1]:  # one semantic token per token
+            x_cond = x_cond + self.zero_conv(semantic)  # [B, 2048, 320]
+        elif self.semantic == "zeroconv":  # the panel's tokens, onto the target half
             h = math.isqrt(semantic.shape[1])  # the panels are square: the semantic grid is h × h, the diptych's h × 2h
             added = rearrange(self.zero_conv(semantic), "b (h w) c -> b h w c", h=h)  # [B, 32, 32, 320]
             added = torch.cat((torch.zeros_like(added), added), dim=2)  # nothing on the visible half

@@ -69,11 +69,13 @@ def test_kontext_trace_command_prints_the_walk_through(capsys):
     assert re.search(r"traced in [\d.]+ s", out)
 
 
-def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys):
-    """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir notes' DEBUG lines, read from the printed output."""
+@pytest.mark.parametrize("layout", ["panel", "diptych"])
+def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys, layout):
+    """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir notes' DEBUG lines, read from the printed output;
+    with --semantic-layout diptych every one of them, the notes' [4, 2048, 64] semantic tokens included."""
     from minflux.study.trace import main
 
-    assert main(["vis2ir", "--batch", "4"]) == 0
+    assert main(["vis2ir", "--batch", "4", "--semantic-layout", layout]) == 0
     lines = capsys.readouterr().out.splitlines()
     debug = dict(l[len("[DEBUG] ") :].split(": ", 1) for l in lines if l.startswith("[DEBUG]"))
     assert debug["triptych"] == "[4, 3, 512, 1536]"
@@ -82,7 +84,8 @@ def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys):
     assert debug["mask_diptych"] == "[4, 1, 512, 1024]"
     assert debug["x_0"] == "[4, 2048, 64]"
     assert debug["x_cond"] == "[4, 2048, 320]"
-    assert debug["semantic_tokens"] == "[4, 1024, 64]"  # minflux's design: the semantic panel alone
+    # minflux's default: the semantic panel alone; the notes' layout: the map beside itself, a token per x_t token
+    assert debug["semantic_tokens"] == {"panel": "[4, 1024, 64]", "diptych": "[4, 2048, 64]"}[layout]
     assert debug["x_t"] == debug["x_t_enhanced"] == "[4, 2048, 64]"
     assert debug["hidden_states (final)"] == "[4, 2048, 384]"
     assert any(re.search(r"Vis2IR\.adapter \(SemanticConditioningAdapter\)", l) for l in lines)

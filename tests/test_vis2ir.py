@@ -241,3 +241,20 @@ def test_the_vae_bound_is_the_infrared_panel_of_the_reconstruction_encoded_as_th
     fill = reconstruct_infrared(Halves(), triptych, "none")
     kontext = reconstruct_infrared(Halves(), triptych, "none", in_context="kontext")
     assert torch.allclose(fill, triptych[..., 8:16] + 0.016) and torch.allclose(kontext, triptych[..., 8:16] + 0.008)
+
+
+def test_the_diptych_layout_gives_a_semantic_token_per_x_t_token_and_zeroconv_adds_it_in_place():
+    triptych = torch.randn(2, 3, 64, 192)
+    ae = PoolAE()
+    with torch.no_grad():
+        panel = encode_triptych(ae, triptych, "zeroconv")
+        both = encode_triptych(ae, triptych, "zeroconv", layout="diptych")
+    assert panel.semantic["semantic"].shape == (2, 16, 64) and both.semantic["semantic"].shape == (2, 32, 64)
+    assert torch.equal(both.semantic["semantic_ids"], both.img_ids)  # aligned one to one with x_t
+    left, right = both.semantic["semantic"].view(2, 4, 2, 4, 64).unbind(2)  # the map's two copies, side by side
+    assert torch.equal(left, right) and torch.allclose(right.reshape(2, 16, 64), panel.semantic["semantic"], atol=1e-6)
+    model = Vis2IR(small_fill(), "zeroconv")
+    nn.init.normal_(model.zero_conv.weight)
+    _, x_cond = model.inject(both.x0, both.x_cond, both.semantic["semantic"], both.semantic["semantic_ids"], both.img_ids)
+    expected = both.x_cond + both.semantic["semantic"] @ model.zero_conv.weight.T + model.zero_conv.bias
+    assert torch.allclose(x_cond, expected, atol=1e-5) and (x_cond != both.x_cond).any(-1).all()

@@ -235,7 +235,7 @@ def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | Non
     in_context = in_context_of(cfg)
     with torch.no_grad():
         inp = prepare_vis2ir(parts.t5, parts.clip, noise_for(trip, in_context, seed), prompts, ae, trip, cfg.semantic,
-                             in_context)  # fmt: skip
+                             in_context, cfg.semantic_layout)  # fmt: skip
         with MapRecorder(model, blocks=blocks, steps=map_steps) as recorder:
             generated = generate_infrared(model, ae, inp, steps or cfg.sample_steps, cfg.guidance, in_context)
     tokens = [t5_tokens(parts.t5.tokenizer, p) for p in prompts]

@@ -355,7 +355,7 @@ def trace_preset(preset: str, height: int = 1024, width: int = 1024, batch: int 
 
 
 def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_length: int = 512,
-                 quiet: bool = False) -> ShapeTrace:  # fmt: skip
+                 quiet: bool = False, layout: str = "panel") -> ShapeTrace:  # fmt: skip
     """One vis2ir training step at the size of the vis2ir notes: FLUX.1-Fill-dev, 512-pixel panels."""
     from minflux.sampling import Inputs, flow_matching_loss, prepare_txt_ids, sample_t
     from minflux.semantic import Vis2IR
@@ -368,7 +368,7 @@ def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_l
         model = Vis2IR(parts["transformer"], semantic)
     with torch.no_grad(), shape_trace(quiet, ae=ae, clip=clip, t5=t5) as trace:
         triptych = torch.randn(batch, 3, panel, 3 * panel, device=meta)  # [4, 3, 512, 1536]
-        enc = encode_triptych(ae, triptych, semantic)
+        enc = encode_triptych(ae, triptych, semantic, layout=layout)
         _, y = clip(torch.zeros(batch, 77, dtype=torch.long, device=meta))  # [4, 768]
         txt = t5(torch.zeros(batch, t5_length, dtype=torch.long, device=meta))  # [4, 512, 4096]
         t = sample_t(batch, device=meta)  # [4]
@@ -422,6 +422,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
     parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the notes' adapter)")
+    parser.add_argument("--semantic-layout", default="panel", choices=("panel", "diptych"),
+                        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the notes')")
     parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
     args = parser.parse_args(argv)
     if args.preset != "vis2ir" and args.preset not in configs:
@@ -450,9 +452,9 @@ def main(argv=None) -> int:
         panel = args.height or 512
         batch = args.batch or 4
         print(f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
-              f"--semantic {args.semantic}")  # fmt: skip
+              f"--semantic {args.semantic}, --semantic-layout {args.semantic_layout}")  # fmt: skip
         try:
-            trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512)
+            trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512, layout=args.semantic_layout)
         except ValueError as e:
             parser.error(str(e))
         print("\nthe DEBUG lines of the vis2ir notes, from this trace:")

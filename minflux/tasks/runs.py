@@ -105,6 +105,7 @@ class TrainConfig:
     adapter_heads: int = 8
     adapter_width: int = 64
     adapter_every: int = 1
+    semantic_layout: str = "panel"
     data: str | None = None
     on_error: str = "skip"
     panel_size: int = 64
@@ -171,6 +172,8 @@ class TrainConfig:
         "adapter_heads": "heads of each SemanticCrossAttention (xattn, xattn_rope, blocks) or adapter layer",
         "adapter_width": "adapters: the adapters' width (the image tokens are projected down to it and back)",
         "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
+        "semantic_layout": "the semantic tokens: 'panel' (the map alone, 1024 tokens at a 512-px panel, at the target "
+        "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the notes' layout)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
         "scenes); t2i: a folder of images, each with a same-named .txt caption; kontext: the edited targets, each "
         "with a .txt instruction, and control/ with the images they are made from, of the same names",
@@ -255,6 +258,7 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "adapter_heads": _at_least(1),
     "adapter_width": _at_least(4),
     "adapter_every": _at_least(1),
+    "semantic_layout": _one_of("panel", "diptych"),
     "on_error": _one_of("skip", "stop"),
     "panel_size": ("a multiple of 16, at least 16", lambda v: v >= 16 and v % 16 == 0),
     "train_samples": _at_least(1),
@@ -352,6 +356,9 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
+    if cfg.semantic_layout == "diptych" and cfg.task != "vis2ir":
+        parser.error("--semantic-layout diptych: the semantic map beside itself aligns with vis2ir's Fill diptych; "
+                     f"--task {cfg.task} generates the infrared panel alone")  # fmt: skip
     hidden = 3072 if cfg.flux else configs[cfg.preset].params.hidden_size  # FLUX.1's width, or the small preset's
     width = {"xattn": 64, "xattn_rope": 64, "blocks": hidden, "adapters": cfg.adapter_width}.get(cfg.semantic)
     if width and (width % cfg.adapter_heads or width // cfg.adapter_heads % 4):

@@ -93,11 +93,15 @@ def panels(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[T
     return visible, infrared, sem_img
 
 
-def semantic_tokens(ae, sem_img: Tensor, semantic: str, in_context: str = "fill") -> dict[str, Tensor]:
-    """The semantic panel's tokens and their ids, for the modes that read them (else {}): the ids of the target's
-    place, the right half of the diptych (Fill) or the generated image itself (Kontext)."""
+def semantic_tokens(ae, sem_img: Tensor, semantic: str, in_context: str = "fill", layout: str = "panel") -> dict[str, Tensor]:
+    """The semantic panel's tokens and their ids, for the modes that read them (else {}). layout "panel": the map
+    alone, at the ids of the target's place (the right half of the diptych, Fill) or of the generated image
+    (Kontext); "diptych": the map beside itself, [B, 2048, 64] at the diptych's ids, one token per x_t token."""
     if semantic not in SEMANTIC_TOKEN_MODES:
         return {}
+    if layout == "diptych":
+        s = ae.encode(torch.cat((sem_img, sem_img), dim=-1), sample=False)  # [B, 16, 64, 128]
+        return {"semantic": pack(s), "semantic_ids": latent_ids(s)}  # [B, 2048, 64], [B, 2048, 3]
     s = ae.encode(sem_img, sample=False)  # [B, 16, 64, 64]
     B, h, w = s.shape[0], s.shape[2] // 2, s.shape[3] // 2
     ids = right_half_ids(B, h, w, device=s.device) if in_context == "fill" else latent_ids(s)
@@ -126,7 +130,7 @@ class Encoded:
 @stage
 @torch.no_grad()
 def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_alpha: float = 0.5,
-                    in_context: str = "fill") -> Encoded:  # fmt: skip
+                    in_context: str = "fill", layout: str = "panel") -> Encoded:  # fmt: skip
     """The frozen-VAE part of the training step: everything the trainable part needs, from a batch of triptychs."""
     if in_context == "kontext":
         visible, infrared, sem_img = panels(triptych, semantic, pixel_alpha)
@@ -139,7 +143,7 @@ def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_al
     return Encoded(
         x0=pack(z),  # [B, 2048, 64]
         img_ids=latent_ids(z),  # [B, 2048, 3]
-        semantic=semantic_tokens(ae, sem_img, semantic),
+        semantic=semantic_tokens(ae, sem_img, semantic, layout=layout),
         x_cond=fill_condition(ae, pair, mask),  # [B, 2048, 320]
         target_tokens=pack(mask[:, :, ::8, ::8].expand(-1, 4, -1, -1))[..., 0] > 0.5,  # [B, 2048] bool
     )
@@ -148,7 +152,7 @@ def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_al
 @stage
 @torch.no_grad()
 def prepare_vis2ir(t5, clip, noise: Tensor, prompts: list[str], ae, triptych: Tensor, semantic: str,
-                   in_context: str = "fill") -> Inputs:  # fmt: skip
+                   in_context: str = "fill", layout: str = "panel") -> Inputs:  # fmt: skip
     """Sampling inputs. Fill: the diptych with its target half to generate (prepare_fill); Kontext: the infrared
     panel to generate, the visible panel (and the semantic map) as references (prepare_kontext). Then the semantic
     tokens. The triptychs' middle (target) panel is not read."""
@@ -159,7 +163,7 @@ def prepare_vis2ir(t5, clip, noise: Tensor, prompts: list[str], ae, triptych: Te
     else:
         pair, mask, sem_img = diptych(triptych, semantic)
         inp = prepare_fill(t5, clip, noise, prompts, ae, pair, mask)  # img [B, 2048, 64], img_cond [B, 2048, 320]
-    tokens = semantic_tokens(ae, sem_img, semantic, in_context)
+    tokens = semantic_tokens(ae, sem_img, semantic, in_context, layout)
     inp.extra = {k: v.to(noise) if not k.endswith("_ids") else v for k, v in tokens.items()}
     return inp
 
@@ -290,7 +294,8 @@ class Vis2IRTask:
         parts, progress = [], Progress(len(data), label="encode ")
         for start in range(0, len(data), 32):
             batch = triptychs(data, range(start, min(start + 32, len(data))))
-            parts.append(encode_triptych(self.ae, batch.to(self.device, ae_dtype), cfg.semantic, in_context=self.in_context))
+            parts.append(encode_triptych(self.ae, batch.to(self.device, ae_dtype), cfg.semantic, in_context=self.in_context,
+                                         layout=cfg.semantic_layout))  # fmt: skip
             if start % 256 == 0 or start + 32 >= len(data):
                 progress.update(min(start + 32, len(data)))
 
@@ -311,7 +316,8 @@ class Vis2IRTask:
         held = triptychs(self.heldout_set)  # [N, 3, S, 3S]
         noise = noise_for(held, self.in_context, cfg.seed).to(self.device, self.dtype)  # scene i: seed + i
         self.held = prepare_vis2ir(self.t5, self.clip, noise, captions(self.heldout_set), self.ae,
-                                   held.to(self.device, ae_dtype), cfg.semantic, self.in_context).to("cpu")  # fmt: skip
+                                   held.to(self.device, ae_dtype), cfg.semantic, self.in_context,
+                                   cfg.semantic_layout).to("cpu")  # fmt: skip
         context = self.cache.x_cond if self.cache.x_cond is not None else self.cache.refs
         log(f"data: {len(data)} train, {len(held)} held-out; x0 {list(self.cache.x0.shape[1:])}, "
             f"{'x_cond' if self.in_context == 'fill' else 'references'} {list(context.shape[1:])}, "
