@@ -88,3 +88,28 @@ def diffusers_forward(ref, inputs: dict) -> torch.Tensor:
         guidance=inputs["guidance"],
         return_dict=False,
     )[0]
+
+
+def random_image(i: int, size=(40, 40)):
+    """A PIL image of random pixels, seeded by i."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(i)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def save_frozen_parts(root, captions: list[str], ae_params) -> dict:
+    """Small frozen parts in the official layouts under root: ae.safetensors (random, `ae_params` in its metadata) and
+    the CLIP/T5 folders with tokenizers learned from `captions`. {ae, clip, t5}: their paths."""
+    import json
+    from dataclasses import asdict
+
+    from minflux.autoencoder import AutoEncoder
+    from minflux.files.weights import save_atomic
+    from minflux.tasks.embedded import write_text_encoders
+
+    ae = save_atomic(AutoEncoder(ae_params).state_dict(), root / "ae.safetensors",
+                     metadata={"minflux.ae_params": json.dumps(asdict(ae_params))})  # fmt: skip
+    write_text_encoders(root, captions)
+    return {"ae": ae, "clip": root / "text_encoder", "t5": root / "text_encoder_2"}

@@ -9,7 +9,7 @@ is read back by sample.py and by diffusers' FluxKontextPipeline.load_lora_weight
 
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,19 +18,17 @@ from PIL import Image
 
 import sample
 import train
-from minflux.autoencoder import AutoEncoder
 from minflux.files.images import DataError
 from minflux.files.load import load_flux, save_flux
 from minflux.files.lora_files import load_lora
-from minflux.files.weights import WeightsError, read_state_dict, save_atomic
+from minflux.files.weights import WeightsError, read_state_dict
 from minflux.lora import lora_layers
 from minflux.presets import AE_SMALL, FLUX_SMALL
 from minflux.sampling import fill_condition, flow_matching_loss, latent_ids, pack, prepare_txt_ids, velocity
 from minflux.tasks.data import KontextFolder
-from minflux.tasks.embedded import write_text_encoders
 from minflux.tasks.kontext import KontextTask
 from minflux.tasks.t2i import T2ITask
-from tests.flux_helpers import diffusers_flux, tiny_flux
+from tests.flux_helpers import diffusers_flux, random_image, save_frozen_parts, tiny_flux
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -41,12 +39,6 @@ TINY_FILL = replace(TINY, in_channels=384)
 INSTRUCTIONS = ["make the square red", "turn the circle blue", "add a green stripe", "remove the yellow dot"]
 ARGS = ["--resolution", "32", "--batch-size", "2", "--lora-rank", "4", "--lr", "1e-2", "--t5-max-length", "8",
         "--sample-steps", "2", "--gradient-checkpointing", "false"]  # fmt: skip
-
-
-def _image(i: int, size=(40, 40)) -> Image.Image:
-    g = torch.Generator().manual_seed(i)
-    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +52,7 @@ def weights(tmp_path_factory):
     }
     torch.manual_seed(0)
     params = replace(AE_SMALL, scale_factor=0.5, shift_factor=0.1)  # a scale and shift that are not the identity
-    paths["ae"] = save_atomic(AutoEncoder(params).state_dict(), root / "ae.safetensors",
-                              metadata={"minflux.ae_params": json.dumps(asdict(params))})  # fmt: skip
-    write_text_encoders(root, INSTRUCTIONS)
-    paths["clip"], paths["t5"] = root / "text_encoder", root / "text_encoder_2"
-    return paths
+    return {**paths, **save_frozen_parts(root, INSTRUCTIONS, params)}
 
 
 @pytest.fixture
@@ -73,9 +61,9 @@ def pairs(tmp_path):
     data = tmp_path / "data"
     (data / "control").mkdir(parents=True)
     for i, instruction in enumerate(INSTRUCTIONS):
-        _image(i).save(data / f"{i:02d}.png")
+        random_image(i).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(instruction + "\n")
-        _image(100 + i, size=(44, 40)).save(data / "control" / f"{i:02d}.png")
+        random_image(100 + i, size=(44, 40)).save(data / "control" / f"{i:02d}.png")
     return data
 
 
@@ -152,7 +140,7 @@ def test_kontext_loss_matches_diffusers_dreambooth_kontext_script(weights, pairs
     equals diffusers' Kontext training loss on the same items, t and noise (control_size own: a 64×48 control
     beside a 48×48 target)."""
     for i in range(len(INSTRUCTIONS)):
-        _image(100 + i, size=(66, 48)).save(pairs / "control" / f"{i:02d}.png")  # 11:8, within 1.5× of square
+        random_image(100 + i, size=(66, 48)).save(pairs / "control" / f"{i:02d}.png")  # 11:8, within 1.5× of square
     task, model, batch = task_batch(KontextTask, weights, pairs, tmp_path, "kontext", "--resolution", "48",
                              "--control-size", control_size)  # fmt: skip
     rows, own = items_of(task, batch)
@@ -355,18 +343,18 @@ def no_run_folder(tmp_path) -> bool:
                                   "aspect", "not utf-8"])  # fmt: skip
 def test_a_bad_pair_is_skipped_and_counted_or_stops_naming_the_file(tmp_path, weights, pairs, capsys, case):
     if case == "target without control":
-        _image(7).save(pairs / "lonely.png")
+        random_image(7).save(pairs / "lonely.png")
         (pairs / "lonely.txt").write_text("an edit")
         bad, why = pairs / "lonely.png", "a target without its control"
     elif case == "control without target":
         bad, why = pairs / "control" / "orphan.png", "a control without its target"
-        _image(7).save(bad)
+        random_image(7).save(bad)
     elif case == "unreadable control":
         bad, why = pairs / "control" / "01.png", "cannot be read as an image"
         bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     elif case == "aspect":
         bad, why = pairs / "control" / "02.png", "an aspect 2.0× apart"
-        _image(7, size=(80, 40)).save(bad)
+        random_image(7, size=(80, 40)).save(bad)
     else:
         bad, why = pairs / "03.txt", "is not UTF-8 text"
         bad.write_bytes("rendre le carr\xe9 rouge".encode("latin-1"))
@@ -398,7 +386,7 @@ def test_train_py_exits_2_naming_the_pair_and_leaves_no_run_folder(tmp_path, wei
 
 
 def test_kontext_folder_names_a_missing_control_folder(tmp_path):
-    _image(0).save(tmp_path / "a.png")
+    random_image(0).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("an edit")
     with pytest.raises(DataError, match=r"control: no such folder"):
         KontextFolder(tmp_path, resolution=32)

@@ -6,23 +6,21 @@ ae.safetensors, CLIP/T5 folders with tokenizers), and train.py reads them as it 
 
 import json
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
-from PIL import Image
 
 import train
-from minflux.autoencoder import AutoEncoder
 from minflux.files.images import DataError
 from minflux.tasks.data import CaptionFolder, bucket_sizes
-from minflux.tasks.embedded import write_text_encoders
 from minflux.sampling import prepare_img_ids, prepare_txt_ids
 from minflux.files.load import load_flux, save_flux
 from minflux.files.lora_files import load_lora
 from minflux.model import Flux
 from minflux.presets import AE_SMALL, FLUX_SMALL
-from minflux.files.weights import read_state_dict, save_atomic
+from minflux.files.weights import read_state_dict
+from tests.flux_helpers import random_image, save_frozen_parts
 from tests.other_tools import comfyui_apply, comfyui_key_map, comfyui_load_lora
 
 # dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
@@ -30,12 +28,6 @@ TINY_DEV = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12]
                    guidance_embed=True)  # fmt: skip
 TINY_SCHNELL = replace(TINY_DEV, guidance_embed=False)
 CAPTIONS = ["a red square on white", "a blue circle on black", "a green stripe", "a yellow dot"]
-
-
-def _image(i: int, size=(40, 40)) -> Image.Image:
-    g = torch.Generator().manual_seed(i)
-    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +38,7 @@ def weights(tmp_path_factory):
     paths = {}
     for name, params in (("dev", TINY_DEV), ("schnell", TINY_SCHNELL)):
         paths[name] = save_flux(Flux(params), root / f"flux1-{name}-tiny.safetensors")
-    ae = AutoEncoder(AE_SMALL)
-    paths["ae"] = save_atomic(ae.state_dict(), root / "ae.safetensors",
-                              metadata={"minflux.ae_params": json.dumps(asdict(AE_SMALL))})  # fmt: skip
-    write_text_encoders(root, CAPTIONS)
-    paths["clip"], paths["t5"] = root / "text_encoder", root / "text_encoder_2"
-    return paths
+    return {**paths, **save_frozen_parts(root, CAPTIONS, AE_SMALL)}
 
 
 @pytest.fixture
@@ -59,7 +46,7 @@ def folder(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i, caption in enumerate(CAPTIONS):
-        _image(i).save(data / f"{i:02d}.png")
+        random_image(i).save(data / f"{i:02d}.png")
         (data / f"{i:02d}.txt").write_text(caption + "\n")
     return data
 
@@ -128,7 +115,7 @@ def test_resume_continues_exactly(tmp_path, weights, folder):
 
 
 def test_schnell_with_buckets_in_kohya_format(tmp_path, weights, folder, capsys):
-    _image(9, size=(80, 40)).save(folder / "wide.png")  # 2:1: at resolution 32 the nearest bucket is 48 × 32
+    random_image(9, size=(80, 40)).save(folder / "wide.png")  # 2:1: at resolution 32 the nearest bucket is 48 × 32
     (folder / "wide.txt").write_text("a wide picture")
     code = run_t2i(tmp_path, weights, folder, "--steps", "3", "--name", "schnell", "--buckets", "true",
                    "--lora-format", "kohya", "--t5-max-length", "16", model="schnell")  # fmt: skip
@@ -155,7 +142,7 @@ def test_bf16_autocast_path_trains_fp32_lora_weights(tmp_path, weights, folder):
 
 
 def test_missing_caption_is_an_error_naming_the_file_or_gets_the_default(tmp_path, weights, folder):
-    _image(7).save(folder / "nocaption.png")
+    random_image(7).save(folder / "nocaption.png")
     with pytest.raises(DataError, match=r"nocaption\.png: no caption file nocaption\.txt .*--default-caption"):
         run_t2i(tmp_path, weights, folder, "--steps", "1")
     data = CaptionFolder(folder, resolution=32, default_caption="a photo")
@@ -173,7 +160,7 @@ def test_unreadable_image_is_skipped_and_counted_or_stops(tmp_path, weights, fol
 
 
 def test_images_are_cropped_to_the_resolution_or_their_bucket(tmp_path):
-    _image(0, size=(100, 60)).save(tmp_path / "a.png")
+    random_image(0, size=(100, 60)).save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("  a caption \n")
     square = CaptionFolder(tmp_path, resolution=48)[0]
     assert square["image"].shape == (3, 48, 48) and square["caption"] == "a caption"
