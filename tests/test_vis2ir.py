@@ -258,3 +258,17 @@ def test_the_diptych_layout_gives_a_semantic_token_per_x_t_token_and_zeroconv_ad
     _, x_cond = model.inject(both.x0, both.x_cond, both.semantic["semantic"], both.semantic["semantic_ids"], both.img_ids)
     expected = both.x_cond + both.semantic["semantic"] @ model.zero_conv.weight.T + model.zero_conv.bias
     assert torch.allclose(x_cond, expected, atol=1e-5) and (x_cond != both.x_cond).any(-1).all()
+
+
+def test_the_embedded_vae_learns_on_every_mix_of_panels_the_tasks_encode():
+    from minflux.tasks.embedded import vae_batch
+    from minflux.tasks.scenes import split_triptych
+
+    triptychs = torch.randn(5, 3, 8, 24)
+    visible, infrared, semantic = split_triptych(triptychs)
+    g = torch.Generator().manual_seed(0)
+    dip, single, sem = (vae_batch(triptychs, step, 3, g) for step in (1, 2, 3))
+    assert dip.shape == (3, 3, 8, 16) and single.shape == (6, 3, 8, 8) and sem.shape == (3, 3, 8, 16)
+    assert all(any(torch.equal(torch.cat((visible[i], infrared[i]), -1), d) for i in range(5)) for d in dip)
+    assert all(any(torch.equal(p, x) for x in (*visible, *infrared, *semantic)) for p in single)
+    assert torch.equal(sem[..., :8], sem[..., 8:]) and all(any(torch.equal(s, x) for x in semantic) for s in sem[..., :8])

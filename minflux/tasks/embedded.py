@@ -113,22 +113,27 @@ def autoencoder_path(params: AutoEncoderParams, triptychs: torch.Tensor, steps: 
                      batch_size: int = 4, lr: float = 2e-3) -> Path:  # fmt: skip
     """Where train_autoencoder keeps the VAE of these settings and scenes: named by a hash of them all."""
     key = hashlib.sha256(
-        json.dumps(["diptychs", asdict(params), steps, batch_size, lr, seed, triptychs.shape, float(triptychs.sum())])
+        json.dumps(["diptychs, panels", asdict(params), steps, batch_size, lr, seed, triptychs.shape, float(triptychs.sum())])
         .encode()
     ).hexdigest()[:12]
     return Path(cache_dir) / f"ae-{key}.safetensors"
 
 
 def vae_batch(triptychs: torch.Tensor, step: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
-    """What the VAE will encode and decode in vis2ir, in turn: diptychs [visible | infrared] of one scene each,
-    and semantic panels two side by side. [B, 3, S, 2S] either way: GroupNorm normalises over the whole image, so
-    the VAE learns on the same mixes of panels it meets in the task."""
+    """What the VAE will encode and decode in the tasks, in turn: diptychs [visible | infrared] of one scene (Fill's
+    image and condition), single panels of any kind (Kontext's target and references, the semantic panel's tokens),
+    and the semantic map beside itself (--semantic-layout diptych). GroupNorm normalises over the whole image, so
+    the VAE learns on the same mixes of panels it meets. [B, 3, S, 2S], or [2B, 3, S, S]: the same pixels."""
     visible, infrared, semantic = split_triptych(triptychs)  # [N, 3, S, S] each, views
-    if step % 2:
+    if step % 3 == 1:
         idx = torch.randint(len(triptychs), (batch_size,), generator=g)
         return torch.cat((visible[idx], infrared[idx]), dim=-1)  # [4, 3, 64, 128]
-    idx = torch.randint(len(triptychs), (2, batch_size), generator=g)
-    return torch.cat((semantic[idx[0]], semantic[idx[1]]), dim=-1)
+    if step % 3 == 2:
+        idx = torch.randint(len(triptychs), (2 * batch_size,), generator=g)
+        kind = torch.randint(3, (2 * batch_size,), generator=g)  # visible, infrared or semantic
+        return torch.stack([(visible, infrared, semantic)[k][i] for i, k in zip(idx.tolist(), kind.tolist())])
+    idx = torch.randint(len(triptychs), (batch_size,), generator=g)
+    return torch.cat((semantic[idx], semantic[idx]), dim=-1)  # [4, 3, 64, 128]
 
 
 def train_autoencoder(
@@ -168,8 +173,8 @@ def train_autoencoder(
             progress.update(step, loss=loss.item())
     ae.eval()
     with torch.no_grad():  # measure the latent statistics, as FLUX's scale and shift were measured
-        x = torch.cat([vae_batch(triptychs, k, 32, g) for k in (1, 2)])  # diptychs and semantic pairs
-        mean = ae.encoder(x).chunk(2, dim=1)[0]
+        mean = torch.cat([ae.encoder(vae_batch(triptychs, k, 32, g)).chunk(2, dim=1)[0].flatten() for k in (1, 2, 3)])
+        # the latent means of the three kinds, pooled
     params = AutoEncoderParams(**{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()})
     trained = AutoEncoder(params)
     trained.load_state_dict(ae.state_dict())

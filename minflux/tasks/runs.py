@@ -143,7 +143,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     guidance: float = 1.0
     t5_max_length: int = 24
-    vae_steps: int = 1000
+    vae_steps: int = 1200
     seed: int = 0
     # evaluation and output
     sample_steps: int = 16
