@@ -176,7 +176,11 @@ def check_in_channels(path, model: nn.Module) -> None:
     """A LoRA minflux wrote names the input channels of the transformer it was trained on: a Kontext or dev LoRA
     (64) has the shapes of a Fill model's blocks (384 only at img_in), so it would load there without a word."""
     trained_on, ours = read_metadata(path).get("minflux.in_channels"), in_channels(model)
-    if trained_on is None or ours is None or int(trained_on) == ours:
+    if trained_on is None or ours is None:
+        return
+    if not trained_on.isdigit():
+        raise WeightsError(f"{path}: metadata minflux.in_channels = {trained_on!r}: expected a number of channels")
+    if int(trained_on) == ours:
         return
     kind = lambda n: "FLUX.1-Fill" if n == 384 else "dev, schnell or Kontext" if n == 64 else "custom"  # noqa: E731
     raise WeightsError(f"{path}: a LoRA trained on a transformer with {trained_on} input channels "
