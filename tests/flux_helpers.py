@@ -113,3 +113,19 @@ def save_frozen_parts(root, captions: list[str], ae_params) -> dict:
                      metadata={"minflux.ae_params": json.dumps(asdict(ae_params))})  # fmt: skip
     write_text_encoders(root, captions)
     return {"ae": ae, "clip": root / "text_encoder", "t5": root / "text_encoder_2"}
+
+
+def resume_matches_straight(runs, steps: int = 4, stopped_at: int = 2) -> None:
+    """runs/halves stopped at `stopped_at` with a checkpoint and no LoRA yet; resumed, its LoRA equals runs/straight's
+    bit for bit and its log has one line per step."""
+    import train
+    from minflux.files.weights import read_state_dict
+
+    halves = runs / "halves"
+    assert not (halves / "lora.safetensors").exists()
+    assert (halves / "checkpoints" / "latest").read_text().strip() == f"step-{stopped_at:06d}"
+    assert train.main(["--resume", str(halves)]) == 0
+    a = read_state_dict(runs / "straight" / "lora.safetensors")
+    b = read_state_dict(halves / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len((halves / "log.jsonl").read_text().splitlines()) == steps  # 2 + 2 steps

@@ -28,7 +28,7 @@ from minflux.sampling import fill_condition, flow_matching_loss, latent_ids, pac
 from minflux.tasks.data import KontextFolder
 from minflux.tasks.kontext import KontextTask
 from minflux.tasks.t2i import T2ITask
-from tests.flux_helpers import diffusers_flux, random_image, save_frozen_parts, tiny_flux
+from tests.flux_helpers import diffusers_flux, random_image, resume_matches_straight, save_frozen_parts, tiny_flux
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -258,14 +258,7 @@ def test_kontext_resume_continues_exactly(tmp_path, weights, pairs):
     assert run_kontext(tmp_path, weights, pairs, *common, "--name", "straight") == 0
     assert run_kontext(tmp_path, weights, pairs, *common, "--stop-at", "2", "--checkpoint-every", "2",
                        "--name", "halves") == 0  # fmt: skip
-    halves = tmp_path / "runs" / "halves"
-    assert not (halves / "lora.safetensors").exists()
-    assert (halves / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    assert train.main(["--resume", str(halves)]) == 0
-    a = read_state_dict(tmp_path / "runs" / "straight" / "lora.safetensors")
-    b = read_state_dict(halves / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len((halves / "log.jsonl").read_text().splitlines()) == 4
+    resume_matches_straight(tmp_path / "runs")
 
 
 # --- 4. the LoRA in sample.py and in diffusers ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from minflux.files.lora_files import load_lora
 from minflux.model import Flux
 from minflux.presets import AE_SMALL, FLUX_SMALL
 from minflux.files.weights import read_state_dict
-from tests.flux_helpers import random_image, save_frozen_parts
+from tests.flux_helpers import random_image, resume_matches_straight, save_frozen_parts
 from tests.other_tools import comfyui_apply, comfyui_key_map, comfyui_load_lora
 
 # dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
@@ -104,14 +104,7 @@ def test_resume_continues_exactly(tmp_path, weights, folder):
     common = ["--steps", "4", "--caption-dropout", "0.5"]
     assert run_t2i(tmp_path, weights, folder, *common, "--name", "straight") == 0
     assert run_t2i(tmp_path, weights, folder, *common, "--stop-at", "2", "--name", "halves") == 0
-    halves = tmp_path / "runs" / "halves"
-    assert not (halves / "lora.safetensors").exists()
-    assert (halves / "checkpoints" / "latest").read_text().strip() == "step-000002"
-    assert train.main(["--resume", str(halves)]) == 0
-    a = read_state_dict(tmp_path / "runs" / "straight" / "lora.safetensors")
-    b = read_state_dict(halves / "lora.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len((halves / "log.jsonl").read_text().splitlines()) == 4  # 2 + 2 steps
+    resume_matches_straight(tmp_path / "runs")
 
 
 def test_schnell_with_buckets_in_kohya_format(tmp_path, weights, folder, capsys):
