@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     with removed_if_setup_fails(run, fresh=not cfg.resume):
         # 1. data and the frozen parts; everything they compute is computed once
         task = TASKS[cfg.task](cfg, run, device, dtype)
+        for part in task.frozen.values():
+            part.requires_grad_(False)  # never given to the optimiser, and counted as frozen by --params
         print_params(cfg, task.frozen, "the frozen parts")
         with maybe_trace(cfg.trace, f"encoding the data ({task.what})"):
             task.encode()

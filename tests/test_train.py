@@ -296,4 +296,6 @@ def test_trace_and_params_print_the_shapes_of_a_step_and_the_parameter_tables(tm
     assert "noise [4, 32, 64]" in loss_line and loss_line.endswith("→ []")  # batch 4: the scalar loss
     assert "Vis2IR.flux (Flux)" in out and "img [4, 32, 384]" in out  # cat(x_t, x_cond) into the Fill model
     assert "--params: the frozen parts" in out and "--params: the model" in out
+    frozen = out.split("--params: the frozen parts")[1].split("--params: the model")[0]
+    assert re.search(r"ae \(AutoEncoder\)\s+377,827\s+0\s+377,827", frozen)  # counted as frozen: no gradient
     assert "zero_conv (Linear)                                20,800           20,800" in out
