@@ -336,17 +336,16 @@ class Vis2IRPipeline:
         """Triptychs [N, 3, S, 3S] in [-1, 1] → the generated infrared panels [N, 3, S, S] in [-1, 1]; scene i
         from the noise of seed + i. The triptychs' middle (target) panel is not read: the Fill condition erases it.
         sample.py passes held-out triptychs, so it can compare with their target."""
-        from minflux.tasks.vis2ir import generate_infrared, in_context_of, noise_for, prepare_vis2ir
+        from minflux.tasks.vis2ir import generate_infrared, in_context_of, prepare_for_run
 
-        cfg, in_context = self.config, in_context_of(self.config)
+        cfg = self.config
         num_steps, guidance = num_steps or cfg.sample_steps, cfg.guidance if guidance is None else guidance
         t0 = time.perf_counter()
-        noise = noise_for(triptychs, in_context, seed).to(self.device, self.dtype)  # [N, 16, S/8, S/4] (Fill)
-        inp = prepare_vis2ir(self.t5, self.clip, noise, prompts, self.ae, triptychs.to(self.device, self.dtype),
-                             cfg.semantic, in_context, cfg.semantic_layout)  # fmt: skip
+        inp = prepare_for_run(cfg, self.t5, self.clip, self.ae, triptychs.to(self.device, self.dtype), prompts, seed,
+                              self.dtype)  # fmt: skip
         self.timings["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        infrared = generate_infrared(self.model, self.ae, inp, num_steps, guidance, in_context)  # [N, 3, S, S]
+        infrared = generate_infrared(self.model, self.ae, inp, num_steps, guidance, in_context_of(cfg))  # [N, 3, S, S]
         self.timings["denoise + decode"] = time.perf_counter() - t0
         return infrared
 

@@ -225,19 +225,17 @@ def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | Non
 
     Returns dict(recorder, generated [N, 3, S, S], triptychs [N, 3, S, 3S], prompts, tokens, config)."""
     from minflux.tasks.data import triptychs
-    from minflux.tasks.vis2ir import datasets, generate_infrared, in_context_of, load_run, noise_for, prepare_vis2ir
+    from minflux.tasks.vis2ir import datasets, generate_infrared, in_context_of, load_run, prepare_for_run
 
     parts = load_run(run)
     cfg, model, ae = parts.run.config, parts.model, parts.ae
     _, held = datasets(cfg, heldout=max(scenes) + 1)
     trip = triptychs(held, scenes)  # [N, 3, 64, 192]
     prompts = [prompt or held[i]["caption"] for i in scenes]
-    in_context = in_context_of(cfg)
     with torch.no_grad():
-        inp = prepare_vis2ir(parts.t5, parts.clip, noise_for(trip, in_context, seed), prompts, ae, trip, cfg.semantic,
-                             in_context, cfg.semantic_layout)  # fmt: skip
+        inp = prepare_for_run(cfg, parts.t5, parts.clip, ae, trip, prompts, seed, trip.dtype)
         with MapRecorder(model, blocks=blocks, steps=map_steps) as recorder:
-            generated = generate_infrared(model, ae, inp, steps or cfg.sample_steps, cfg.guidance, in_context)
+            generated = generate_infrared(model, ae, inp, steps or cfg.sample_steps, cfg.guidance, in_context_of(cfg))
     tokens = [t5_tokens(parts.t5.tokenizer, p) for p in prompts]
     return dict(recorder=recorder, generated=generated, triptychs=trip, prompts=prompts, tokens=tokens, config=cfg)
 

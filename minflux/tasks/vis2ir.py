@@ -202,6 +202,14 @@ def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
     return get_noise(len(triptych), S, 2 * S if in_context == "fill" else S, seed)
 
 
+def prepare_for_run(cfg, t5, clip, ae, triptych: Tensor, prompts: list[str], seed: int, dtype) -> Inputs:
+    """prepare_vis2ir as a run's config says (its in-context design, semantic mode and layout), from the noise of
+    seed + i for scene i in `dtype`: the held-out evaluation, sample.py and the attention maps all start here."""
+    in_context = in_context_of(cfg)
+    noise = noise_for(triptych, in_context, seed).to(triptych.device, dtype)  # [N, 16, S/8, S/4] (Fill)
+    return prepare_vis2ir(t5, clip, noise, prompts, ae, triptych, cfg.semantic, in_context, cfg.semantic_layout)
+
+
 # --- a finished run, loaded ---------------------------------------------------------------------------------------
 
 
@@ -314,10 +322,8 @@ class Vis2IRTask:
         self.seq_len = self.cache.x0.shape[1] + self.texts.txt.shape[1]  # image + text tokens
 
         held = triptychs(self.heldout_set)  # [N, 3, S, 3S]
-        noise = noise_for(held, self.in_context, cfg.seed).to(self.device, self.dtype)  # scene i: seed + i
-        self.held = prepare_vis2ir(self.t5, self.clip, noise, captions(self.heldout_set), self.ae,
-                                   held.to(self.device, ae_dtype), cfg.semantic, self.in_context,
-                                   cfg.semantic_layout).to("cpu")  # fmt: skip
+        self.held = prepare_for_run(cfg, self.t5, self.clip, self.ae, held.to(self.device, ae_dtype),
+                                    captions(self.heldout_set), cfg.seed, self.dtype).to("cpu")  # fmt: skip
         context = self.cache.x_cond if self.cache.x_cond is not None else self.cache.refs
         log(f"data: {len(data)} train, {len(held)} held-out; x0 {list(self.cache.x0.shape[1:])}, "
             f"{'x_cond' if self.in_context == 'fill' else 'references'} {list(context.shape[1:])}, "
