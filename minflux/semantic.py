@@ -217,7 +217,7 @@ class Vis2IR(nn.Module):
     """
 
     def __init__(self, flux: nn.Module, semantic: str = "xattn_rope", layers: int = 1, heads: int = 8,
-                 in_context: str = "fill", width: int = 64, every: int = 1):  # fmt: skip
+                 in_context: str = "fill", width: int = 64, every: int = 1, scale_init: float = 0.0):  # fmt: skip
         super().__init__()
         if semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic mode {semantic!r}: expected one of {', '.join(SEMANTIC_MODES)}")
@@ -243,16 +243,23 @@ class Vis2IR(nn.Module):
             self.blocks = BlockInjection(flux, heads)
         if semantic == "adapters":  # plan C: `layers` layers per adapter, `width` wide, after every `every`-th block
             self.blocks = AdapterInjection(flux, width, heads, layers, every)
+        with torch.no_grad():  # scale_init ≠ 0 (the notes' "scale initialisation strategy"): no identity at the start
+            for gate in self.gates():
+                gate.fill_(scale_init)
+
+    def gates(self) -> list[nn.Parameter]:
+        """The injection's residual scales and gates (0 at initialisation by default): one per layer (xattn,
+        xattn_rope), per block (blocks), per adapter (adapters); none for the other modes."""
+        if hasattr(self, "adapter"):
+            return [layer.scale for layer in self.adapter.layers]
+        if self.semantic == "blocks":
+            return [a.scale for a in (*self.blocks.double_attn, *self.blocks.single_attn)]
+        return [a.gate for a in self.blocks.adapters] if self.semantic == "adapters" else []
 
     @property
     def scales(self) -> list[float]:
-        """The injection's zero-initialised scales and gates: one per layer (xattn, xattn_rope), per block (blocks),
-        per adapter (adapters); none for the other modes."""
-        if hasattr(self, "adapter"):
-            return self.adapter.scales
-        if self.semantic == "blocks":
-            return [a.scale.item() for a in (*self.blocks.double_attn, *self.blocks.single_attn)]
-        return [a.gate.item() for a in self.blocks.adapters] if self.semantic == "adapters" else []
+        """The gates' values now (the training progress line, log.jsonl and scales.png)."""
+        return [gate.item() for gate in self.gates()]
 
     def injection_state_dict(self) -> dict[str, Tensor]:
         """The semantic injection's tensors alone (adapter.safetensors): every key outside the transformer."""

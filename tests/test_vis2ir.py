@@ -68,6 +68,19 @@ def test_every_injection_mode_is_the_identity_at_initialisation(mode):
     assert torch.equal(x_t, b["x0"]) and torch.equal(x_cond, b["x_cond"])
 
 
+
+@pytest.mark.parametrize("mode", ["xattn", "xattn_rope", "blocks", "adapters"])
+def test_a_non_zero_scale_init_sets_every_gate_and_the_injection_acts_from_the_start(mode):
+    model = Vis2IR(small_fill(), mode, scale_init=0.1)
+    gates = model.gates()
+    assert len(gates) >= 1 and model.scales == pytest.approx([0.1] * len(gates))
+    assert all(g.requires_grad for g in gates)
+    if mode.startswith("xattn"):  # the injection on x_t: no longer the identity
+        b = batch()
+        x_t, _ = model.inject(b["x0"], b["x_cond"], b["semantic"], b["semantic_ids"], b["img_ids"])
+        assert not torch.allclose(x_t, b["x0"], atol=1e-4)
+    assert Vis2IR(small_fill(), mode).scales == [0.0] * len(gates)
+
 def test_zeroconv_adds_the_semantic_map_to_the_target_half_only():
     model = Vis2IR(small_fill(), "zeroconv")
     nn.init.normal_(model.zero_conv.weight)

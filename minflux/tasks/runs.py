@@ -105,6 +105,7 @@ class TrainConfig:
     adapter_heads: int = 8
     adapter_width: int = 64
     adapter_every: int = 1
+    adapter_scale_init: float = 0.0
     semantic_layout: str = "panel"
     data: str | None = None
     on_error: str = "skip"
@@ -172,6 +173,7 @@ class TrainConfig:
         "adapter_heads": "heads of each SemanticCrossAttention (xattn, xattn_rope, blocks) or adapter layer",
         "adapter_width": "adapters: the adapters' width (the image tokens are projected down to it and back)",
         "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
+        "adapter_scale_init": "the injection's residual scales/gates at initialisation (0: the identity at the start)",
         "semantic_layout": "the semantic tokens: 'panel' (the map alone, 1024 tokens at a 512-px panel, at the target "
         "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the notes' layout)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "

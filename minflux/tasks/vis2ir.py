@@ -192,7 +192,7 @@ def in_context_of(cfg) -> str:
 def vis2ir_model(flux, cfg) -> Vis2IR:
     """The transformer with the semantic injection a run's config asks for."""
     return Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, in_context_of(cfg), cfg.adapter_width,
-                  cfg.adapter_every)  # fmt: skip
+                  cfg.adapter_every, cfg.adapter_scale_init)  # fmt: skip
 
 
 def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
