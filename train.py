@@ -7,6 +7,8 @@ LoRA on FLUX.1 dev or schnell (t2i).
     python train.py --finetune runs/vis2ir-zeroconv   fine-tune a finished small run with LoRA
     python train.py --repo FLUX.1-Fill-dev --data triptychs/    LoRA on the official Fill model (GPU)
     torchrun --nproc_per_node=2 train.py ...          the same, data-parallel (gloo on CPU, NCCL on CUDA)
+    torchrun --nproc_per_node=8 train.py --parallel fsdp --repo FLUX.1-dev --full-finetune ...
+                                                      sharded (FSDP2): each process holds 1/8 of the model
     python train.py --task t2i --repo FLUX.1-dev --data photos/     a LoRA from images with same-named .txt
                                                       captions (minflux/tasks/t2i.py has the step)
 
@@ -25,6 +27,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +42,7 @@ from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
 from minflux.tasks.flags import to_toml
+from minflux.tasks.parallel import clip_gradients, describe, load_sharded, memory_estimate, save_sharded, shard
 from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,11 +55,16 @@ def parse(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     cfg = parse(argv)
+    backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        dist.init_process_group(backend)
+    elif cfg.parallel == "fsdp":  # one process: FSDP for its CPU offload, in a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    sharded = cfg.parallel == "fsdp"
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
     if device.type == "cuda" and dist.is_initialized():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # the GPU of this process on its node
+        torch.cuda.set_device(device)
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if note := cpu_bf16_note(device, dtype):
         log(note)
@@ -73,16 +82,20 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-        # 2. the trainable model and its optimiser
-        model, groups = task.build_model()
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
-    n_trained = sum(p.numel() for g in groups for p in g["params"])
+        # 2. the trainable model (FSDP: built on the CPU, its shards sent to the device) and its optimiser
+        model, groups = task.build_model(torch.device("cpu") if sharded else device)
     print_params(cfg, dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}, "the model")
-    log(memory_estimate(model, n_trained, cfg.batch_size // world(), task.seq_len, cfg.gradient_checkpointing))
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    budget = memory_estimate(model, cfg.batch_size // world(), task.seq_len, cfg.gradient_checkpointing, dtype, world())
+    log(f"warning: --full-finetune trains every weight; {budget}" if cfg.full_finetune else budget)
+    if sharded:
+        groups = shard(model, groups, dtype, cfg.cpu_offload)
+        log(describe(model))
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and not sharded else model
 
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, times and noise: its state is checkpointed
-    step, losses = load_checkpoint(run, model, opt, gen) if cfg.resume else (0, [])
+    step, losses = load_checkpoint(run, model, opt, gen, sharded) if cfg.resume else (0, [])
+    saved = step if cfg.resume else None  # the step of the newest checkpoint
     if step:
         log(f"resumed at step {step}")
 
@@ -115,7 +128,7 @@ def main(argv=None) -> int:
             return 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
         opt.step()
         step += 1
 
@@ -123,8 +136,12 @@ def main(argv=None) -> int:
         if dist.is_initialized():
             dist.all_reduce(loss_all, op=dist.ReduceOp.AVG)
         losses.append(loss_all.item())
+        if dist.is_initialized():  # a signal to any process stops every process at this step
+            signum = torch.tensor([stop["signal"] or 0])
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+            stop["signal"] = int(signum.item()) or None
+        scales = getattr(model, "scales", [])  # (FSDP: every process gathers the sharded gates)
         if rank() == 0:
-            scales = getattr(model, "scales", [])
             record = {"step": step, "loss": losses[-1], "grad_norm": grad_norm, "scales": scales}
             log_file.write(json.dumps({**record, "time": time.perf_counter() - start}) + "\n")
             if step % 10 == 0 or step == cfg.steps:
@@ -132,16 +149,17 @@ def main(argv=None) -> int:
                 if scales:
                     fields["scale"] = scales[0]
                 progress.update(step, **fields)
-            if step % cfg.checkpoint_every == 0 or step == last or stop["signal"] is not None:
-                save_checkpoint(run, model, opt, step, gen, losses)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:  # the last: samples.png
-                task.samples(model, run / "samples" / f"step-{step:06d}.png")
+        if step % cfg.checkpoint_every == 0 or step == last or stop["signal"] is not None:
+            saved = save_checkpoint(run, model, opt, step, gen, losses, sharded)
+        if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and (sharded or rank() == 0):
+            with written_by_first(task, sharded):  # the last: samples.png
+                task.samples(model, task.run / "samples" / f"step-{step:06d}.png")
     if log_file:
         log_file.close()
     train_seconds = time.perf_counter() - start
     if stop["signal"] is not None:
-        if rank() == 0 and (not (run / "checkpoints" / "latest").exists() or step % cfg.checkpoint_every):
-            save_checkpoint(run, model, opt, step, gen, losses)
+        if saved != step:
+            save_checkpoint(run, model, opt, step, gen, losses, sharded)
         log(f"stopped by signal {stop['signal']} at step {step}; resume with: python train.py --resume {run}")
         return 128 + stop["signal"]
 
@@ -149,15 +167,18 @@ def main(argv=None) -> int:
         log(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with: python train.py --resume {run}")
         return 0
 
-    # 4. held-out evaluation and the run folder; a signal now stops it at once (the checkpoint of `step` is whole)
-    if rank() == 0:
+    # 4. held-out evaluation and the run folder; a signal now stops it at once (the checkpoint of `step` is whole).
+    # Under FSDP every process runs the model (each forward gathers the shards) and the others write into a scratch
+    # folder that is then removed.
+    if rank() == 0 or sharded:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, raise_stopped)
         before = {f: (run / f).stat().st_mtime_ns for f in task.final_files(model) if (run / f).exists()}
         try:
             if stop["signal"] is not None:  # one that came as the loop ended
                 raise Stopped(stop["signal"])
-            task.finish(model, losses, step, train_seconds)
+            with written_by_first(task, sharded):
+                task.finish(model, losses, step, train_seconds)
         except Stopped as e:
             missing = [f for f in task.final_files(model) if not (run / f).exists() or
                        (run / f).stat().st_mtime_ns == before.get(f)]  # fmt: skip
@@ -179,20 +200,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then a cosine decay to a tenth of the learning rate at the last step."""
     warmup = min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
     return warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(cfg.steps, 1))))
-
-
-def memory_estimate(model, n_trained: int, batch: int, seq: int, checkpointing: bool) -> str:
-    """A rough budget, printed before the first step: weights, what training adds per trained parameter
-    (its gradient and AdamW's two fp32 moments), and activations (about 30 hidden-size tensors per token in a
-    block kept for backward, or one per block with gradient checkpointing)."""
-    p = getattr(model, "flux", model).params
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    size = next(model.parameters()).element_size()
-    trained = n_trained * (size + 8)
-    blocks = p.depth + p.depth_single_blocks
-    acts = batch * seq * p.hidden_size * size * blocks * (1 if checkpointing else 30)
-    gb = lambda n: f"{n / 2**30:.2f} GB"  # noqa: E731
-    return f"memory estimate: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations ~{gb(acts)}"
 
 
 # --- the run folder: a new one never written over, or the resumed one cleaned -----------------------------------
@@ -257,7 +264,8 @@ def resume_folder(run: Path) -> Path:
                          f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
                          f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite")  # fmt: skip
     folder = run / "checkpoints" / latest
-    if not re.fullmatch(r"step-\d+", latest) or not all((folder / f).is_file() for f in ("weights.safetensors", "state.pt")):
+    whole = any((folder / f).is_file() for f in ("weights.safetensors", ".metadata"))  # .metadata: FSDP's shards
+    if not re.fullmatch(r"step-\d+", latest) or not whole or not (folder / "state.pt").is_file():
         raise ValueError(f"{pointer}: names {latest!r}, which is not a complete checkpoint folder of {run / 'checkpoints'}")
     dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
     removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
@@ -282,6 +290,21 @@ def step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+@contextlib.contextmanager
+def written_by_first(task, sharded: bool):
+    """Under FSDP every process runs the evaluation (each forward gathers the shards) and what it writes; the first
+    writes into the run folder, the others into a scratch folder removed afterwards."""
+    if not sharded or rank() == 0:
+        yield
+        return
+    run, task.run = task.run, Path(tempfile.mkdtemp(prefix="minflux-rank"))
+    try:
+        yield
+    finally:
+        shutil.rmtree(task.run, ignore_errors=True)
+        task.run = run
 
 
 class Stopped(Exception):
@@ -321,39 +344,48 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in trained or k.endswith(".alpha")}
 
 
-def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list):
+def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list, sharded: bool) -> int:
     """checkpoints/step-N/{weights.safetensors, state.pt}, then the pointer checkpoints/latest: a crash at any
-    point leaves the previous checkpoint whole and pointed to."""
+    point leaves the previous checkpoint whole and pointed to. FSDP: every process writes its shards of the weights
+    and the optimizer (torch.distributed.checkpoint: *.distcp and .metadata) in place of the first two."""
     folder = run / "checkpoints" / f"step-{step:06d}"
-    save_atomic(trained_state(model), folder / "weights.safetensors")
-    state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "losses": torch.tensor(losses),
-    }
-    write_atomic(folder / "state.pt", lambda tmp: torch.save(state, tmp))
-    previous = (run / "checkpoints" / "latest").read_text().strip() if (run / "checkpoints" / "latest").exists() else None
-    write_text_atomic(run / "checkpoints" / "latest", folder.name)
-    if previous and previous != folder.name:  # keep the newest only
-        for f in (run / "checkpoints" / previous).glob("*"):
-            f.unlink()
-        (run / "checkpoints" / previous).rmdir()
+    if sharded:
+        save_sharded(model, opt, folder)
+        dist.barrier()
+    if rank() == 0:
+        if not sharded:
+            save_atomic(trained_state(model), folder / "weights.safetensors")
+        state = {"step": step, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "losses": torch.tensor(losses), **({} if sharded else {"optimizer": opt.state_dict()})}  # fmt: skip
+        write_atomic(folder / "state.pt", lambda tmp: torch.save(state, tmp))
+        latest = run / "checkpoints" / "latest"
+        previous = latest.read_text().strip() if latest.exists() else None
+        write_text_atomic(latest, folder.name)
+        if previous and previous != folder.name:  # keep the newest only
+            shutil.rmtree(run / "checkpoints" / previous)
+    if dist.is_initialized():
+        dist.barrier()
+    return step
 
 
-def load_checkpoint(run: Path, model, opt, gen: torch.Generator) -> tuple[int, list]:
+def load_checkpoint(run: Path, model, opt, gen: torch.Generator, sharded: bool) -> tuple[int, list]:
     pointer = run / "checkpoints" / "latest"
     if not pointer.exists():
         raise WeightsError(f"{run}: no checkpoint to resume from (expected {pointer})")
     folder = run / "checkpoints" / pointer.read_text().strip()
-    sd = read_state_dict(folder / "weights.safetensors")
-    missing = set(trained_state(model)) - set(sd)
-    if missing:
-        raise WeightsError(f"{folder / 'weights.safetensors'}: missing {len(missing)} key(s), e.g. {sorted(missing)[:3]}")
-    model.load_state_dict(sd, strict=False)
+    if sharded != (folder / ".metadata").is_file():
+        raise WeightsError(f"{folder}: a {'sharded (FSDP)' if not sharded else 'whole'} checkpoint; resume it with "
+                           f"--parallel {'fsdp' if not sharded else 'ddp'}")  # fmt: skip
     state = torch.load(folder / "state.pt", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
+    if sharded:
+        load_sharded(model, opt, folder)
+    else:
+        sd = read_state_dict(folder / "weights.safetensors")
+        missing = set(trained_state(model)) - set(sd)
+        if missing:
+            raise WeightsError(f"{folder / 'weights.safetensors'}: missing {len(missing)} key(s), e.g. {sorted(missing)[:3]}")
+        model.load_state_dict(sd, strict=False)
+        opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["losses"].tolist()

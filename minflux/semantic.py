@@ -258,8 +258,9 @@ class Vis2IR(nn.Module):
 
     @property
     def scales(self) -> list[float]:
-        """The gates' values now (the training progress line, log.jsonl and scales.png)."""
-        return [gate.item() for gate in self.gates()]
+        """The gates' values now (the training progress line, log.jsonl and scales.png). A gate sharded by FSDP is
+        gathered first (full_tensor: every process asks)."""
+        return [(g.full_tensor() if hasattr(g, "full_tensor") else g).item() for g in self.gates()]
 
     def injection_state_dict(self) -> dict[str, Tensor]:
         """The semantic injection's tensors alone (adapter.safetensors): every key outside the transformer."""

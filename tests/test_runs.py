@@ -47,7 +47,7 @@ class TinyTask:
     def encode(self):
         self.seq_len = 16 + 4  # image + text tokens
 
-    def build_model(self):
+    def build_model(self, device=None):
         torch.manual_seed(self.cfg.seed)
         model = tiny_flux(SMALLEST)
         return model, [{"params": list(model.parameters()), "lr": self.cfg.lr, "name": "transformer"}]

@@ -251,7 +251,7 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     run = tmp_path / "lora"
     assert (run / "lora.safetensors").is_file() and not (run / "transformer.safetensors").exists()
     out = capsys.readouterr().out
-    assert "(LoRA + adapter)" in out and "memory estimate: weights" in out
+    assert "(LoRA + adapter)" in out and "memory estimate per process: weights" in out
     lora = read_state_dict(run / "lora.safetensors")
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # trained
     import sample

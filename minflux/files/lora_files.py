@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from minflux.files.keys import LORA_PREFIXES, LORA_SUFFIXES, SWAPPED_HALVES, XLABS, diffusers_key_pairs, swap_halves
-from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic
+from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic, whole
 from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers
 
 # --- the names other tools give the layers ------------------------------------------------------------------
@@ -277,7 +277,7 @@ def load_lora(model: nn.Module, path, scale: float = 1.0) -> list[str]:
 
 def _adapter_state(layer: LoRALinear) -> dict[str, Tensor]:
     """lora_down.weight, lora_up.weight (lora_up.bias), alpha: the layer's state without the base weights."""
-    return {k: v for k, v in layer.state_dict().items() if k not in ("weight", "bias")}
+    return {k: whole(v) for k, v in layer.state_dict().items() if k not in ("weight", "bias")}
 
 
 def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, Tensor]:
@@ -289,14 +289,15 @@ def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
     tensors = {}
     for module, layer in layers.items():
         f = layer.alpha.item() / layer.rank
-        up = f * layer.lora_up.weight.detach()  # [out, r]
-        bias = None if layer.lora_up.bias is None else f * layer.lora_up.bias.detach()
+        up = f * whole(layer.lora_up.weight.detach())  # [out, r]
+        bias = None if layer.lora_up.bias is None else f * whole(layer.lora_up.bias.detach())
+        down = whole(layer.lora_down.weight.detach())  # [r, in]
         for name, target in pieces.get(module, [(module, Target(module))]):  # no diffusers name: keep ours
             rows = target.rows or slice(None)
             b, b_bias = up[rows], None if bias is None else bias[rows]
             if target.swap_halves:
                 b, b_bias = swap_halves(b), None if b_bias is None else swap_halves(b_bias)
-            tensors[f"transformer.{name}.lora_A.weight"] = layer.lora_down.weight.detach().clone()  # [r, in]
+            tensors[f"transformer.{name}.lora_A.weight"] = down.clone()  # [r, in]
             tensors[f"transformer.{name}.lora_B.weight"] = b.clone()  # [rows, r]; safetensors wants no shared memory
             if b_bias is not None:
                 tensors[f"transformer.{name}.lora_B.bias"] = b_bias.clone()

@@ -291,7 +291,14 @@ def write_text_atomic(path, text: str) -> Path:
     return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as one piece: the shards of a sharded (FSDP) parameter gathered from every process, which must
+    all call this in the same order; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file."""
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    """Write a .safetensors file through a temporary file and a rename, so a crash never leaves half a file.
+    Sharded tensors are gathered first, one at a time to the host (every process of an FSDP run calls this)."""
+    tensors = {k: whole(v.detach()).cpu().contiguous() for k, v in tensors.items()}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -89,7 +89,12 @@ def load_frozen(cfg, device, dtype):
 def lora_transformer(cfg, device, dtype) -> Flux:
     """The official transformer the config names (--flux), frozen, with LoRA on the layers of --lora-targets
     (kohya's default: every linear layer of the blocks). The LoRA weights are kept in fp32 (their AdamW updates
-    are smaller than bf16 resolves); under bf16 autocast the forward pass still runs in bf16."""
+    are smaller than bf16 resolves); under bf16 autocast the forward pass still runs in bf16.
+    --full-finetune: no LoRA; every weight is trained, kept in fp32 for the same reason (the master weights)."""
+    if cfg.full_finetune:
+        flux = load_flux(cfg.flux, device=device, dtype=torch.float32)
+        flux.gradient_checkpointing = cfg.gradient_checkpointing
+        return flux.requires_grad_(True)
     flux = load_flux(cfg.flux, device=device, dtype=dtype)
     flux.requires_grad_(False)
     inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)

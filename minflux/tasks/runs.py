@@ -92,6 +92,7 @@ def format_seconds(s: float) -> str:
 # ai-toolkit), where the from-scratch vis2ir defaults would not fit. Given flags and TOML keys win.
 T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10, "checkpoint_every": 250,
                 "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
+FULL_FINETUNE_LR = 1e-5  # --full-finetune of official weights: every weight moves, at a LoRA's lr/10
 # The embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer.
 KONTEXT_DEFAULTS = {"preset": "flux-small-kontext", "semantic": "none"}
 LORA_FORMATS = ("kohya", "diffusers", "minflux")
@@ -132,6 +133,7 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: str | None = None
     lora_format: str = "kohya"
+    full_finetune: bool = False
     # optimisation
     steps: int = 1300
     batch_size: int = 16
@@ -158,6 +160,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    parallel: str = "ddp"
+    cpu_offload: bool = False
     # for study: what runs, shape by shape
     trace: bool = False
     params: bool = False
@@ -202,6 +206,8 @@ class TrainConfig:
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
         "lora_format": "lora.safetensors layout: kohya (sd-scripts' names; ComfyUI, diffusers and minflux read it), "
         "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
+        "full_finetune": "train every weight of the given transformer instead of a LoRA (fp32 master weights, lr "
+        f"{FULL_FINETUNE_LR} unless given; needs sharding: see --parallel)",
         "steps": "optimisation steps",
         "batch_size": "global batch size (split across processes under torchrun)",
         "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10)",
@@ -227,6 +233,9 @@ class TrainConfig:
         "device": "auto, cpu or cuda",
         "dtype": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16",
         "gradient_checkpointing": "recompute block activations in backward to save memory",
+        "parallel": "with torchrun: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and optimizer "
+        "state split over the processes)",
+        "cpu_offload": "fsdp: keep the shards in host memory between uses (for small GPUs; slower)",
         "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
         "params": "print the parameter table of every component, trainable and frozen",
     }
@@ -294,6 +303,7 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "stop_at": _at_least(1),
     "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: DEVICE.fullmatch(v) is not None),
     "dtype": _one_of("auto", "fp32", "bf16", "fp16"),
+    "parallel": _one_of("ddp", "fsdp"),
 }
 
 
@@ -336,6 +346,8 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
             defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") and official else {}
             defaults = KONTEXT_DEFAULTS if cfg.task == "kontext" and not official else defaults
             cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
+            if cfg.full_finetune and "lr" not in given:
+                cfg = replace(cfg, lr=FULL_FINETUNE_LR)
     except ValueError as e:
         parser.error(str(e))
     if cfg.task not in tasks:
@@ -358,6 +370,11 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
+    if cfg.full_finetune and not cfg.flux:
+        parser.error("--full-finetune trains every weight of given weights (--repo, --flux or --finetune); the "
+                     "embedded default trains every weight already")  # fmt: skip
+    if cfg.cpu_offload and cfg.parallel != "fsdp":
+        parser.error("--cpu-offload offloads FSDP's shards: use it with --parallel fsdp")
     if cfg.semantic_layout == "diptych" and cfg.task != "vis2ir":
         parser.error("--semantic-layout diptych: the semantic map beside itself aligns with vis2ir's Fill diptych; "
                      f"--task {cfg.task} generates the infrared panel alone")  # fmt: skip

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from minflux.files.images import image_grid, line_plot, save_png
+from minflux.files.load import save_flux
 from minflux.files.lora_files import save_lora
 from minflux.files.weights import WeightsError, write_text_atomic
 from minflux.presets import spec_for
@@ -116,10 +117,11 @@ class T2ITask:
         log(f"data: {len(self.train_items)} {self.what.split(',')[0]}, {len(self.texts.texts) - 1} distinct captions; sizes "
             f"{sizes}; text {list(self.texts.txt.shape[1:])}")  # fmt: skip
 
-    def build_model(self):
-        """The frozen transformer with LoRA (fp32 LoRA weights, bf16 maths under autocast)."""
+    def build_model(self, device=None):
+        """The frozen transformer with LoRA (fp32 LoRA weights, bf16 maths under autocast), or every weight trained
+        (--full-finetune). On `device` (default: the task's; FSDP builds on the CPU and shards onto the GPU)."""
         cfg = self.cfg
-        flux = lora_transformer(cfg, self.device, self.dtype)
+        flux = lora_transformer(cfg, device or self.device, self.dtype)
         if flux.params.in_channels != 64:
             raise WeightsError(f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
                                f"({flux.variant or 'custom'}); --task {cfg.task} trains FLUX.1 dev, schnell or "
@@ -127,7 +129,8 @@ class T2ITask:
         self.shift = spec_for(flux).shift  # dev's training times are shifted like its schedule, schnell's are not
         trained = [p for p in flux.parameters() if p.requires_grad]
         log(f"model: {flux.variant or 'custom'}, {sum(p.numel() for p in flux.parameters()):,} parameters, "
-            f"{sum(p.numel() for p in trained):,} trained (LoRA rank {cfg.lora_rank})")  # fmt: skip
+            f"{sum(p.numel() for p in trained):,} trained "
+            f"({'every weight' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'})")  # fmt: skip
         return flux, [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
 
     def draw(self, gen: torch.Generator) -> Batch:
@@ -158,7 +161,10 @@ class T2ITask:
         """lora.safetensors, loss.png, samples.png, and metrics.json last (it marks a finished run)."""
         cfg, run = self.cfg, self.run
         model.eval()
-        save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
+        if cfg.full_finetune:
+            save_flux(model, run / "transformer.safetensors")
+        else:
+            save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
         metrics = {"task": cfg.task, "train_seconds": train_seconds, "steps": steps,
                    "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(self.data),
                    "lora_format": cfg.lora_format}  # fmt: skip
@@ -169,7 +175,8 @@ class T2ITask:
 
     def final_files(self, model) -> list[str]:
         """What finish writes, in order: metrics.json last, as it marks a finished run."""
-        return ["lora.safetensors", "loss.png", *(["samples.png"] if self.cfg.sample_steps > 0 else []), "metrics.json"]
+        weights = "transformer.safetensors" if self.cfg.full_finetune else "lora.safetensors"
+        return [weights, "loss.png", *(["samples.png"] if self.cfg.sample_steps > 0 else []), "metrics.json"]
 
     def sample_items(self) -> list[int]:
         """The images whose caption is sampled: up to four training images of the first one's size (one grid)."""

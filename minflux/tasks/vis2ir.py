@@ -331,22 +331,28 @@ class Vis2IRTask:
         del self.clip, self.t5  # done: freed before the transformer trains
         self.frozen = {"ae": self.ae}
 
-    def build_model(self):
+    def build_model(self, device=None):
         """The Fill transformer with the semantic injection, and the optimiser's groups: the transformer's trained
-        parameters (all of them from scratch, the LoRA's on given weights) and the injection's."""
-        cfg = self.cfg
-        flux = lora_transformer(cfg, self.device, self.dtype) if cfg.flux else scratch_transformer(cfg, self.device)
+        parameters (all of them from scratch or with --full-finetune, the LoRA's on given weights) and the
+        injection's. On `device` (default: the task's; FSDP builds on the CPU and shards onto the GPU)."""
+        cfg, device = self.cfg, device or self.device
+        flux = lora_transformer(cfg, device, self.dtype) if cfg.flux else scratch_transformer(cfg, device)
         trained = [p for p in flux.parameters() if p.requires_grad]
         model = vis2ir_model(flux, cfg)
-        model.to(self.device) if cfg.flux else model.to(self.device, self.dtype)  # the LoRA stays fp32
+        model.to(device) if cfg.flux else model.to(device, self.dtype)  # the LoRA stays fp32
         adapter = [p for n, p in model.named_parameters() if not n.startswith("flux.")]
         groups = [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
         if adapter:
             groups.append({"params": adapter, "lr": cfg.adapter_lr or cfg.lr, "name": "adapter"})
         log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-            f"{sum(p.numel() for p in trained + adapter):,} trained{' (LoRA + adapter)' if cfg.flux else ''}; "
+            f"{sum(p.numel() for p in trained + adapter):,} trained{' (LoRA + adapter)' if self.uses_lora else ''}; "
             f"semantic injection {sum(p.numel() for p in adapter):,}")  # fmt: skip
         return model, groups
+
+    @property
+    def uses_lora(self) -> bool:
+        """A LoRA on given weights (written as lora.safetensors); else every weight trained (transformer.safetensors)."""
+        return bool(self.cfg.flux) and not self.cfg.full_finetune
 
     def draw(self, gen: torch.Generator) -> Batch:
         """A global batch: scenes drawn with replacement, logit-normal times shifted by the token count, noise."""
@@ -365,7 +371,7 @@ class Vis2IRTask:
 
     def final_files(self, model) -> list[str]:
         """What finish writes, in order: metrics.json last, as it marks a finished run."""
-        weights = "lora.safetensors" if self.cfg.flux else "transformer.safetensors"
+        weights = "lora.safetensors" if self.uses_lora else "transformer.safetensors"
         adapter = ["adapter.safetensors"] if model.injection_state_dict() else []
         scales = ["scales.png"] if model.scales else []
         return [weights, *adapter, "loss.png", *scales, "samples.png", "metrics.json"]
@@ -415,10 +421,10 @@ class Vis2IRTask:
             "semantic": cfg.semantic,
             "adapter_scales": model.scales,
         }
-        if cfg.flux:
+        if self.uses_lora:
             save_lora(model.flux, run / "lora.safetensors", format=cfg.lora_format)
         else:
-            save_flux(model.flux, run / "transformer.safetensors", variant=cfg.preset)
+            save_flux(model.flux, run / "transformer.safetensors", variant=None if cfg.flux else cfg.preset)
         injection = model.injection_state_dict()
         if injection:
             save_atomic(injection, run / "adapter.safetensors", metadata={"minflux.semantic": cfg.semantic})

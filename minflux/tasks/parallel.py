@@ -1,0 +1,129 @@
+"""Training on many processes: DDP (a whole copy of the model per process) or FSDP2 (each process holds 1/K of it).
+
+    torchrun --nproc_per_node=K train.py ...                   DDP: weights, gradients and AdamW's state on every GPU
+    torchrun --nproc_per_node=K train.py --parallel fsdp ...   FSDP2: every double and single block, and the whole
+                                                               model, `fully_shard`ed: parameters, gradients and
+                                                               optimiser state split over the K processes
+
+Under FSDP a block's parameters are all-gathered just before it runs and freed after; gradients are reduce-scattered
+(averaged over the processes, as DDP's all-reduce averages them); AdamW updates each process's shard. With bf16 the
+shards keep their stored dtype (the fp32 LoRA, the fp32 master weights of a full fine-tune) and are gathered in bf16,
+gradients reduced in fp32 (`MixedPrecisionPolicy`). `--cpu-offload` keeps the shards in host memory between uses.
+
+Checkpoints are `torch.distributed.checkpoint` folders: every process writes its shards of the trained parameters
+and of the optimiser state; `--resume` reads them back on the same number of processes. Finished weights are
+gathered into the usual single files (see save_atomic in minflux/files/weights.py).
+"""
+
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from minflux.tasks.runs import world
+
+GB = 2**30
+# A Linear on [B, L, C] returns a view of its 2-D product, which FSDP2 warns about in case it is written in place;
+# nothing in minflux writes into a model's output.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+
+def shard(model: nn.Module, groups: list[dict], dtype: torch.dtype, offload: bool) -> list[dict]:
+    """fully_shard every transformer block, then the whole model (the embedders, the final layer, a semantic
+    injection); returns the optimiser's groups with the sharded parameters (fully_shard replaces each parameter
+    by a sharded one of the same name, so the groups made before sharding are remapped by name)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = [[names[id(p)] for p in g["params"]] for g in groups]
+    options = {}
+    if dtype != torch.float32:  # gathered in dtype, gradients reduced in fp32
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    if offload:  # pinned host memory, where there is a GPU to copy to
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    flux = getattr(model, "flux", model)
+    for block in [*flux.double_blocks, *flux.single_blocks]:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    params = dict(model.named_parameters())
+    return [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, chosen)]
+
+
+def local_bytes(model: nn.Module) -> int:
+    """The bytes of parameters this process holds (its shards under FSDP, everything otherwise)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """clip_grad_norm_ over every process's gradients: under FSDP the norm of the sharded gradients is a
+    distributed tensor, made whole here (every process takes part)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm.item()
+
+
+# --- sharded checkpoints -------------------------------------------------------------------------------------
+
+OPTIONS = StateDictOptions(ignore_frozen_params=True)  # the frozen base is not checkpointed: it is on disk already
+
+
+def save_sharded(model: nn.Module, opt: torch.optim.Optimizer, folder) -> None:
+    """Every process writes its shards of the trained parameters and the optimiser state into `folder`
+    (torch.distributed.checkpoint: one .distcp file per process, and .metadata, written last)."""
+    model_state, optim_state = get_state_dict(model, opt, options=OPTIONS)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(model: nn.Module, opt: torch.optim.Optimizer, folder) -> None:
+    """The shards of `folder` into the model and the optimiser (the same number of processes that wrote it)."""
+    model_state, optim_state = get_state_dict(model, opt, options=OPTIONS)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base: as loaded
+
+
+# --- what each process needs ---------------------------------------------------------------------------------
+
+
+def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype,
+                    processes: int = 1) -> str:
+    """A rough budget per process, printed before the first step, for DDP and for FSDP over `processes`: weights
+    (as stored; FSDP: 1/K of them, plus the largest block gathered in `dtype`), what training adds per trained
+    parameter (its gradient and AdamW's two fp32 moments; FSDP: 1/K), and activations (about 30 hidden-size
+    tensors per token in a block kept for backward, or one per block with gradient checkpointing; the same for both,
+    as each process runs its own share of the batch). With --cpu-offload the shards wait in host memory."""
+    flux = getattr(model, "flux", model)
+    p = flux.params
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    trained = sum(t.numel() * (t.element_size() + 8) for t in model.parameters() if t.requires_grad)
+    size = torch.finfo(dtype).bits // 8
+    block = max(sum(t.numel() for t in b.parameters()) for b in [*flux.double_blocks, *flux.single_blocks]) * size
+    blocks = p.depth + p.depth_single_blocks
+    acts = batch * seq * p.hidden_size * size * blocks * (1 if checkpointing else 30)
+    ddp = weights + trained + acts
+    fsdp = (weights + trained) / processes + 2 * block + acts
+    gb = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
+    return (f"memory estimate per process: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations "
+            f"~{gb(acts)} (batch {batch} × {seq} tokens); DDP {gb(ddp)}, FSDP over {processes} process(es) "
+            f"{gb(fsdp)} (1/{processes} of the weights and optimizer + two blocks gathered), FSDP + --cpu-offload "
+            f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory")  # fmt: skip
+
+
+def describe(model: nn.Module) -> str:
+    """What each process holds after sharding, measured from the local shards (every process takes part)."""
+    mine = torch.tensor([local_bytes(model)], dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(world())]
+    dist.all_gather(every, mine)
+    total = sum(t.numel() * t.element_size() for t in model.parameters())
+    held = ", ".join(f"{int(t.item()):,}" for t in every)
+    return f"fsdp: {world()} processes hold {held} of the {total:,} parameter bytes"
