@@ -157,7 +157,7 @@ def fill_condition(ae, image: Tensor, mask: Tensor, sample: bool = False) -> Ten
     image [B, 3, H, W] in [-1, 1]; mask [B, 1, H, W], 1 where the model must generate.
     → [B, L, 320] = [packed latent of the erased image (64) | packed mask (256)]
     """
-    latent = ae.encode(image * (1 - mask), sample=sample)  # [B, 16, 64, 128]
+    latent = ae.encode(image * (1 - mask.to(image.dtype)), sample=sample)  # [B, 16, 64, 128]
     return torch.cat((pack(latent), pack_mask(mask)), dim=-1)  # [B, 2048, 64 + 256]
 
 

@@ -254,6 +254,10 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     assert "(LoRA + adapter)" in out and "memory estimate per process: weights" in out
     lora = read_state_dict(run / "lora.safetensors")
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # trained
+    # bf16 maths on the fp32 LoRA and adapter: the encoding (an fp32 mask) and the evaluation (autocast) as trained
+    assert run_train(tmp_path, "--steps", "1", "--name", "bf16", "--semantic", "xattn", "--finetune", str(base),
+                     "--dtype", "bf16") == 0  # fmt: skip
+    assert {v.dtype for v in read_state_dict(tmp_path / "bf16" / "lora.safetensors").values()} == {torch.float32}
     import sample
 
     assert sample.main(["--run", str(run), "--num", "2", "--steps", "2"]) == 0

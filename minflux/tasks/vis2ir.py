@@ -382,8 +382,9 @@ class Vis2IRTask:
         was_training = model.training
         model.eval()
         held = self.held if n is None else self.held.map(lambda name, t: t[:n])
-        out = generate_infrared(model, self.ae, held.to(self.device, self.dtype), self.cfg.sample_steps,
-                                self.cfg.guidance, self.in_context).float().cpu()  # fmt: skip
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):  # as trained
+            out = generate_infrared(model, self.ae, held.to(self.device, self.dtype), self.cfg.sample_steps,
+                                    self.cfg.guidance, self.in_context).float().cpu()  # fmt: skip
         model.train(was_training)
         return out
 
