@@ -139,7 +139,13 @@ class Modulation(nn.Module):
 
 
 def modulate(x: Tensor, mod: ModulationOut) -> Tensor:
-    return (1 + mod.scale) * x + mod.shift
+    """(1 + scale) · x + shift, in one pass over x (torch.addcmul: shift + x · (1 + scale))."""
+    return torch.addcmul(mod.shift, x, 1 + mod.scale)
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The gated residual x + gate · y, in one pass (torch.addcmul)."""
+    return torch.addcmul(x, gate, y)
 
 
 def feed_forward(dim: int, hidden: int) -> nn.Sequential:
@@ -179,10 +185,10 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe=pe)  # [B, 4608, 3072]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(modulate(self.img_norm2(img), img_mod2))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2))
+        img = gated(img, img_mod1.gate, self.img_attn.proj(img_attn))  # img + gate · proj(attn)
+        img = gated(img, img_mod2.gate, self.img_mlp(modulate(self.img_norm2(img), img_mod2)))
+        txt = gated(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
+        txt = gated(txt, txt_mod2.gate, self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2)))
         return img, txt
 
 
@@ -215,7 +221,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe)  # [B, 4608, 3072]
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, 4608, 15360] -> [B, 4608, 3072]
-        return x + mod.gate * out
+        return gated(x, mod.gate, out)  # x + gate · out
 
 
 class LastLayer(nn.Module):
@@ -229,7 +235,7 @@ class LastLayer(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # 2 × [B, 3072]
-        x = (1 + scale[:, None, :]) * self.norm_final(x) + shift[:, None, :]
+        x = torch.addcmul(shift[:, None, :], self.norm_final(x), 1 + scale[:, None, :])  # (1 + scale) · x + shift
         return self.linear(x)  # [B, 4096, 64]
 
 
