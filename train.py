@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     log(f"warning: --full-finetune trains every weight; {budget}" if cfg.full_finetune else budget)
     if sharded:
         groups = shard(model, groups, dtype, cfg.cpu_offload)
-        log(describe(model))
+        log(describe(model, device))
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and not sharded else model
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             dist.all_reduce(loss_all, op=dist.ReduceOp.AVG)
         losses.append(loss_all.item())
         if dist.is_initialized():  # a signal to any process stops every process at this step
-            signum = torch.tensor([stop["signal"] or 0])
+            signum = torch.tensor([stop["signal"] or 0], device=device)  # (NCCL reduces CUDA tensors only)
             dist.all_reduce(signum, op=dist.ReduceOp.MAX)
             stop["signal"] = int(signum.item()) or None
         scales = getattr(model, "scales", [])  # (FSDP: every process gathers the sharded gates)

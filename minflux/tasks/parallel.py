@@ -119,9 +119,10 @@ def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool,
             f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory")  # fmt: skip
 
 
-def describe(model: nn.Module) -> str:
-    """What each process holds after sharding, measured from the local shards (every process takes part)."""
-    mine = torch.tensor([local_bytes(model)], dtype=torch.float64)
+def describe(model: nn.Module, device: torch.device) -> str:
+    """What each process holds after sharding, measured from the local shards (every process takes part; the count
+    travels on `device`, as NCCL gathers CUDA tensors only)."""
+    mine = torch.tensor([local_bytes(model)], dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world())]
     dist.all_gather(every, mine)
     total = sum(t.numel() * t.element_size() for t in model.parameters())
