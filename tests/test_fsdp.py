@@ -104,3 +104,16 @@ def test_the_memory_estimate_of_flux_dev_shards_the_weights_and_the_optimizer():
         weights = 11_901_408_320 * (4 if full else 2) / 2**30
         assert float(re.search(r"weights ([\d.]+) GB", line).group(1)) == pytest.approx(weights, abs=0.5)
         assert fsdp < ddp / 4 if full else fsdp < ddp / 2  # the sharded part dominates
+
+
+def test_full_finetune_and_offload_flags_are_checked_before_any_work(base, capsys):
+    import train
+
+    for bad, says in ((["--full-finetune"], "--full-finetune trains every weight of given weights"),
+                      (["--cpu-offload"], "--cpu-offload offloads FSDP's shards")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.parse(bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+    assert train.parse(["--finetune", str(base), "--full-finetune"]).lr == 1e-5  # a small default
+    assert train.parse(["--finetune", str(base), "--full-finetune", "--lr", "3e-4"]).lr == 3e-4  # a given lr wins
+    assert train.parse(["--finetune", str(base)]).lr == 1e-3
