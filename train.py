@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                     fields["scale"] = scales[0]
                 progress.update(step, **fields)
         if step % cfg.checkpoint_every == 0 or step == last or stop["signal"] is not None:
-            saved = save_checkpoint(run, model, opt, step, gen, losses, sharded)
+            save_checkpoint(run, model, opt, step, gen, losses, sharded)
+            saved = step
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and (sharded or rank() == 0):
             with written_by_first(task, sharded):  # the last: samples.png
                 task.samples(model, task.run / "samples" / f"step-{step:06d}.png")
@@ -344,7 +345,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k in trained or k.endswith(".alpha")}
 
 
-def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list, sharded: bool) -> int:
+def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list, sharded: bool) -> None:
     """checkpoints/step-N/{weights.safetensors, state.pt}, then the pointer checkpoints/latest: a crash at any
     point leaves the previous checkpoint whole and pointed to. FSDP: every process writes its shards of the weights
     and the optimizer (torch.distributed.checkpoint: *.distcp and .metadata) in place of the first two."""
@@ -365,7 +366,6 @@ def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, loss
             shutil.rmtree(run / "checkpoints" / previous)
     if dist.is_initialized():
         dist.barrier()
-    return step
 
 
 def load_checkpoint(run: Path, model, opt, gen: torch.Generator, sharded: bool) -> tuple[int, list]:

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from minflux.files.weights import whole
 from minflux.tasks.runs import world
 
 GB = 2**30
@@ -64,9 +65,7 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     """clip_grad_norm_ over every process's gradients: under FSDP the norm of the sharded gradients is a
     distributed tensor, made whole here (every process takes part)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    norm = whole(torch.nn.utils.get_total_norm([p.grad for p in params]))
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm.item()
 
