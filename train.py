@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if sharded:
         groups = shard(model, groups, dtype, cfg.cpu_offload)
         log(describe(model, device))
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, fused=True)  # fused: the step in about half the time
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and not sharded else model
 
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, times and noise: its state is checkpointed

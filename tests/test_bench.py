@@ -127,5 +127,36 @@ def test_matmul_peak_stays_within_its_budget():
     import torch
 
     start = time.perf_counter()
-    flops, size = bench.matmul_peak(2048, torch.float32, torch.device("cpu"), runs=10, budget=0.05)
-    assert flops > 0 and size < 2048 and time.perf_counter() - start < 5
+    flops, shape = bench.matmul_peak(2048, torch.float32, torch.device("cpu"), runs=10, budget=0.05)
+    assert flops > 0 and max(shape) < 2048 and time.perf_counter() - start < 5
+
+
+def test_the_peak_is_the_best_over_the_square_and_the_models_own_products(monkeypatch):
+    """A square product alone under-measured the peak (an fp32 MFU of 110 %): the model's linear1 and linear2 shapes
+    are measured too, and the fastest of them is the peak."""
+    import torch
+
+    cfg = bench_cases.CONFIGS["mid"]  # 1024 image + 128 text tokens, width 768, MLP 3072
+    rates = {2048: 1.0, (1152, 768, 5376): 3.0, (1152, 3840, 768): 2.0}
+    seen = []
+
+    def fake(shape, dtype, device, runs, budget):
+        seen.append(shape)
+        return rates[shape], (shape,) * 3 if isinstance(shape, int) else shape
+
+    monkeypatch.setattr(bench, "matmul_peak", fake)
+    assert bench.peak_flops(cfg, torch.float32, torch.device("cpu"), runs=1) == (3.0, (1152, 768, 5376))
+    assert seen == list(rates)
+
+
+def test_the_lora_step_runs_in_fp32_where_bf16_is_emulated(monkeypatch):
+    """A bf16 LoRA step on a CPU that emulates bf16 took minutes: the bench trains in fp32 there, and says so."""
+    import torch
+
+    monkeypatch.setattr(bench_cases, "cpu_bf16_native", lambda: False)
+    built = bench_cases.build("lora-step", bench_cases.CONFIGS["tiny"], ["minflux"], torch.device("cpu"))
+    assert built["info"]["dtype"].startswith("fp32")
+    built["fns"]["minflux"]()  # one fp32 training step
+    monkeypatch.setattr(bench_cases, "cpu_bf16_native", lambda: True)
+    built = bench_cases.build("lora-step", bench_cases.CONFIGS["tiny"], ["minflux"], torch.device("cpu"))
+    assert built["info"]["dtype"] == "bf16"

@@ -179,7 +179,10 @@ def test_t2i_defaults_apply_unless_given():
     cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
                        "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
     assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
-    assert train.parse([]).lr == train.TrainConfig().lr  # vis2ir keeps its own
+    # vis2ir from scratch (the embedded default) takes its own learning rate; on given weights, TrainConfig's
+    assert train.parse([]).lr == 3e-3 and train.parse(["--lr", "1e-4"]).lr == 1e-4
+    assert train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"]).lr == train.TrainConfig().lr == 1e-3
+    assert train.parse(["--task", "kontext"]).lr == 1e-3
 
 
 def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):

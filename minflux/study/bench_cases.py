@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from minflux.attention import cpu_bf16_native
 from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
 from minflux.model import Flux, FluxParams
@@ -198,8 +199,9 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
                 for name, fn in fns.items():
                     info[f"{name}_bf16_error"] = ((fn().float() - exact).abs().max() / exact.std()).item()
 
-    elif case == "lora-step":
-        dtype = torch.bfloat16
+    elif case == "lora-step":  # in bf16, as LoRAs are trained; in fp32 on a CPU that emulates bf16 (minutes a step)
+        dtype = torch.bfloat16 if device.type != "cpu" or cpu_bf16_native() else torch.float32
+        info["dtype"] = "bf16" if dtype == torch.bfloat16 else "fp32 (bf16 emulated here)"
         inputs = flux_inputs(cfg.flux, cfg.latent, cfg.txt_tokens, dtype, device)
         target = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(2)).to(device, dtype)
 
