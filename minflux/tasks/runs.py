@@ -347,9 +347,10 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
             cfg = config_from_args(TrainConfig, args)
             given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
             official = cfg.repo or cfg.flux or cfg.finetune
-            defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") and official else {}
-            defaults = KONTEXT_DEFAULTS if cfg.task == "kontext" and not official else defaults
-            defaults = SCRATCH_DEFAULTS if cfg.task == "vis2ir" and not official else defaults
+            if official:  # a LoRA (or a fine-tune) on given weights
+                defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") else {}
+            else:  # the embedded defaults, trained from scratch
+                defaults = {"kontext": KONTEXT_DEFAULTS, "vis2ir": SCRATCH_DEFAULTS}.get(cfg.task, {})
             cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
             if cfg.full_finetune and "lr" not in given:
                 cfg = replace(cfg, lr=FULL_FINETUNE_LR)
