@@ -179,10 +179,12 @@ def test_t2i_defaults_apply_unless_given():
     cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
                        "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
     assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
-    # vis2ir from scratch (the embedded default) takes its own learning rate; on given weights, TrainConfig's
-    assert train.parse([]).lr == 3e-3 and train.parse(["--lr", "1e-4"]).lr == 1e-4
-    assert train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"]).lr == train.TrainConfig().lr == 1e-3
-    assert train.parse(["--task", "kontext"]).lr == 1e-3
+    # vis2ir from scratch (the embedded default) takes its own learning rate and steps; on given weights, TrainConfig's
+    assert (train.parse([]).lr, train.parse([]).steps) == (3e-3, 1200)
+    assert train.parse(["--lr", "1e-4"]).lr == 1e-4 and train.parse(["--steps", "1300"]).steps == 1300
+    on_weights = train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"])
+    assert (on_weights.lr, on_weights.steps) == (train.TrainConfig().lr, train.TrainConfig().steps) == (1e-3, 1300)
+    assert (train.parse(["--task", "kontext"]).lr, train.parse(["--task", "kontext"]).steps) == (1e-3, 1300)
 
 
 def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):

@@ -7,11 +7,18 @@ written in the official folder layout (tokenizer/, text_encoder/, tokenizer_2/, 
 and read back through the same loaders as the official files, so the small run exercises the real code paths.
 The text encoders stay at their random initialisation (frozen, as in FLUX): random features of the caption
 still tell the transformer which classes a scene holds.
+
+The default's VAE ships with the package (embedded_vae.safetensors, 1.5 MB), so the default run does not spend
+its first minutes training it; `python -m minflux.tasks.embedded --out FILE` trains it again, the same bytes on a
+CPU with the same kernels and thread count (the file names them). Any other recipe (--vae-steps, --seed,
+--panel-size, a data folder) trains its own VAE, cached under OUT/cache/.
 """
 
+import argparse
 import hashlib
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,15 +30,18 @@ from minflux.autoencoder import AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIPParams, CLIPTextModel
 from minflux.files.load import load_ae, load_clip, load_t5
 from minflux.files.tokenizers import write_clip_tokenizer, write_t5_tokenizer
-from minflux.files.weights import save_atomic
+from minflux.files.weights import read_metadata, save_atomic
 from minflux.presets import configs
 from minflux.t5 import T5Encoder, T5Params
 from minflux.tasks.data import captions, triptychs
-from minflux.tasks.scenes import split_triptych
-from minflux.tasks.runs import Progress, log, rank
+from minflux.tasks.runs import Progress, TrainConfig, log, rank
+from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 
 # The small text encoders: the official architectures at a width a CPU trains around in seconds.
 SMALL_CLIP_WIDTH, SMALL_T5_WIDTH = 64, 64
+# The VAE of the default recipe (TrainConfig's defaults), as `python -m minflux.tasks.embedded` trains it.
+SHIPPED_VAE = Path(__file__).with_name("embedded_vae.safetensors")
+VAE_SCENES = 512  # the VAE learns on the first 512 training scenes
 
 
 def embedded_parts(cfg, train_set, run: Path, device):
@@ -39,10 +49,18 @@ def embedded_parts(cfg, train_set, run: Path, device):
     training panels (cached under OUT/cache/ by its settings, copied into the run folder), and CLIP and T5 written
     into the run folder. The first process trains and writes; the others wait for it, then read."""
     spec = configs[cfg.preset]
-    scenes = triptychs(train_set, range(min(len(train_set), 512)))  # [512, 3, 64, 192]
-    ae_path = autoencoder_path(spec.ae_params, scenes, cfg.vae_steps, Path(cfg.output_dir) / "cache", seed=cfg.seed)
+    scenes = triptychs(train_set, range(min(len(train_set), VAE_SCENES)))  # [512, 3, 64, 192]
+    recipe = vae_recipe(spec.ae_params, scenes, cfg.vae_steps, seed=cfg.seed)
+    ae_path = Path(cfg.output_dir) / "cache" / f"ae-{recipe}.safetensors"
+    if shipped_recipe() == recipe:
+        ae_path = SHIPPED_VAE
     if rank() == 0:
-        train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
+        if ae_path == SHIPPED_VAE:
+            log(f"vae: the default's, shipped with minflux ({ae_path.name}; python -m minflux.tasks.embedded trains it)")
+        elif ae_path.exists():
+            log(f"vae: cached {ae_path}")
+        else:
+            train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         texts = captions(train_set)
         if not any(text.strip() for text in texts):
             log("data: no triptych has a caption (a .txt beside it): every one trains with the empty caption")
@@ -109,14 +127,18 @@ def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
     save_atomic(sd, folder / "model.safetensors")
 
 
-def autoencoder_path(params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, cache_dir, seed: int = 0,
-                     batch_size: int = 4, lr: float = 2e-3) -> Path:  # fmt: skip
-    """Where train_autoencoder keeps the VAE of these settings and scenes: named by a hash of them all."""
-    key = hashlib.sha256(
-        json.dumps(["diptychs twice, panels", asdict(params), steps, batch_size, lr, seed, triptychs.shape, float(triptychs.sum())])
-        .encode()
-    ).hexdigest()[:12]
-    return Path(cache_dir) / f"ae-{key}.safetensors"
+def vae_recipe(params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, seed: int = 0, batch_size: int = 4,
+               lr: float = 2e-3) -> str:  # fmt: skip
+    """A hash of everything train_autoencoder's result depends on: the settings and the scenes' exact pixels. It
+    names the cached VAE files and is stored in each trained file (metadata minflux.vae_recipe)."""
+    pixels = hashlib.sha256(triptychs.float().contiguous().numpy().tobytes()).hexdigest()
+    settings = ["diptychs twice, panels", asdict(params), steps, batch_size, lr, seed, list(triptychs.shape), pixels]
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
+
+
+def shipped_recipe() -> str | None:
+    """The recipe of the VAE shipped with the package (None if the file is missing)."""
+    return read_metadata(SHIPPED_VAE).get("minflux.vae_recipe") if SHIPPED_VAE.exists() else None
 
 
 def vae_batch(triptychs: torch.Tensor, step: int, batch_size: int, g: torch.Generator) -> torch.Tensor:
@@ -139,17 +161,13 @@ def train_autoencoder(
     params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, path: Path, batch_size: int = 4,
     lr: float = 2e-3, seed: int = 0, log=print,
 ) -> Path:  # fmt: skip
-    """A FLUX-architecture VAE trained on the scenes' panels (`triptychs` [N, 3, S, 3S]), written to `path` (kept if
-    there).
+    """A FLUX-architecture VAE trained on the scenes' panels (`triptychs` [N, 3, S, 3S]), written to `path`.
 
     Loss: L1 + MSE reconstruction and a small KL term, the latent sampled as the official VAE was trained. The
     latent's scale and shift are then measured, as FLUX's 0.3611 / 0.1159 were, so that encode() gives latents
     of zero mean and unit variance.
     """
-    if path.exists():
-        log(f"vae: cached {path}")
-        return path
-
+    recipe = vae_recipe(params, triptychs, steps, seed, batch_size, lr)  # of the settings, before scale and shift
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     ae = AutoEncoder(params).train()
@@ -177,5 +195,39 @@ def train_autoencoder(
     params = AutoEncoderParams(**{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()})
     trained = AutoEncoder(params)
     trained.load_state_dict(ae.state_dict())
-    save_atomic(trained.state_dict(), path, metadata={"minflux.ae_params": json.dumps(asdict(params))})
+    metadata = {
+        "minflux.ae_params": json.dumps(asdict(params)),
+        "minflux.vae_recipe": recipe,
+        "minflux.trained_with": f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+                                f"{torch.get_num_threads()} threads",
+    }  # fmt: skip
+    save_atomic(trained.state_dict(), path, metadata=metadata)
     return path
+
+
+def main(argv=None) -> int:
+    """python -m minflux.tasks.embedded --out FILE: the default's VAE, trained as the shipped one was."""
+    parser = argparse.ArgumentParser(prog="python -m minflux.tasks.embedded", description=main.__doc__)
+    parser.add_argument("--out", required=True, help=f"the file to write (the shipped one: {SHIPPED_VAE.name} in "
+                                                     "minflux/tasks/); an existing file is kept unless --overwrite")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--steps", type=int, default=TrainConfig.vae_steps, help="training steps (default: the "
+                        "default's, %(default)s); another number is another recipe, which the default run does not read")  # fmt: skip
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if args.steps < 1:
+        print(f"error: --steps {args.steps}: expected a number of steps >= 1", file=sys.stderr)
+        return 2
+    cfg = TrainConfig()
+    train_set = SyntheticTriptychs(cfg.train_samples, cfg.panel_size, "train", cfg.seed)
+    scenes = triptychs(train_set, range(VAE_SCENES))  # [512, 3, 64, 192]
+    train_autoencoder(configs[cfg.preset].ae_params, scenes, args.steps, out, seed=cfg.seed, log=log)
+    log(f"vae: wrote {out}, recipe {read_metadata(out)['minflux.vae_recipe']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,8 +96,10 @@ FULL_FINETUNE_LR = 1e-5  # --full-finetune of official weights: every weight mov
 # The embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer.
 KONTEXT_DEFAULTS = {"preset": "flux-small-kontext", "semantic": "none"}
 # The embedded vis2ir default trains its whole small transformer from scratch, at a higher learning rate than
-# a LoRA on given weights takes (held-out PSNR of the default run: 1e-3 23.2 dB, 2e-3 23.6, 3e-3 23.7, 5e-3 23.7; README).
-SCRATCH_DEFAULTS = {"lr": 3e-3}
+# a LoRA on given weights takes (held-out PSNR of the default run: 1e-3 23.2 dB, 2e-3 23.6, 3e-3 23.7, 5e-3 23.7),
+# for 1200 steps (with the shipped VAE: 1000 steps 24.4 dB, 1300 24.9; 1200 keeps the run within 10 minutes on a
+# 2-core AVX2 CPU; README, Performance).
+SCRATCH_DEFAULTS = {"lr": 3e-3, "steps": 1200}
 LORA_FORMATS = ("kohya", "diffusers", "minflux")
 
 
@@ -149,7 +151,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     guidance: float = 1.0
     t5_max_length: int = 24
-    vae_steps: int = 1200
+    vae_steps: int = 4800
     seed: int = 0
     # evaluation and output
     sample_steps: int = 16
@@ -211,7 +213,7 @@ class TrainConfig:
         "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
         "full_finetune": "train every weight of the given transformer instead of a LoRA (fp32 master weights, lr "
         f"{FULL_FINETUNE_LR} unless given; needs sharding: see --parallel)",
-        "steps": "optimisation steps",
+        "steps": f"optimisation steps (the embedded vis2ir default: {SCRATCH_DEFAULTS['steps']})",
         "batch_size": "global batch size (split across processes under torchrun)",
         "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10); the embedded vis2ir default: "
         f"{SCRATCH_DEFAULTS['lr']:g}",
@@ -223,7 +225,8 @@ class TrainConfig:
         "max_grad_norm": "gradient clipping: the gradient's norm is scaled down to at most this",
         "guidance": "guidance value fed in training to guidance-distilled models (dev, official Fill)",
         "t5_max_length": "T5 tokens per prompt (512 for the official dev models, 256 for schnell)",
-        "vae_steps": "training steps of the embedded default's VAE (cached)",
+        "vae_steps": "training steps of the embedded default's VAE: the default's VAE ships with minflux, another "
+                     "number trains one (cached)",
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "sample_every": "write samples/step-N.png every this many steps (0: only samples.png at the end)",
