@@ -2,7 +2,7 @@
 
 The commands are read from EXERCISES.md itself and run in a fresh folder, in order (the attention-map
 exercises use the runs trained before them). Commands that take minutes as written run here with smaller
-flags, added at the end (`SMALLER`): train.py runs a few steps instead of 1300 (the real run takes 8 minutes),
+flags, added at the end (`SMALLER`): train.py runs a few steps instead of 1200 (the real run takes about 9 minutes),
 the maps sample 2 Euler steps, and the class-label experiment trains for 30 steps on 64 scenes, which checks
 that it runs and reports, not its conclusion (test_class_label_conclusion checks that, at full size: about
 4 minutes on 2 cores).

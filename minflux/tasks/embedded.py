@@ -9,8 +9,8 @@ The text encoders stay at their random initialisation (frozen, as in FLUX): rand
 still tell the transformer which classes a scene holds.
 
 The default's VAE ships with the package (embedded_vae.safetensors, 1.5 MB), so the default run does not spend
-its first minutes training it; `python -m minflux.tasks.embedded --out FILE` trains it again, the same bytes on a
-CPU with the same kernels and thread count (the file names them). Any other recipe (--vae-steps, --seed,
+its first minutes training it; `python -m minflux.tasks.embedded --out FILE` trains it again, the same weights bit
+for bit on a CPU with the same kernels and thread count (the file names them). Any other recipe (--vae-steps, --seed,
 --panel-size, a data folder) trains its own VAE, cached under OUT/cache/.
 """
 
