@@ -25,7 +25,7 @@ MARGIN_DB = 0.5
 def default_scenes():
     cfg = TrainConfig()
     train = SyntheticTriptychs(cfg.train_samples, cfg.panel_size, "train", cfg.seed)
-    return train, triptychs(train, range(embedded.VAE_SCENES))  # [512, 3, 64, 192]
+    return train, embedded.vae_scenes(train)  # [512, 3, 64, 192]
 
 
 def test_the_shipped_vae_is_the_default_recipes(default_scenes):

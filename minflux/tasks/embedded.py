@@ -49,13 +49,12 @@ def embedded_parts(cfg, train_set, run: Path, device):
     training panels (cached under OUT/cache/ by its settings, copied into the run folder), and CLIP and T5 written
     into the run folder. The first process trains and writes; the others wait for it, then read."""
     spec = configs[cfg.preset]
-    scenes = triptychs(train_set, range(min(len(train_set), VAE_SCENES)))  # [512, 3, 64, 192]
+    scenes = vae_scenes(train_set)  # [512, 3, 64, 192]
     recipe = vae_recipe(spec.ae_params, scenes, cfg.vae_steps, seed=cfg.seed)
-    ae_path = Path(cfg.output_dir) / "cache" / f"ae-{recipe}.safetensors"
-    if shipped_recipe() == recipe:
-        ae_path = SHIPPED_VAE
+    shipped = shipped_recipe() == recipe
+    ae_path = SHIPPED_VAE if shipped else Path(cfg.output_dir) / "cache" / f"ae-{recipe}.safetensors"
     if rank() == 0:
-        if ae_path == SHIPPED_VAE:
+        if shipped:
             log(f"vae: the default's, shipped with minflux ({ae_path.name}; python -m minflux.tasks.embedded trains it)")
         elif ae_path.exists():
             log(f"vae: cached {ae_path}")
@@ -125,6 +124,11 @@ def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
         del sd["encoder.embed_tokens.weight"]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_atomic(sd, folder / "model.safetensors")
+
+
+def vae_scenes(train_set) -> torch.Tensor:
+    """What the VAE learns on: the first 512 training triptychs (all of a smaller set), [N, 3, S, 3S]."""
+    return triptychs(train_set, range(min(len(train_set), VAE_SCENES)))
 
 
 def vae_recipe(params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, seed: int = 0, batch_size: int = 4,
@@ -222,8 +226,7 @@ def main(argv=None) -> int:
         print(f"error: --steps {args.steps}: expected a number of steps >= 1", file=sys.stderr)
         return 2
     cfg = TrainConfig()
-    train_set = SyntheticTriptychs(cfg.train_samples, cfg.panel_size, "train", cfg.seed)
-    scenes = triptychs(train_set, range(VAE_SCENES))  # [512, 3, 64, 192]
+    scenes = vae_scenes(SyntheticTriptychs(cfg.train_samples, cfg.panel_size, "train", cfg.seed))  # [512, 3, 64, 192]
     train_autoencoder(configs[cfg.preset].ae_params, scenes, args.steps, out, seed=cfg.seed, log=log)
     log(f"vae: wrote {out}, recipe {read_metadata(out)['minflux.vae_recipe']}")
     return 0
