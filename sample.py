@@ -81,6 +81,8 @@ def parse_args(argv):
     g = p.add_argument_group("device")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks: the first step "
+                   "compiles (seconds to a minute), the others run faster (README, Performance)")
     g.add_argument("--offload", action="store_true",
                    help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
     return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))
@@ -235,6 +237,13 @@ def print_bf16_note(pipe) -> None:
         print(note)
 
 
+def maybe_compile(args, pipe) -> None:
+    if args.compile:
+        from minflux.model import compile_blocks
+
+        compile_blocks(pipe.model)
+
+
 def print_timings(timings: dict[str, float]) -> None:
     print("time per stage: " + " | ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
 
@@ -257,6 +266,7 @@ def official(args) -> int:
         path, scale = lora_and_scale(spec)
         layers = pipe.load_lora(path, scale)
         print(f"LoRA {path} (scale {scale:g}): {len(layers)} layers")
+    maybe_compile(args, pipe)
     load_seconds = time.perf_counter() - start
     d = pipe.defaults
     steps = args.steps or d.num_steps
@@ -298,6 +308,7 @@ def vis2ir(args, run: Path) -> int:
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
+    maybe_compile(args, pipe)
     print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     with maybe_trace(args.trace):
         images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
@@ -324,6 +335,7 @@ def held_out(args, run: Path) -> int:
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
+    maybe_compile(args, pipe)
     cfg = pipe.config
     num = args.num_images or 8
     _, held = datasets(cfg, heldout=num)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from minflux.attention import cpu_bf16_note
+from minflux.model import compile_blocks
 from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_atomic, write_text_atomic
 from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
@@ -84,6 +85,8 @@ def main(argv=None) -> int:
 
         # 2. the trainable model (FSDP: built on the CPU, its shards sent to the device) and its optimiser
         model, groups = task.build_model(torch.device("cpu") if sharded else device)
+        if cfg.compile:
+            compile_blocks(model)  # each block kind compiles in the first step that runs it
     print_params(cfg, dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}, "the model")
     budget = memory_estimate(model, cfg.batch_size // world(), task.seq_len, cfg.gradient_checkpointing, dtype, world())
     log(f"warning: --full-finetune trains every weight; {budget}" if cfg.full_finetune else budget)

@@ -5,7 +5,7 @@ holds what training needs, study/ the tools for reading and measuring, pipeline.
 """
 
 # the transformer
-from minflux.model import Flux, FluxParams
+from minflux.model import Flux, FluxParams, compile_blocks
 from minflux.presets import ModelSpec, configs
 from minflux.attention import AttentionMaps, attention_backend
 

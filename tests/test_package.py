@@ -51,7 +51,7 @@ def test_scripts_print_help_and_exit_0():
 # --- the layout: the model at the top of the package, reading nothing; one recipe -------------------------------
 
 CORE = ["model", "attention", "hooks", "sampling", "autoencoder", "clip", "t5", "semantic", "lora", "presets"]
-CORE_IMPORTS = {"torch", "einops", "math", "dataclasses", "functools", "contextlib", "time", "typing", "fnmatch"}  # no I/O
+CORE_IMPORTS = {"torch", "einops", "math", "dataclasses", "functools", "contextlib", "time", "typing", "fnmatch", "warnings"}  # no I/O
 
 
 def _imports(path: Path) -> set[str]:

@@ -2,6 +2,7 @@
 the reference library (diffusers, transformers, peft), as functions to time. minflux/study/bench.py runs them.
 """
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from minflux.attention import cpu_bf16_native
 from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
-from minflux.model import Flux, FluxParams
+from minflux.model import Flux, FluxParams, compile_blocks
 from minflux.presets import FLUX_DEV
 from minflux.sampling import latent_ids, pack, prepare_txt_ids
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
@@ -36,9 +37,9 @@ class BenchConfig:
     targets: dict = field(default_factory=dict)  # case -> the most minflux time / reference time may be
 
 
-ALL_CASES = ["matmul", "forward-fp32", "forward-bf16", "lora-step", "vae-decode", "t5-encode", "clip-encode"]
+ALL_CASES = ["matmul", "forward-fp32", "forward-fp32-compiled", "forward-bf16", "lora-step", "vae-decode", "t5-encode", "clip-encode"]
 # The targets of the performance issue: minflux time / reference time at most this (on CUDA, full size: 0.9).
-TARGETS = {"forward-fp32": 1.0, "forward-bf16": 0.8, "lora-step": 0.9, "vae-decode": 1.0, "t5-encode": 1.0}
+TARGETS = {"forward-fp32": 1.0, "forward-fp32-compiled": 0.95, "forward-bf16": 0.8, "lora-step": 0.9, "vae-decode": 1.0, "t5-encode": 1.0}
 
 CONFIGS = {
     # Seconds on a laptop: the smoke test's configuration. Every part of the architecture, tiny widths.
@@ -74,7 +75,7 @@ CONFIGS = {
     ),  # fmt: skip
 }
 REFERENCE_LIBS = {
-    "forward-fp32": ["diffusers"], "forward-bf16": ["diffusers"], "lora-step": ["diffusers", "peft"],
+    "forward-fp32": ["diffusers"], "forward-fp32-compiled": ["diffusers"], "forward-bf16": ["diffusers"], "lora-step": ["diffusers", "peft"],
     "vae-decode": ["diffusers"], "t5-encode": ["transformers"], "clip-encode": ["transformers"],
 }  # fmt: skip
 
@@ -179,16 +180,28 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
     fns, info = {}, {}
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16  # VAE and text encoders
 
-    if case in ("forward-fp32", "forward-bf16"):
-        dtype = torch.float32 if case == "forward-fp32" else torch.bfloat16
+    if case in ("forward-fp32", "forward-fp32-compiled", "forward-bf16"):
+        dtype = torch.bfloat16 if case == "forward-bf16" else torch.float32
         model = random_flux(cfg.flux, device, dtype)
         inputs = flux_inputs(cfg.flux, cfg.latent, cfg.txt_tokens, dtype, device)
         info["flops"] = flux_flops(cfg.flux, inputs["img"].shape[1], cfg.txt_tokens)
-        if "reference" in impls:
+        if "reference" in impls:  # diffusers as it is called without torch.compile (`--compile` compiles it too)
             ref = diffusers_flux(cfg.flux, model.state_dict())
             fns["reference"] = torch.no_grad()(lambda: diffusers_call(ref, inputs))
         if "minflux" in impls:
             fns["minflux"] = torch.no_grad()(lambda: model(**inputs))
+        if case == "forward-fp32-compiled" and "minflux" in impls:  # as sample.py / train.py --compile run it
+            with torch.no_grad():
+                eager = model(**inputs)
+                start = time.perf_counter()
+                try:
+                    compiled = compile_blocks(model)(**inputs)  # the first call compiles
+                except Exception as e:  # no C++ compiler for inductor, say: reported, not timed
+                    del fns["minflux"]
+                    info["note"] = f"torch.compile failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                else:
+                    info["compile_s"] = time.perf_counter() - start
+                    info["compiled_error"] = ((compiled - eager).abs().max() / eager.std()).item()
         small = sum(p.numel() for p in model.parameters()) < 10**9
         if case == "forward-bf16" and len(fns) == 2 and small:  # what bf16 costs each library: error against fp32
             with torch.no_grad():  # the same (bf16-rounded) weights in fp32: the exact output of this model

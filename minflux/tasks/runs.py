@@ -165,6 +165,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    compile: bool = False
     parallel: str = "ddp"
     cpu_offload: bool = False
     # for study: what runs, shape by shape
@@ -240,6 +241,8 @@ class TrainConfig:
         "device": "auto, cpu or cuda",
         "dtype": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16",
         "gradient_checkpointing": "recompute block activations in backward to save memory",
+        "compile": "torch.compile each transformer block (model.compile_blocks): the first steps compile, the others "
+        "run faster; pays on long runs, not on the embedded default's (README, Performance)",
         "parallel": "with torchrun: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and optimizer "
         "state split over the processes)",
         "cpu_offload": "fsdp: keep the shards in host memory between uses (for small GPUs; slower)",
@@ -384,6 +387,9 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
                      "embedded default trains every weight already")  # fmt: skip
     if cfg.cpu_offload and cfg.parallel != "fsdp":
         parser.error("--cpu-offload offloads FSDP's shards: use it with --parallel fsdp")
+    if cfg.compile and cfg.parallel == "fsdp":
+        parser.error("--compile is not supported with --parallel fsdp yet (the blocks are sharded after they are "
+                     "built): use one of the two")  # fmt: skip
     if cfg.semantic_layout == "diptych" and cfg.task != "vis2ir":
         parser.error("--semantic-layout diptych: the semantic map beside itself aligns with vis2ir's Fill diptych; "
                      f"--task {cfg.task} generates the infrared panel alone")  # fmt: skip
