@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from minflux.study import bench, bench_cases
+from tests.test_compile import HAS_CXX
 
 CASES = [c for c in bench.ALL_CASES if c != "matmul"]
 
@@ -29,7 +30,9 @@ def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
     results = report["results"]["tiny"]
     assert set(results) == set(bench.ALL_CASES)
     assert results["matmul"]["fp32_tflops"] > 0 and results["matmul"]["bf16_tflops"] > 0
-    for case in CASES:
+    if not HAS_CXX:  # torch.compile cannot build kernels here: the case says so instead of timing minflux
+        assert "torch.compile failed" in results.pop("forward-fp32-compiled")["note"]
+    for case in (c for c in CASES if c in results):
         r = results[case]
         assert r["minflux_s"] > 0 and r["reference_s"] > 0, case
         assert r["ratio"] == pytest.approx(r["minflux_s"] / r["reference_s"]), case
@@ -39,9 +42,11 @@ def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
             assert r["target"] == bench_cases.TARGETS[case]
             assert r["meets_target"] == (True if high <= r["target"] else False if low > r["target"] else None)
     for case in ("forward-fp32", "forward-fp32-compiled", "forward-bf16"):
-        assert 0 < results[case]["minflux_mfu"] and 0 < results[case]["reference_mfu"]
-    compiled = results["forward-fp32-compiled"]  # compiled blocks compute the eager model's output
-    assert compiled["compile_s"] > 0 and compiled["compiled_error"] < 1e-4
+        if case in results:
+            assert 0 < results[case]["minflux_mfu"] and 0 < results[case]["reference_mfu"]
+    if HAS_CXX:  # compiled blocks compute the eager model's output
+        compiled = results["forward-fp32-compiled"]
+        assert compiled["compile_s"] > 0 and compiled["compiled_error"] < 1e-4
     # bf16 is compared with the fp32 output of the same weights; both libraries stay close to it
     assert results["forward-bf16"]["minflux_bf16_error"] < 0.1
     assert report["machine"]["diffusers"] is not None
@@ -50,11 +55,12 @@ def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
 def test_bench_without_the_reference_libraries_times_minflux_alone(tmp_path, monkeypatch):
     for lib in ("diffusers", "transformers", "peft"):
         monkeypatch.setitem(sys.modules, lib, None)  # `import diffusers` now raises ImportError
-    report = run(tmp_path, "--cases", ",".join(CASES))
+    cases = [c for c in CASES if c != "forward-fp32-compiled"]  # (its compiling is timed in the test above)
+    report = run(tmp_path, "--cases", ",".join(cases))
     assert report["machine"]["diffusers"] is None
     results = report["results"]["tiny"]
-    assert set(results) == {"matmul", *CASES}  # matmul is added for the forward cases' MFU
-    for case in CASES:
+    assert set(results) == {"matmul", *cases}  # matmul is added for the forward cases' MFU
+    for case in cases:
         r = results[case]
         assert r["minflux_s"] > 0 and "reference_s" not in r and "ratio" not in r, case
         assert "not installed" in r["note"], case
