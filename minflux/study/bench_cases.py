@@ -37,9 +37,11 @@ class BenchConfig:
     targets: dict = field(default_factory=dict)  # case -> the most minflux time / reference time may be
 
 
-ALL_CASES = ["matmul", "forward-fp32", "forward-fp32-compiled", "forward-bf16", "lora-step", "vae-decode", "t5-encode", "clip-encode"]
+ALL_CASES = ["matmul", "forward-fp32", "forward-fp32-compiled", "forward-bf16", "lora-step", "vae-decode", "t5-encode",
+             "clip-encode"]  # fmt: skip
 # The targets of the performance issue: minflux time / reference time at most this (on CUDA, full size: 0.9).
-TARGETS = {"forward-fp32": 1.0, "forward-fp32-compiled": 0.95, "forward-bf16": 0.8, "lora-step": 0.9, "vae-decode": 1.0, "t5-encode": 1.0}
+TARGETS = {"forward-fp32": 1.0, "forward-fp32-compiled": 0.95, "forward-bf16": 0.8, "lora-step": 0.9, "vae-decode": 1.0,
+           "t5-encode": 1.0}  # fmt: skip
 
 CONFIGS = {
     # Seconds on a laptop: the smoke test's configuration. Every part of the architecture, tiny widths.
@@ -75,8 +77,9 @@ CONFIGS = {
     ),  # fmt: skip
 }
 REFERENCE_LIBS = {
-    "forward-fp32": ["diffusers"], "forward-fp32-compiled": ["diffusers"], "forward-bf16": ["diffusers"], "lora-step": ["diffusers", "peft"],
-    "vae-decode": ["diffusers"], "t5-encode": ["transformers"], "clip-encode": ["transformers"],
+    "forward-fp32": ["diffusers"], "forward-fp32-compiled": ["diffusers"], "forward-bf16": ["diffusers"],
+    "lora-step": ["diffusers", "peft"], "vae-decode": ["diffusers"], "t5-encode": ["transformers"],
+    "clip-encode": ["transformers"],
 }  # fmt: skip
 
 
