@@ -81,8 +81,9 @@ def parse_args(argv):
     g = p.add_argument_group("device")
     g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks: the first step "
-                   "compiles (seconds to a minute), the others run faster (README, Performance)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, on the CPU with "
+                   "their weights frozen in: the first step compiles (a minute), the others run faster (README, "
+                   "Performance)")
     g.add_argument("--offload", action="store_true",
                    help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
     return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))
@@ -241,7 +242,7 @@ def maybe_compile(args, pipe) -> None:
     if args.compile:
         from minflux.model import compile_blocks
 
-        compile_blocks(pipe.model)
+        compile_blocks(pipe.model, frozen=pipe.device.type == "cpu")  # weights fixed from here: frozen on the CPU
 
 
 def print_timings(timings: dict[str, float]) -> None:

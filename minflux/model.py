@@ -305,17 +305,38 @@ class Flux(nn.Module):
         return self.final_layer(img, vec)  # [B, 4096, 64]
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
+def compile_blocks(model: nn.Module, frozen: bool = False) -> nn.Module:
     """torch.compile every double and single block of `model` (a Flux, or a model holding one as `.flux`), in place.
 
     Regional compilation: all blocks of one kind run the same code, so the compiler traces and builds one graph per
     kind and reuses it for every block, seconds instead of the minutes a whole-model graph takes. The graph fuses
     the small ops between the matrix products (norms, modulation, GELU, the residual adds). The first call
     compiles; weights may change afterwards (training, LoRA scales), as they are inputs of the graph, not constants.
+
+    frozen=True is for sampling with fixed weights, on the CPU (sample.py --compile): each block's weights become
+    constants of its own graph (inductor's freezing), laid out once for the CPU's matrix library instead of at every
+    product. One graph per block (compile time grows with the depth), the weights held twice, a weight changed
+    afterwards is not (or only partly) seen, and it applies only where gradients are off (torch.no_grad), as in
+    sampling.
     """
     # inductor writes no code for complex numbers: RoPE's complex product (attention.rotate) runs as it does in eager
     warnings.filterwarnings("ignore", message="Torchinductor does not support code generation for complex")
     flux = getattr(model, "flux", model)
-    for block in [*flux.double_blocks, *flux.single_blocks]:
-        block.compile()
+    blocks = [*flux.double_blocks, *flux.single_blocks]
+    for block in blocks:
+        if frozen:
+            block.forward = frozen_call(torch.compile(block.forward), graphs=8 * len(blocks))
+        else:
+            block.compile()
     return model
+
+
+def frozen_call(compiled, graphs: int):
+    """`compiled` called with inductor's freezing on while it traces, and room for `graphs` graphs of its code (one
+    per block and input shape; dynamo's default, 8, would leave the blocks after the eighth uncompiled)."""
+
+    def forward(*args, **kwargs):
+        with torch._inductor.config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=graphs):
+            return compiled(*args, **kwargs)
+
+    return forward

@@ -47,6 +47,7 @@ def test_bench_tiny_times_every_case_against_the_reference(tmp_path):
     if HAS_CXX:  # compiled blocks compute the eager model's output
         compiled = results["forward-fp32-compiled"]
         assert compiled["compile_s"] > 0 and compiled["compiled_error"] < 1e-4
+        assert compiled["frozen"]  # on the CPU, as sample.py --compile compiles
     # bf16 is compared with the fp32 output of the same weights; both libraries stay close to it
     assert results["forward-bf16"]["minflux_bf16_error"] < 0.1
     assert report["machine"]["diffusers"] is not None

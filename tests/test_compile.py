@@ -5,6 +5,7 @@ gradients agree with eager to float32 rounding, not bit for bit.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -52,6 +53,28 @@ def test_compiled_blocks_compute_the_eager_forward_and_gradients():
             for p in model.parameters():
                 p.mul_(0.5)
     assert relative(compiled(**inputs), eager(**inputs)) < 1e-5
+
+
+@pytest.mark.slow
+@needs_cxx
+def test_frozen_blocks_compute_the_eager_forward_with_one_graph_each():
+    """frozen=True (sample.py --compile on the CPU): one graph per block, even past dynamo's 8 graphs per function."""
+    cfg = bench_cases.CONFIGS["tiny"]
+    params = dataclasses.replace(cfg.flux, depth=1, depth_single_blocks=9)
+    eager = bench_cases.random_flux(params, "cpu", torch.float32)
+    frozen = compile_blocks(copy.deepcopy(eager), frozen=True)
+    inputs = bench_cases.flux_inputs(params, cfg.latent, cfg.txt_tokens, torch.float32, "cpu")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    with torch.no_grad():
+        out = frozen(**inputs)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10  # every block compiled, none left eager
+        assert relative(out, eager(**inputs)) < 1e-5
+        assert not torch._inductor.config.freezing  # the settings are back as they were outside the calls
+        assert torch._dynamo.config.recompile_limit == limit
+        assert torch.equal(frozen(**inputs), out)  # the second call runs the same graphs, compiling none
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 10
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ where the whole interval says so.
 
     matmul         one large matrix product in fp32 and bf16: the machine's peak FLOP/s, the yardstick for MFU
     forward-fp32   the transformer forward                                      vs diffusers FluxTransformer2DModel
-    forward-fp32-compiled  the same, minflux's blocks compiled (`compile_blocks`, as --compile runs them)
-                   against diffusers as it is called without torch.compile; the time the compiling took
+    forward-fp32-compiled  the same, minflux's blocks compiled as sample.py --compile does (`compile_blocks`,
+                   on the CPU with frozen weights) against diffusers as it is called without torch.compile;
+                   the time the compiling took
     forward-bf16   the same in bfloat16; also its error against the fp32 output, for both libraries
     lora-step      forward + backward + AdamW step of a LoRA, bf16, same targets and rank    vs diffusers + peft
     vae-decode     AutoEncoder.decode                                           vs diffusers AutoencoderKL
@@ -324,7 +325,8 @@ def table(report: dict) -> str:
                     mfu += " of the fp32 peak (bf16 emulated)"
                 notes.append(mfu)
             if "compile_s" in r:
-                notes.append(f"compiling took {r['compile_s']:.1f} s (the first call); output vs eager "
+                frozen = ", weights frozen" if r.get("frozen") else ""
+                notes.append(f"compiling took {r['compile_s']:.1f} s (the first call{frozen}); output vs eager "
                              f"{r['compiled_error']:.1e} of its std")  # fmt: skip
             if "minflux_bf16_error" in r:
                 notes.append(f"bf16 error vs fp32 {r['minflux_bf16_error']:.3f} (ref {r['reference_bf16_error']:.3f})")

@@ -193,12 +193,13 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
             fns["reference"] = torch.no_grad()(lambda: diffusers_call(ref, inputs))
         if "minflux" in impls:
             fns["minflux"] = torch.no_grad()(lambda: model(**inputs))
-        if case == "forward-fp32-compiled" and "minflux" in impls:  # as sample.py / train.py --compile run it
+        if case == "forward-fp32-compiled" and "minflux" in impls:  # as sample.py --compile runs it
+            info["frozen"] = device.type == "cpu"
             with torch.no_grad():
                 eager = model(**inputs)
                 start = time.perf_counter()
                 try:
-                    compiled = compile_blocks(model)(**inputs)  # the first call compiles
+                    compiled = compile_blocks(model, frozen=info["frozen"])(**inputs)  # the first call compiles
                 except Exception as e:  # no C++ compiler for inductor, say: reported, not timed
                     del fns["minflux"]
                     info["note"] = f"torch.compile failed here: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
