@@ -36,8 +36,8 @@ import torch
 import torch.distributed as dist
 
 from minflux.attention import cpu_bf16_note
-from minflux.model import compile_blocks
 from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_atomic, write_text_atomic
+from minflux.model import compile_blocks
 from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
