@@ -13,7 +13,8 @@ an A1111 "parameters" chunk (read by A1111, Forge, CivitAI, ComfyUI) and minflux
 (weights, LoRAs and images by absolute path, so it works from any folder). Without --seed a random seed is drawn,
 printed and recorded. Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps and guidance
 3.5, Fill 50 and 30, Kontext 30 and 2.5. BFL's spellings (--num_steps, --output_dir, --name) are accepted too.
-The last line printed is the last file written.
+The held-out grid goes to RUN/sample-SEED.png, or to --output-dir, as sample-SEED-2.png, -3, ... when the name is
+taken; --output names one file instead, replaced if there. The last line printed is the last file written.
 """
 
 import argparse
@@ -28,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from minflux.files.images import DataError, image_grid, read_settings, save_image, save_png
-from minflux.files.weights import WeightsError, sha256
+from minflux.files.images import DataError, image_grid, read_image, read_settings, save_image, save_png, shown
+from minflux.files.weights import WeightsError, read_shapes, sha256
 from minflux.tasks.flags import dashed
-from minflux.tasks.runs import Progress, latest_run
+from minflux.tasks.folders import latest_run
+from minflux.tasks.runs import Progress, device_problem
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -43,7 +45,8 @@ def parse_args(argv):
     g.add_argument("--runs", type=Path, default=Path("runs"), help="where train.py writes its runs")
     g.add_argument("--visible", type=Path, nargs="+", help="visible image(s) to translate to infrared")
     g.add_argument("--semantic-map", type=Path, nargs="+", help="their semantic maps (class colours), one each")
-    g.add_argument("--output", type=Path, default=None, help="the held-out grid PNG (default: RUN/sample-SEED.png)")
+    g.add_argument("--output", type=Path, default=None, help="the held-out grid PNG, replaced if there (default: "
+                   "RUN/sample-SEED.png, or sample-SEED-2.png, -3, ... when taken)")  # fmt: skip
 
     g = p.add_argument_group("official weights")
     g.add_argument("--repo", type=Path, help="an official repo folder (FLUX.1-dev, -schnell, -Fill-dev, -Kontext-dev)")
@@ -72,14 +75,15 @@ def parse_args(argv):
     g.add_argument("--num-images", "--num", type=int, help="images to generate (default 1), or held-out scenes (8)")
     g.add_argument("--max-length", type=int, help="T5 tokens (default 512, schnell 256)")
     g.add_argument("--from", dest="settings_from", type=Path, help="take unset options from a minflux PNG's settings")
-    g.add_argument("--output-dir", "--out", type=Path, default=Path("outputs"), help="where images are written")
+    g.add_argument("--output-dir", "--out", type=Path, help="where images are written (default: outputs; the "
+                   "held-out grid: the run folder)")  # fmt: skip
 
     g = p.add_argument_group("study")
     g.add_argument("--trace", action="store_true", help="print the tensor shapes of every stage, one line each")
     g.add_argument("--params", action="store_true", help="print the parameter table of every component")
 
     g = p.add_argument_group("device")
-    g.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default, or auto: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, on the CPU with "
                    "their weights frozen in: the first step compiles (a minute), the others run faster (README, "
@@ -89,36 +93,81 @@ def parse_args(argv):
     return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))
 
 
+# What --from takes from an image's settings: {option: (its key in the settings, its type)}
+SETTINGS = {
+    "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
+    "steps": ("steps", int), "width": ("width", int), "height": ("height", int), "guidance": ("guidance", float),
+    "true_cfg": ("true_cfg_scale", float), "max_length": ("t5_max_length", int), "dtype": ("dtype", str),
+}  # fmt: skip
+EXPECTED = {int: "an integer", float: "a number", str: "a string"}
+PARTS = ("flux", "ae", "clip", "t5")
+
+
 def apply_settings(args) -> None:
     """Fill the options not given on the command line from the settings an earlier image carries (what determines
-    its pixels), and say where what is found now differs from what made it."""
-    s = read_settings(args.settings_from)
+    its pixels), and say where what is found now differs from what made it. A setting that is not what minflux
+    writes is a DataError naming the image and the setting."""
+    png = args.settings_from
+    s = read_settings(png)
     if not s:
-        raise DataError(args.settings_from, "holds no minflux settings (no \"minflux\" PNG text chunk)")
-    fields = {"prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
-              "steps": ("steps", int), "width": ("width", int), "height": ("height", int), "guidance": ("guidance", float),
-              "true_cfg": ("true_cfg_scale", float), "max_length": ("t5_max_length", int), "dtype": ("dtype", str)}  # fmt: skip
-    for arg, (key, kind) in fields.items():
+        raise DataError(png, "holds no minflux settings (no \"minflux\" PNG text chunk)")
+    older = s.get("software") == "minflux"  # an earlier minflux's one text chunk per setting: each value a string
+
+    def bad(field: str, value, expected: str) -> DataError:
+        where = "its text chunks hold" if older else 'its "minflux" text chunk holds'
+        return DataError(png, f"{where} {field}: {shown(value)}; expected {expected}")
+
+    def typed(key: str, kind: type):
+        value = s[key]
+        if older and isinstance(value, str) and kind is not str:
+            with contextlib.suppress(ValueError):
+                value = kind(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise bad(f'"{key}"', value, EXPECTED[kind])
+        return kind(value)
+
+    def file(field: str, record, lora: bool = False) -> dict:
+        """A file it was made from: {"path", "sha256"} ({"in_memory"}: nothing to find again), a LoRA's "scale"."""
+        ok = isinstance(record, dict) and ("in_memory" in record or isinstance(record.get("path"), str))
+        ok = ok and isinstance(record.get("sha256", ""), str)
+        if lora:
+            ok = ok and isinstance(record.get("scale"), (int, float)) and not isinstance(record["scale"], bool)
+        if not ok:
+            expected = 'an object with the file\'s "path" (a string)' + (' and a numeric "scale"' if lora else "")
+            raise bad(field, record, expected)
+        return record
+
+    for arg, (key, kind) in SETTINGS.items():
         if getattr(args, arg) is None and s.get(key) not in (None, "none"):
-            setattr(args, arg, kind(s[key]))
+            setattr(args, arg, typed(key, kind))
+            if arg == "dtype" and args.dtype not in DTYPES:
+                raise bad('"dtype"', args.dtype, f"one of {', '.join(DTYPES)}")
     if args.variant is None and s.get("variant", "custom") != "custom":
-        args.variant = s["variant"]
+        args.variant = typed("variant", str)
     if not (args.repo or args.flux):  # the weights it was made with, where they were
-        for part, path in s.get("weights", {}).items():
+        weights = s.get("weights", {})
+        if not (isinstance(weights, dict) and all(k in PARTS and isinstance(v, str) for k, v in weights.items())):
+            raise bad('"weights"', weights, f"an object of part → path, the parts {', '.join(PARTS)}")
+        for part, path in weights.items():
             if getattr(args, part) is None:
                 setattr(args, part, Path(path))
     for part in ("image", "mask"):
-        if getattr(args, part) is None and "path" in s.get(part, {}):
+        if getattr(args, part) is None and s.get(part) is not None and "path" in file(f'"{part}"', s[part]):
             setattr(args, part, Path(s[part]["path"]))
-            check_same(args.settings_from, part, s[part])
+            check_same(png, part, s[part])
     if not args.lora:
-        for lora in (lora for lora in s.get("loras", []) if "path" in lora):  # not one given in memory
-            args.lora.append(f"{lora['path']}:{lora['scale']:g}")
-            check_same(args.settings_from, "LoRA", lora)
-    device = s.get("device")
-    if args.device is None and device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            print(f"note: {args.settings_from} was made on {device}; on the CPU its pixels may differ")
+        loras = s.get("loras", [])
+        if not isinstance(loras, list):
+            raise bad('"loras"', loras, "a list of LoRAs, each an object with a \"path\" and a \"scale\"")
+        for i, lora in enumerate(loras):
+            if "path" in file(f'"loras"[{i}]', lora, lora=True):  # not one given in memory
+                args.lora.append(f"{lora['path']}:{lora['scale']:g}")
+                check_same(png, "LoRA", lora)
+    if args.device is None and s.get("device") is not None:
+        device = typed("device", str)
+        if problem := device_problem(device):
+            print(f"note: {png} was made on {device} ({problem}); on this machine's default device its pixels may "
+                  "differ")  # fmt: skip
         else:
             args.device = device
 
@@ -151,6 +200,9 @@ def lora_and_scale(spec: str) -> tuple[Path, float]:
 # Image sides are bounded: FLUX.1 was trained at up to about 2 megapixels, and attention over the (W/16)·(H/16)
 # image tokens costs their square: 4096 × 4096 is already 65,536 tokens, hours of compute on one GPU.
 MAX_SIDE = 4096
+# Steps are bounded too: the official models use 4 (schnell) to 50 (dev), and each step is a full forward of the
+# transformer; 10,000 of them is already hours at 1024 × 1024.
+MAX_STEPS = 10_000
 
 
 def check_args(args) -> None:
@@ -158,6 +210,8 @@ def check_args(args) -> None:
     numbers = [
         ("--num-images", args.num_images, lambda v: v >= 1, "an integer ≥ 1"),
         ("--steps", args.steps, lambda v: v >= 1, "an integer ≥ 1 (leave it out for the model's own number)"),
+        ("--steps", args.steps, lambda v: v <= MAX_STEPS, (f"at most {MAX_STEPS:,} (the official models use 4 to "
+                                                          "50; each step is a full forward of the transformer)")),
         ("--seed", args.seed, lambda v: 0 <= v < 2**63, "an integer ≥ 0"),
         ("--max-length", args.max_length, lambda v: 1 <= v <= 512, "an integer from 1 to 512 (T5 tokens)"),
         ("--guidance", args.guidance, lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
@@ -169,14 +223,33 @@ def check_args(args) -> None:
     for flag, value, valid, expected in numbers:
         if value is not None and not valid(value):
             raise ValueError(f"{flag} {value}: expected {expected}")
-    for spec in args.lora:
-        if not lora_and_scale(spec)[0].exists():
-            raise ValueError(f"--lora {spec}: no such file {lora_and_scale(spec)[0]}")
+    if args.device == "auto":  # train.py's word for the default
+        args.device = None
+    if args.device is not None and (problem := device_problem(args.device)):
+        raise ValueError(f"--device {args.device}: {problem}")
+    for spec in args.lora:  # each header read now, not after the model has loaded
+        path = lora_and_scale(spec)[0]
+        if not path.exists():
+            raise ValueError(f"--lora {spec}: no such file {path}")
+        try:
+            read_shapes(path)
+        except WeightsError as e:
+            raise ValueError(f"--lora {spec}: {str(e).removeprefix(f'{path}: ')}") from None
     for flag, paths in (("--image", [args.image]), ("--mask", [args.mask]), ("--visible", args.visible or []),
                         ("--semantic-map", args.semantic_map or [])):  # fmt: skip
-        for path in paths:
-            if path is not None and not path.is_file():
+        for path in (p for p in paths if p is not None):
+            if not path.is_file():
                 raise ValueError(f"{flag} {path}: no such file")
+            try:
+                read_image(path)  # decoded now, not after the model has loaded
+            except DataError as e:
+                raise ValueError(f"{flag} {e}") from None
+    if args.output is not None and (args.repo or args.flux or args.visible):
+        raise ValueError(f"--output {args.output}: names the held-out grid only (sample.py --run RUN); images made "
+                         "with official weights or --visible are written to --output-dir")  # fmt: skip
+    if args.output is not None and args.output_dir is not None:
+        raise ValueError(f"--output {args.output} and --output-dir {args.output_dir}: both say where the held-out "
+                         "grid goes; give one")  # fmt: skip
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -217,6 +290,18 @@ def write_images(images, folder: Path) -> list[Path]:
     return paths
 
 
+def save_new(image, path: Path, text: dict) -> Path:
+    """save_png to `path`, or when it is taken to its stem + -2, -3, ...: each name taken exclusively, so an earlier
+    file is never replaced (write_images' rule, for a named file)."""
+    name, n = path, 1
+    while True:
+        try:
+            return save_png(image, name, text=text, exclusive=True)
+        except FileExistsError:
+            n += 1
+            name = path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
 def maybe_trace(on: bool):
     """--trace: the shape of every stage of what runs inside, printed when it ends (minflux/study/trace.py)."""
     from minflux.study.trace import shape_trace
@@ -255,7 +340,8 @@ def official(args) -> int:
 
     if args.prompt is None:
         raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
-    check_writable(args.output_dir, "--output-dir")
+    output_dir = args.output_dir or Path("outputs")
+    check_writable(output_dir, "--output-dir")
     device = torch.device(args.device) if args.device else None
     start = time.perf_counter()
     pipe = FluxPipeline.from_files(
@@ -288,7 +374,7 @@ def official(args) -> int:
         )  # fmt: skip
     for note in pipe.notes:
         print(f"note: {note}")
-    paths = write_images(images, args.output_dir)
+    paths = write_images(images, output_dir)
     print_timings({"load": load_seconds, **pipe.timings})
     for path in paths:
         print(path)
@@ -301,7 +387,8 @@ def vis2ir(args, run: Path) -> int:
 
     if not args.semantic_map or len(args.semantic_map) != len(args.visible):
         raise ValueError(f"--visible names {len(args.visible)} image(s): give --semantic-map with one map for each")
-    check_writable(args.output_dir, "--output-dir")
+    output_dir = args.output_dir or Path("outputs")
+    check_writable(output_dir, "--output-dir")
     if args.num_images is not None:
         raise ValueError("--num-images does not apply with --visible: one image is made for each visible image")
     seed = random_seed() if args.seed is None else args.seed
@@ -314,7 +401,7 @@ def vis2ir(args, run: Path) -> int:
     with maybe_trace(args.trace):
         images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
                       guidance=args.guidance, seed=seed)  # fmt: skip
-    paths = write_images(images, args.output_dir)
+    paths = write_images(images, output_dir)
     print_timings(pipe.timings)
     for path in paths:
         print(path)
@@ -328,10 +415,15 @@ def held_out(args, run: Path) -> int:
     from minflux.tasks.scenes import split_triptych
     from minflux.tasks.vis2ir import datasets
 
-    output = args.output or run / f"sample-{args.seed or 0}.png"
-    if output.is_dir():
-        raise ValueError(f"--output {output}: a folder is in the way; expected a PNG file name")
-    check_writable(output.parent, "--output")
+    seed = args.seed or 0
+    if args.output is not None:  # the file asked for, replaced if there
+        output = args.output
+        if output.is_dir():
+            raise ValueError(f"--output {output}: a folder is in the way; expected a PNG file name")
+        check_writable(output.parent, "--output")
+    else:  # sample-SEED.png in the run folder or --output-dir, under a new name when taken (save_new)
+        output = (args.output_dir or run) / f"sample-{seed}.png"
+        check_writable(output.parent, "--output-dir" if args.output_dir else "--run")
     start = time.perf_counter()
     device = torch.device(args.device) if args.device else None
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
@@ -342,7 +434,6 @@ def held_out(args, run: Path) -> int:
     _, held = datasets(cfg, heldout=num)
     held = torch.utils.data.Subset(held, range(min(num, len(held))))
     scenes = triptychs(held)  # [N, 3, 64, 192]
-    seed = args.seed or 0
     steps = args.steps or cfg.sample_steps
     print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     with maybe_trace(args.trace):
@@ -352,7 +443,8 @@ def held_out(args, run: Path) -> int:
     psnr = 10 * math.log10(1 / mse)
     rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(held))]
     settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.semantic, "psnr": f"{psnr:.2f}"}
-    save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), output, text=settings)
+    grid = image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"])
+    output = save_png(grid, output, text=settings) if args.output else save_new(grid, output, settings)
     print(f"{len(held)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
           f"mse {mse:.5f}, psnr {psnr:.2f} dB")  # fmt: skip
     print(json.dumps(settings))

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -36,15 +35,19 @@ import torch
 import torch.distributed as dist
 
 from minflux.attention import cpu_bf16_note
-from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_atomic, write_text_atomic
+from minflux.files.weights import (DiskFull, WeightsError, is_disk_full, read_state_dict, save_atomic, save_torch,
+                                   write_text_atomic)
 from minflux.model import compile_blocks
 from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
 from minflux.tasks.flags import to_toml
-from minflux.tasks.parallel import clip_gradients, describe, load_sharded, memory_estimate, save_sharded, shard
-from minflux.tasks.runs import Progress, TrainConfig, log, make_run_folder, parse_train_args, rank, world
+from minflux.tasks.parallel import (activation_bytes, check_fits, clip_gradients, describe, load_sharded,
+                                    memory_estimate, save_sharded, shard)
+from minflux.tasks.folders import (checkpoint_step, finished, make_run_folder, removed_unless_checkpointed,
+                                   replace_run, resume_folder)
+from minflux.tasks.runs import Progress, TrainConfig, log, parse_train_args, rank, world
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,6 +59,9 @@ def parse(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     cfg = parse(argv)
+    if cfg.resume and (done := finished(Path(cfg.resume), cfg.steps)):
+        log(done)
+        return 0
     backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         dist.init_process_group(backend)
@@ -71,8 +77,10 @@ def main(argv=None) -> int:
         log(note)
     run = on_first_process(lambda: resume_folder(Path(cfg.resume)) if cfg.resume else new_folder(cfg))
     torch.manual_seed(cfg.seed)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # while setting up, Ctrl-C and SIGTERM alike stop at once
+        signal.signal(sig, raise_stopped)
 
-    with removed_if_setup_fails(run, fresh=not cfg.resume):
+    with removed_unless_checkpointed(run, fresh=not cfg.resume):
         # 1. data and the frozen parts; everything they compute is computed once
         task = TASKS[cfg.task](cfg, run, device, dtype)
         for part in task.frozen.values():
@@ -87,9 +95,31 @@ def main(argv=None) -> int:
         model, groups = task.build_model(torch.device("cpu") if sharded else device)
         if cfg.compile:
             compile_blocks(model)  # each block kind compiles in the first step that runs it
-    print_params(cfg, dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}, "the model")
-    budget = memory_estimate(model, cfg.batch_size // world(), task.seq_len, cfg.gradient_checkpointing, dtype, world())
-    log(f"warning: --full-finetune trains every weight; {budget}" if cfg.full_finetune else budget)
+        parts = dict(model.named_children()) if hasattr(model, "flux") else {"transformer": model}
+        print_params(cfg, parts, "the model")
+        batch = cfg.batch_size // world()
+        budget = memory_estimate(model, batch, task.seq_len, cfg.gradient_checkpointing, dtype, world())
+        log(f"warning: --full-finetune trains every weight; {budget}" if cfg.full_finetune else budget)
+        acts = activation_bytes(model, batch, task.seq_len, cfg.gradient_checkpointing, dtype)
+        check_fits(cfg.batch_size, acts, device)  # a batch far beyond the memory: refused before the first step
+    if cfg.overwrite and not cfg.resume:  # set up without a fault: now the new run takes the old one's place
+        run = task.run = on_first_process(lambda: replace_run(run, Path(cfg.output_dir) / run_name(cfg)))
+    with removed_unless_checkpointed(run, fresh=not cfg.resume):
+        try:
+            return train(cfg, task, model, groups, run, device, dtype)
+        except OSError as e:  # a full disk: DiskFull from write_atomic, a plain OSError from a log line
+            step = checkpoint_step(run)
+            if not is_disk_full(e) or not step:
+                raise  # with no checkpoint the run folder is removed: __main__ says so
+            full = e if isinstance(e, DiskFull) else DiskFull(e.filename or run / "log.jsonl")
+            log(f"train.py: {full}: the last checkpoint (step {step}) is whole; free space, then: python train.py "
+                f"--resume {run}")  # fmt: skip
+            return 1
+
+
+def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> int:
+    """The optimiser, the loop and the finish of a run whose task is set up."""
+    sharded = cfg.parallel == "fsdp"
     if sharded:
         groups = shard(model, groups, dtype, cfg.cpu_offload)
         log(describe(model, device))
@@ -226,74 +256,22 @@ def on_first_process(make):
     return result
 
 
+def run_name(cfg: TrainConfig) -> str:
+    """--name, or the default: vis2ir-<semantic>, or TASK-<data folder name>."""
+    what = Path(cfg.data).resolve().name if cfg.data and cfg.task != "vis2ir" else cfg.semantic
+    return cfg.name or f"{cfg.task}-{what}"
+
+
 def new_folder(cfg: TrainConfig) -> Path:
-    """A new run's folder with its config.toml: OUT/NAME, or NAME-2, NAME-3, ... when taken (runs.make_run_folder)."""
-    default = f"{cfg.task}-{Path(cfg.data).resolve().name if cfg.data and cfg.task != 'vis2ir' else cfg.semantic}"
-    name = cfg.name or default
+    """A new run's folder with its config.toml: OUT/NAME, or NAME-2, NAME-3, ... when taken (runs.make_run_folder).
+    With --overwrite, a hidden folder that takes OUT/NAME's place once the run is set up (runs.replace_run)."""
+    name = run_name(cfg)
     run = make_run_folder(Path(cfg.output_dir), name, cfg.overwrite)
-    if run.name != name:
+    if run.name != name and not cfg.overwrite:
         log(f"{run.parent / name} is taken: this run is {run} (--resume continues a run, --overwrite replaces it)")
-    write_text_atomic(run / "config.toml", to_toml(replace(cfg, overwrite=False)))  # --config it again: a new run
+    with removed_unless_checkpointed(run, fresh=True):  # a full disk already, say
+        write_text_atomic(run / "config.toml", to_toml(replace(cfg, overwrite=False)))  # --config it again: a new run
     return run
-
-
-@contextlib.contextmanager
-def removed_if_setup_fails(run: Path, fresh: bool):
-    """A new run folder whose setup fails (bad data or weights, Ctrl-C while encoding) is removed again: it holds
-    no work yet, and the corrected run can take its name."""
-    try:
-        yield
-    except BaseException:
-        if fresh and rank() == 0:
-            shutil.rmtree(run, ignore_errors=True)
-        raise
-
-
-def resume_folder(run: Path) -> Path:
-    """The run to resume, cleaned of what a crash or a full disk left: the temporaries of half-done writes
-    (.NAME.*.tmp), checkpoint folders that checkpoints/latest does not point to, and log lines past its step
-    (the resumed run writes those steps again). What is removed is said."""
-    pointer = run / "checkpoints" / "latest"
-    latest = pointer.read_text().strip() if pointer.is_file() else None
-    temporaries = [p for p in run.rglob(".*.tmp") if p.is_file()]
-    orphans = [p for p in (run / "checkpoints").glob("step-*") if p.name != latest]
-    for p in temporaries:
-        p.unlink()
-    for p in orphans:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    removed = [f"{len(temporaries)} temporary file(s) of unfinished writes"] if temporaries else []
-    removed += [f"the unfinished checkpoint(s) {', '.join(p.name for p in orphans)}"] if orphans else []
-    if latest is None:
-        raise ValueError(f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
-                         f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
-                         f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite")  # fmt: skip
-    folder = run / "checkpoints" / latest
-    whole = any((folder / f).is_file() for f in ("weights.safetensors", ".metadata"))  # .metadata: FSDP's shards
-    if not re.fullmatch(r"step-\d+", latest) or not whole or not (folder / "state.pt").is_file():
-        raise ValueError(f"{pointer}: names {latest!r}, which is not a complete checkpoint folder of {run / 'checkpoints'}")
-    dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
-    removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
-    if removed:
-        log(f"resuming {run}: removed {'; '.join(removed)}")
-    return run
-
-
-def trim_log(path: Path, step: int) -> int:
-    """Keep the lines of log.jsonl up to `step`, and no half-written line; returns how many lines were dropped."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if (s := step_of(line)) is not None and s <= step]
-    if len(kept) != len(lines):
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return len(lines) - len(kept)
-
-
-def step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 @contextlib.contextmanager
@@ -311,8 +289,10 @@ def written_by_first(task, sharded: bool):
         task.run = run
 
 
-class Stopped(Exception):
-    """A signal during the final evaluation and writes: the checkpoint is whole, --resume writes what is missing."""
+class Stopped(BaseException):
+    """A signal while setting up (the new run is removed) or during the final evaluation and writes (the checkpoint
+    is whole, --resume writes what is missing). A BaseException, as KeyboardInterrupt: no `except Exception` of a
+    data loader takes it for a bad file."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -353,20 +333,27 @@ def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, loss
     point leaves the previous checkpoint whole and pointed to. FSDP: every process writes its shards of the weights
     and the optimizer (torch.distributed.checkpoint: *.distcp and .metadata) in place of the first two."""
     folder = run / "checkpoints" / f"step-{step:06d}"
-    if sharded:
-        save_sharded(model, opt, folder)
-        dist.barrier()
-    if rank() == 0:
-        if not sharded:
-            save_atomic(trained_state(model), folder / "weights.safetensors")
-        state = {"step": step, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "losses": torch.tensor(losses), **({} if sharded else {"optimizer": opt.state_dict()})}  # fmt: skip
-        write_atomic(folder / "state.pt", lambda tmp: torch.save(state, tmp))
-        latest = run / "checkpoints" / "latest"
-        previous = latest.read_text().strip() if latest.exists() else None
-        write_text_atomic(latest, folder.name)
-        if previous and previous != folder.name:  # keep the newest only
-            shutil.rmtree(run / "checkpoints" / previous)
+    try:
+        if sharded:
+            save_sharded(model, opt, folder)
+            dist.barrier()
+        if rank() == 0:
+            if not sharded:
+                save_atomic(trained_state(model), folder / "weights.safetensors")
+            state = {"step": step, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                     "losses": torch.tensor(losses), **({} if sharded else {"optimizer": opt.state_dict()})}  # fmt: skip
+            save_torch(state, folder / "state.pt")
+            latest = run / "checkpoints" / "latest"
+            previous = latest.read_text().strip() if latest.exists() else None
+            write_text_atomic(latest, folder.name)
+    except Exception as e:  # a full disk, say: the unfinished folder goes, the previous checkpoint stays pointed to
+        if checkpoint_step(run) != step:
+            shutil.rmtree(folder, ignore_errors=True)
+        if is_disk_full(e) and not isinstance(e, DiskFull):  # FSDP's writer says it in words of its own
+            raise DiskFull(folder) from e
+        raise
+    if rank() == 0 and previous and previous != folder.name:  # keep the newest only
+        shutil.rmtree(run / "checkpoints" / previous)
     if dist.is_initialized():
         dist.barrier()
 
@@ -394,12 +381,30 @@ def load_checkpoint(run: Path, model, opt, gen: torch.Generator, sharded: bool) 
     return state["step"], state["losses"].tolist()
 
 
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except (WeightsError, ValueError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # before the first step: no training to keep (a new run folder was removed)
-        print("train.py: interrupted while setting up, before the first step", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    except (Stopped, KeyboardInterrupt) as e:  # before the first step: no training to keep (a new run is removed)
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"train.py: stopped by signal {signum} while setting up, before the first step", file=sys.stderr)
+        sys.exit(128 + signum)
+    except OSError as e:  # before the first checkpoint (main says what is kept after it)
+        if not is_disk_full(e):
+            raise
+        print(f"train.py: {e if isinstance(e, DiskFull) else 'no space left on the device'}: nothing was kept (a new "
+              "run's folder is removed before its first checkpoint); free space and start again", file=sys.stderr)
+        sys.exit(1)
+    except (RuntimeError, MemoryError) as e:
+        if not out_of_memory(e):
+            raise
+        print(f"train.py: out of memory ({str(e).splitlines()[0][:200]}): lower --batch-size (the global batch), the "
+              "image size (--panel-size, --resolution) or --t5-max-length, or use --gradient-checkpointing",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)

@@ -1,4 +1,5 @@
-"""The vis2ir data: the procedural triptychs, the information their semantic panel carries, the folder loader."""
+"""The vis2ir data: the procedural triptychs, the information their semantic panel carries, the folder loaders
+(triptychs, and the t2i and Kontext folders where they share a check)."""
 
 import re
 
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from minflux.files.images import DataError
-from minflux.tasks.data import TriptychFolder
+from minflux.tasks.data import CaptionFolder, KontextFolder, TriptychFolder
 from minflux.tasks.scenes import CLASSES, OBJECT_CLASSES, PALETTE, SEMANTIC_COLOURS, SyntheticTriptychs, make_scene, split_triptych
 
 N_STATS = 1500  # scenes per split for the statistical tests: about 1000 objects per class
@@ -333,3 +334,96 @@ def test_empty_or_missing_folder_or_half_a_layout_is_a_clear_error(tmp_path):
         TriptychFolder(tmp_path)
     with pytest.raises(ValueError, match="on_error"):
         TriptychFolder(tmp_path, on_error="ignore")
+
+
+def test_a_non_utf8_triptych_caption_is_named_and_skipped_or_stops(tmp_path):
+    write_triptychs(tmp_path)
+    bad = tmp_path / "scene1.txt"
+    bad.write_bytes("un arbre d'\xe9t\xe9".encode("latin-1"))  # byte 0xe9
+    folder = TriptychFolder(tmp_path, on_error="skip")  # found when the folder is checked, not mid-run
+    assert len(folder) == 2 and folder.skipped[0][0] == bad and "is not UTF-8 text" in folder.skipped[0][1]
+    assert [folder[i]["caption"] for i in range(2)] == ["", ""]
+    with pytest.raises(DataError, match=r"scene1\.txt: is not UTF-8 text"):
+        TriptychFolder(tmp_path, on_error="stop")
+
+
+# --- folders of images with captions, and Kontext's edit pairs ---------------------------------------------------
+
+
+def random_pixels(seed: int, size=(32, 32)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def write_pairs(root, n=2):
+    """root/00.png + 00.txt (the target and its instruction), root/control/00.png (what the edit starts from), ..."""
+    (root / "control").mkdir(parents=True)
+    for i in range(n):
+        random_pixels(i).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"edit {i}\n")
+        random_pixels(100 + i).save(root / "control" / f"{i:02d}.png")
+
+
+def test_a_16_bit_kontext_control_keeps_its_levels_as_its_target_does(tmp_path):
+    write_pairs(tmp_path, n=1)
+    ramp = np.round(np.linspace(0, 65535, 64 * 64)).reshape(64, 64).astype(np.uint16)  # dark at the top, white below
+    for path in (tmp_path / "00.png", tmp_path / "control" / "00.png"):
+        Image.fromarray(ramp).save(path)
+        assert Image.open(path).mode == "I;16"
+    sample = KontextFolder(tmp_path, resolution=32, on_error="stop")[0]
+    for x in (sample["image"], sample["control"]):  # [3, 32, 32] in [-1, 1]
+        assert x.shape == (3, 32, 32) and abs(x.mean()) < 0.02  # the ramp's mid-grey, not white
+        assert x.min() < -0.95 and x.max() > 0.95 and (x >= 1).float().mean() < 0.05  # its levels, not clipped
+    assert torch.equal(sample["control"], sample["image"])  # read the one way
+
+
+@pytest.mark.parametrize("control_size", ["target", "own"])
+def test_a_kontext_control_under_16_pixels_is_named_and_skipped_or_stops(tmp_path, control_size):
+    write_pairs(tmp_path)
+    bad = tmp_path / "control" / "01.png"
+    Image.new("RGB", (1, 1)).save(bad)
+    folder = KontextFolder(tmp_path, resolution=32, control_size=control_size)
+    why = "is 1×1 pixels; images must be at least 16 pixels on each side"
+    assert len(folder) == 1 and folder.skipped == [(bad, why)]
+    with pytest.raises(DataError, match=r"control/01\.png: is 1×1 pixels; images must be at least 16 pixels"):
+        KontextFolder(tmp_path, resolution=32, control_size=control_size, on_error="stop")
+
+
+def one_stem_twice(root, case: str):
+    """A data folder where two images differ only in their extension: (data set, both paths, what they'd share)."""
+    if case == "t2i":
+        for stem in ("a", "b"):
+            random_pixels(0).save(root / f"{stem}.png")
+            (root / f"{stem}.txt").write_text("a photo")
+        random_pixels(1).save(root / "a.jpg")
+        return lambda **kw: CaptionFolder(root, resolution=32, **kw), [root / "a.jpg", root / "a.png"], "caption a.txt"
+    if case in ("kontext target", "kontext control"):
+        write_pairs(root)
+        twin = root / ("control" if case == "kontext control" else "") / "00.jpg"
+        random_pixels(7).save(twin)
+        shares = "the target 00.*" if case == "kontext control" else "the caption 00.txt and the control 00.*"
+        return lambda **kw: KontextFolder(root, resolution=32, **kw), [twin, twin.with_suffix(".png")], shares
+    if case == "triptychs":
+        write_triptychs(root)
+        to_image(SyntheticTriptychs(1, size=32, seed=1)[0]["triptych"]).save(root / "scene1.jpg")
+        return lambda **kw: TriptychFolder(root, **kw), [root / "scene1.jpg", root / "scene1.png"], "caption scene1.txt"
+    for panel in ("visible", "infrared", "semantic"):  # three folders: a second infrared/a.*
+        (root / panel).mkdir()
+        for stem in ("a", "b"):
+            random_pixels(0).save(root / panel / f"{stem}.png")
+    random_pixels(1).convert("L").save(root / "infrared" / "a.tif")
+    twins = [root / "infrared" / "a.png", root / "infrared" / "a.tif"]
+    return lambda **kw: TriptychFolder(root, **kw), twins, "visible/a.*"
+
+
+@pytest.mark.parametrize("case", ["t2i", "kontext target", "kontext control", "triptychs", "three folders"])
+def test_two_images_of_one_stem_are_both_named_and_skipped_or_stop(tmp_path, case):
+    make, twins, shares = one_stem_twice(tmp_path, case)
+    folder = make(on_error="skip")
+    assert len(folder) == (2 if case == "triptychs" else 1)  # the other stems
+    assert [p for p, _ in folder.skipped] == twins  # both, and nothing else (their caption, control, partners)
+    for _, why in folder.skipped:
+        assert f"{twins[0].name} and {twins[1].name} differ only in their extension" in why
+        assert shares in why and "rename or remove one" in why
+    with pytest.raises(DataError) as e:
+        make(on_error="stop")
+    assert e.value.path == twins[0] and twins[1].name in str(e.value) and shares in str(e.value)

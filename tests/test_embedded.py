@@ -39,7 +39,7 @@ def test_the_shipped_vae_is_the_default_recipes(default_scenes):
     assert embedded.shipped_recipe() != embedded.vae_recipe(AE_SMALL, scenes[:-1], cfg.vae_steps, seed=cfg.seed)
 
 
-def test_the_default_run_reads_the_shipped_vae_and_trains_none(default_scenes, tmp_path, monkeypatch):
+def test_the_default_run_reads_the_shipped_vae_and_trains_none(default_scenes, tmp_path, monkeypatch, capsys):
     train, _ = default_scenes
 
     def no_training(*args, **kwargs):
@@ -54,9 +54,14 @@ def test_the_default_run_reads_the_shipped_vae_and_trains_none(default_scenes, t
     copied = read_state_dict(run / "ae.safetensors")
     assert shipped.keys() == copied.keys() and all(torch.equal(shipped[k], copied[k]) for k in shipped)
     assert not (tmp_path / "out" / "cache").exists()
-    # another recipe trains its own
+    # however few scenes the run trains on, the VAE's 512 are the generator's: the shipped one still serves
+    few = SyntheticTriptychs(16, cfg.panel_size, "train", cfg.seed)
+    assert torch.equal(embedded.vae_scenes(few), embedded.vae_scenes(train))
+    embedded.embedded_parts(replace(cfg, train_samples=16), few, run, torch.device("cpu"))
+    # another recipe trains its own, and says why first
     with pytest.raises(AssertionError, match="trained a VAE"):
         embedded.embedded_parts(replace(cfg, vae_steps=cfg.vae_steps - 1), train, run, torch.device("cpu"))
+    assert f"vae: --vae-steps {cfg.vae_steps - 1}: not the shipped VAE's recipe" in capsys.readouterr().out
 
 
 def test_the_shipped_vae_reconstructs_the_held_out_infrared_at_its_measured_bound():

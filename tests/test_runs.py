@@ -23,7 +23,7 @@ from minflux.files.load import save_flux
 from minflux.files.weights import read_state_dict, write_text_atomic
 from minflux.sampling import Inputs, prepare_img_ids, prepare_txt_ids
 from minflux.tasks.common import Batch
-from minflux.tasks.runs import make_run_folder
+from minflux.tasks.folders import make_run_folder
 from tests.flux_helpers import TINY, tiny_flux
 from tests.test_train import TINY as TINY_FLAGS
 
@@ -34,7 +34,8 @@ SMALLEST = replace(TINY, hidden_size=64, num_heads=2, depth=1, depth_single_bloc
 
 class TinyTask:
     """train.py's task interface on a 1+1-block FLUX of width 64 and random latents. `fail` makes setup fail; the environment
-    variable TINY_TASK_SLOW_FINISH makes finish stop after its first file, as a long evaluation would."""
+    variable TINY_TASK_SLOW_FINISH makes finish stop after its first file, as a long evaluation would, and
+    TINY_TASK_SLOW_ENCODE makes encoding last, as a large data set's would."""
 
     what = "random latents"
     fail = False
@@ -46,6 +47,9 @@ class TinyTask:
 
     def encode(self):
         self.seq_len = 16 + 4  # image + text tokens
+        if os.environ.get("TINY_TASK_SLOW_ENCODE"):
+            print("encoding", flush=True)
+            time.sleep(300)  # a large data set: a signal must cut it short
 
     def build_model(self, device=None):
         torch.manual_seed(self.cfg.seed)
@@ -122,9 +126,130 @@ def test_a_second_run_of_a_name_gets_a_fresh_numbered_folder_and_leaves_the_firs
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
     (tmp_path / "runs" / "photos").mkdir(parents=True)
     (tmp_path / "runs" / "photos" / "holiday.jpg").write_bytes(b"precious")
-    with pytest.raises(ValueError, match=r"photos is not a train\.py run folder \(no config\.toml\); left as it is"):
-        tiny("--steps", "1", "--name", "photos", "--overwrite")
+    (tmp_path / "runs" / "userproj").mkdir()  # a config.toml of its own does not make a folder a run
+    (tmp_path / "runs" / "userproj" / "config.toml").write_text("steps = 1\n")
+    (tmp_path / "runs" / "userproj" / "important.txt").write_text("precious")
+    for name in ("photos", "userproj"):
+        with pytest.raises(ValueError, match=rf"{name} is not a run folder made by train\.py \(no \.minflux-run in it\); "
+                                             "left as it is"):  # fmt: skip
+            tiny("--steps", "1", "--name", name, "--overwrite")
     assert (tmp_path / "runs" / "photos" / "holiday.jpg").read_bytes() == b"precious"
+    assert files(tmp_path / "runs" / "userproj") == {"config.toml": b"steps = 1\n", "important.txt": b"precious"}
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["photos", "userproj"]  # nothing made
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_set_up(tiny, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    assert tiny("--steps", "2", "--name", "precious") == 0
+    before = files(runs / "precious")
+    with pytest.raises(SystemExit) as e:  # a typo in --data: refused before anything is touched
+        tiny("--steps", "1", "--name", "precious", "--overwrite", "--data", str(tmp_path / "typo"))
+    assert e.value.code == 2 and "typo: no such file or folder" in capsys.readouterr().err
+    monkeypatch.setattr(TinyTask, "fail", True)  # data that turn out unusable while setting up
+    with pytest.raises(DataError):
+        tiny("--steps", "1", "--name", "precious", "--overwrite")
+    assert files(runs / "precious") == before and sorted(p.name for p in runs.iterdir()) == ["precious"]
+    monkeypatch.setattr(TinyTask, "fail", False)
+    assert tiny("--steps", "1", "--name", "precious", "--overwrite") == 0  # set up: now it replaces the old run
+    assert log_steps(runs / "precious") == [1] and sorted(p.name for p in runs.iterdir()) == ["precious"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(runs / "precious")
+
+
+def test_resuming_a_finished_run_touches_nothing(tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "done"
+    assert tiny("--steps", "3", "--name", "done") == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    (tmp_path / "again.toml").write_text(f'resume = "{run}"\n')
+    for how in (["--resume", str(run)], ["--config", str(tmp_path / "again.toml")]):
+        assert train.main(how) == 0
+        assert f"{run} is finished (step 3 of 3, metrics.json written): nothing to resume" in capsys.readouterr().out
+        assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
+    assert train.main(["--resume", str(run), "--steps", "4"]) == 0  # asked for more steps: it trains them
+    assert log_steps(run) == [1, 2, 3, 4]
+
+
+def test_resume_removes_the_temporaries_safetensors_leaves_after_a_kill(tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    assert tiny("--steps", "4", "--stop-at", "2", "--name", "r") == 0
+    (run / ".tmpAb12Cd").write_bytes(b"half a tensor")  # safetensors' own temporary, killed mid-write
+    (run / "checkpoints" / ".tmpZz99Yy").write_bytes(b"half a tensor")
+    (run / ".tmpnotours").write_bytes(b"a name safetensors never makes")
+    assert train.main(["--resume", str(run)]) == 0
+    assert "removed 2 temporary file(s) of unfinished writes" in capsys.readouterr().out
+    assert sorted(p.name for p in run.rglob(".tmp*")) == [".tmpnotours"]
+
+
+def test_a_given_path_that_names_nothing_is_refused_before_any_work(tmp_path, capsys):
+    base = tmp_path / "notarun"
+    base.mkdir()
+    for argv, message in (
+        (["--repo", "/nonexistent"], "--repo /nonexistent: no such file or folder"),
+        (["--task", "t2i", "--repo", "/nonexistent"], "--repo /nonexistent: no such file or folder"),
+        (["--finetune", "/nonexistent"], "--finetune /nonexistent: no such file or folder"),
+        (["--finetune", str(base)], f"--finetune {base}: expected a finished run folder"),
+        (["--flux", "/nonexistent/flux1-dev.safetensors"], "--flux /nonexistent/flux1-dev.safetensors: no such file"),
+        (["--data", "typo/"], "--data typo/: no such file or folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv, "--out", str(tmp_path / "runs")])
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sizes_no_machine_can_hold_are_refused(tiny, tmp_path, capsys):
+    for flag, value in (("--panel-size", "65536"), ("--resolution", "65536"), ("--t5-max-length", "100000000"),
+                        ("--sample-steps", "1000000000000")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.parse([flag, value])
+        assert e.value.code == 2 and f"{flag} {value}: expected" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"--batch-size 99999999999999: one step's activations need about .* GB"):
+        tiny("--steps", "1", "--batch-size", "99999999999999")  # refused before the first step, the folder removed
+    assert not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_device_this_machine_lacks_is_refused(capsys):
+    for device in ("cuda", "cuda:99"):
+        with pytest.raises(SystemExit) as e:
+            train.parse(["--device", device])
+        assert e.value.code == 2 and f"--device {device}: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_config_files_with_a_date_or_bytes_that_are_not_utf8_are_named(tmp_path, capsys):
+    (tmp_path / "date.toml").write_text("guidance = 2024-01-01\n")
+    (tmp_path / "latin1.toml").write_bytes('name = "café"\n'.encode("latin-1"))
+    for name, message in (("date.toml", "guidance = 2024-01-01 (a date): expected a finite number"),
+                          ("latin1.toml", "cannot read the config: not UTF-8 text (byte 0xe9")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.parse(["--config", str(tmp_path / name)])
+        assert e.value.code == 2 and f"{tmp_path / name}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_resume_refuses_a_change_of_model_or_data_before_any_work(tiny, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    assert tiny("--steps", "4", "--stop-at", "2", "--name", "r") == 0
+    (tmp_path / "none.toml").write_text(f'resume = "{run}"\nsemantic = "none"\n')
+    for how, named in ((["--resume", str(run), "--semantic", "none"], "--semantic none: "),
+                       (["--config", str(tmp_path / "none.toml")], "none.toml: semantic = 'none': ")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            train.parse(how)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and named in err and "was trained with semantic = 'zeroconv'" in err
+    assert train.parse(["--resume", str(run), "--semantic", "zeroconv", "--lr", "1e-4"]).lr == 1e-4  # the same: fine
+
+
+def test_resume_names_a_damaged_checkpoint_and_removes_nothing(tiny, tmp_path):
+    run = tmp_path / "runs" / "r"
+    assert tiny("--steps", "4", "--stop-at", "2", "--name", "r") == 0
+    (run / ".tmpAb12Cd").write_bytes(b"left by a kill")
+    for name in ("state.pt", "weights.safetensors"):
+        path = run / "checkpoints" / "step-000002" / name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])  # truncated
+        with pytest.raises(ValueError, match=rf"{path} is damaged \(truncated or overwritten\?\)"):
+            train.main(["--resume", str(run)])
+        path.write_bytes(whole)
+    assert (run / ".tmpAb12Cd").exists()  # nothing was cleaned before the checkpoint was found damaged
 
 
 def test_runs_started_at_once_never_share_a_folder(tmp_path):
@@ -134,6 +259,23 @@ def test_runs_started_at_once_never_share_a_folder(tmp_path):
     for t in threads:
         t.join()
     assert sorted(p.name for p in made) == sorted(["run", *(f"run-{k}" for k in range(2, 9))])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_encoding_removes_the_new_run_whatever_the_signal(tmp_path, sig):
+    proc = train_script("--out", str(tmp_path / "runs"), "--name", "enc", "--steps", "3",
+                        env={"TINY_TASK_SLOW_ENCODE": "1"})  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == "encoding":
+            break
+    assert (tmp_path / "runs" / "enc" / "config.toml").is_file()
+    proc.send_signal(sig)
+    out = "".join(lines) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + sig and "Traceback" not in out, out
+    assert f"stopped by signal {sig} while setting up, before the first step" in out
+    assert not (tmp_path / "runs" / "enc").exists()
 
 
 def test_a_new_run_whose_setup_fails_leaves_no_folder_behind(tiny, tmp_path, monkeypatch):
@@ -243,7 +385,7 @@ BAD_FLAGS = [
     (["--dtype", "fp64"], "--dtype fp64: expected one of auto, fp32, bf16, fp16"),
     (["--max-grad-norm", "-1"], "--max-grad-norm -1.0: expected a number > 0 (inf: no clipping)"),
     (["--t-sampling", "gaussian"], "--t-sampling gaussian: expected one of logit_normal, uniform"),
-    (["--panel-size", "100"], "--panel-size 100: expected a multiple of 16, at least 16"),
+    (["--panel-size", "100"], "--panel-size 100: expected a multiple of 16 from 16 to 1024"),
     (["--caption-dropout", "1"], "--caption-dropout 1.0: expected a probability in [0, 1)"),
     (["--device", "gpu"], "--device gpu: expected auto, cpu, cuda, cuda:N or mps"),
     (["--name", "../elsewhere"], "--name ../elsewhere: expected a folder name"),
@@ -339,12 +481,12 @@ def test_a_small_uncaptioned_folder_trains_and_a_signal_in_the_final_writes_keep
     data = triptych_folder(tmp_path / "data", 5, captions=False)
     run = tmp_path / "runs" / "small"
     cmd = [sys.executable, "train.py", *TINY_FLAGS, "--out", str(tmp_path / "runs"), "--name", "small", "--data",
-           str(data), "--steps", "2", "--sample-steps", "100000"]  # fmt: skip
+           str(data), "--steps", "2", "--sample-steps", "10000"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(1)  # into the 100000-step evaluation
+    time.sleep(1)  # into the 10000-step evaluation
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
@@ -356,3 +498,109 @@ def test_a_small_uncaptioned_folder_trains_and_a_signal_in_the_final_writes_keep
                              capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2 and (run / "samples.png").is_file()
+
+
+# --- 8. a full disk or a read-only one: a message, the last checkpoint whole, nothing half-written -------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) makes tmp_path/disk a tmpfs of that size (root, where the platform permits; else the test skips)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+
+    def mount(size: str, *options: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+                              capture_output=True, text=True)  # fmt: skip
+        if done.returncode:
+            pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
+        return where
+
+    yield mount
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(folder: Path) -> None:
+    """Take every free byte of folder's filesystem."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for chunk in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+class FillingTask(TinyTask):
+    """TinyTask that fills its disk when the batch of step `at_step` is drawn, or as finish starts."""
+
+    at_step, in_finish = None, False
+
+    def draw(self, gen):
+        self.steps = getattr(self, "steps", 0) + 1
+        if self.steps == self.at_step:
+            fill(self.run.parent)
+        return super().draw(gen)
+
+    def finish(self, model, losses, steps, train_seconds):
+        if self.in_finish:
+            fill(self.run.parent)
+        super().finish(model, losses, steps, train_seconds)
+
+
+def test_a_full_disk_says_so_keeps_the_last_checkpoint_whole_and_resumes_to_the_same_weights(
+    small_disk, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(train.TASKS, "vis2ir", FillingTask)
+    whole = lambda *args: train.main([*FAST, "--steps", "6", "--name", "r", *args])  # noqa: E731
+    assert whole("--out", str(tmp_path / "runs")) == 0  # the reference: no disk trouble
+    reference = read_state_dict(tmp_path / "runs" / "r" / "transformer.safetensors")
+    disk = small_disk("16m")
+    run = disk / "r"
+
+    monkeypatch.setattr(FillingTask, "at_step", 3)  # full before the checkpoint of step 4
+    assert whole("--out", str(disk)) == 1
+    out = capsys.readouterr().out
+    assert f"train.py: no space left on the device of {run / 'checkpoints'}" in out, out
+    assert f"the last checkpoint (step 2) is whole; free space, then: python train.py --resume {run}" in out
+    assert (run / "checkpoints" / "latest").read_text() == "step-000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000002"]  # no half checkpoint
+    assert not [p for p in run.rglob(".*") if p.name != ".minflux-run"]  # no temporary left
+    (disk / "filler").unlink()
+    monkeypatch.setattr(FillingTask, "at_step", None)
+    monkeypatch.setattr(FillingTask, "in_finish", True)  # full again, in the final writes
+    assert train.main(["--resume", str(run)]) == 1
+    assert "the last checkpoint (step 6) is whole" in capsys.readouterr().out
+    assert not (run / "metrics.json").exists() and not [p for p in run.rglob(".*") if p.name != ".minflux-run"]
+    (disk / "filler").unlink()
+    monkeypatch.setattr(FillingTask, "in_finish", False)
+    assert train.main(["--resume", str(run)]) == 0  # space freed: the final files written
+    resumed = read_state_dict(run / "transformer.safetensors")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference) and resumed.keys() == reference.keys()
+
+    fill(disk)  # full from the start: nothing is left behind
+    with pytest.raises(OSError, match="no space left"):
+        whole("--out", str(disk), "--name", "new")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "r"]
+
+
+def test_a_full_disk_before_the_first_checkpoint_is_one_message_from_the_script(small_disk):
+    disk = small_disk("1m")
+    fill(disk)
+    proc = train_script("--out", str(disk), "--name", "r", "--steps", "2")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert "train.py: no space left on the device" in out and "nothing was kept" in out
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_resume_on_a_read_only_filesystem_says_so_before_any_work(small_disk, tiny, capsys):
+    disk = small_disk("16m")
+    assert train.main([*FAST, "--out", str(disk), "--name", "r", "--steps", "4", "--stop-at", "2"]) == 0
+    before = files(disk / "r")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(ValueError, match=rf"--resume {disk / 'r'}: cannot write into the run folder \(Read-only"):
+        train.main(["--resume", str(disk / "r")])
+    with pytest.raises(ValueError, match=rf"--out {disk}: cannot make the run folder r2 there"):
+        train.main([*FAST, "--out", str(disk), "--name", "r2"])
+    assert files(disk / "r") == before

@@ -7,6 +7,7 @@ ae.safetensors, CLIP/T5 folders with tokenizers), and train.py reads them as it 
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,10 +165,12 @@ def test_images_are_cropped_to_the_resolution_or_their_bucket(tmp_path):
 
 
 def test_t2i_needs_weights_and_a_folder_and_a_resolution_of_16s(tmp_path, capsys):
+    x = tmp_path / "x"
+    x.touch()
     for argv, message in (
         (["--task", "t2i", "--data", str(tmp_path)], "trains a LoRA on official weights"),
-        (["--task", "t2i", "--flux", "x", "--ae", "x", "--clip", "x", "--t5", "x"], "needs --data FOLDER"),
-        (["--task", "t2i", "--data", str(tmp_path), "--flux", "x", "--resolution", "500"], "multiple of 16"),
+        (["--task", "t2i", "--flux", str(x), "--ae", str(x), "--clip", str(x), "--t5", str(x)], "needs --data FOLDER"),
+        (["--task", "t2i", "--data", str(tmp_path), "--flux", str(x), "--resolution", "500"], "multiple of 16"),
         (["--task", "paint"], "expected one of vis2ir, t2i"),
     ):
         with pytest.raises(SystemExit) as e:
@@ -175,7 +178,10 @@ def test_t2i_needs_weights_and_a_folder_and_a_resolution_of_16s(tmp_path, capsys
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
-def test_t2i_defaults_apply_unless_given():
+def test_t2i_defaults_apply_unless_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the paths below name files that exist
+    for name in ("d", "f", "a", "c", "t"):
+        Path(name).touch()
     cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
                        "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
     assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
@@ -188,6 +194,7 @@ def test_t2i_defaults_apply_unless_given():
 
 
 def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):
-    common = ["--task", "t2i", "--data", "d", "--ae", "a", "--clip", "c", "--t5", "t"]
+    x = str(weights["dev"])  # any path that exists: only --flux is read here
+    common = ["--task", "t2i", "--data", x, "--ae", x, "--clip", x, "--t5", x]
     assert train.parse([*common, "--flux", str(weights["dev"])]).t5_max_length == 512
     assert train.parse([*common, "--flux", str(weights["schnell"])]).t5_max_length == 256

@@ -4,6 +4,7 @@
     deep_to_float, to_8bit                         16-bit and float images scaled by their depth, not clipped
     to_pil                                         [3, H, W] in [-1, 1] → a PIL image
     save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
+    shown                                          a setting's value as JSON, cut short for a message
     settings_text, a1111_parameters                what the text chunks of a generated image hold
     image_grid, line_plot                          the pictures of a run folder (samples.png, loss.png)
 
@@ -117,7 +118,9 @@ def settings_text(settings: dict, parameters: str) -> dict[str, str]:
 
 def read_settings(source) -> dict:
     """The settings a minflux image carries (a PNG's path, or a PIL image with them in .info): its "minflux" JSON
-    chunk; from the PNG of an earlier minflux, its one chunk per setting. {} when it holds none."""
+    chunk; from the PNG of an earlier minflux, its one chunk per setting. {} when it holds none; DataError when the
+    chunk is not JSON or not an object (what each setting holds is for its reader to check: sample.apply_settings)."""
+    name = (getattr(source, "filename", "") or "the image") if isinstance(source, Image.Image) else source
     if isinstance(source, Image.Image):
         text = dict(getattr(source, "text", None) or source.info)
     else:
@@ -129,13 +132,36 @@ def read_settings(source) -> dict:
         except Exception as e:
             raise DataError(source, f"cannot be read as a PNG ({type(e).__name__}: {e})") from e
     if "minflux" in text:
-        return json.loads(text["minflux"])
+        try:
+            settings = json.loads(text["minflux"])
+        except (ValueError, RecursionError) as e:
+            raise DataError(name, f'its "minflux" text chunk is not valid JSON ({e}); expected the JSON object of '
+                                  "settings minflux writes") from None  # fmt: skip
+        if not isinstance(settings, dict):
+            raise DataError(name, f'its "minflux" text chunk holds {shown(settings)}; expected a JSON object')
+        return settings
     if text.get("software") != "minflux":
         return {}
     loras = [spec.rpartition(":") for spec in text.get("loras", "").split(", ") if spec]
+    if not all(colon and is_number(scale) for _, colon, scale in loras):
+        raise DataError(name, f'its "loras" text chunk is {shown(text["loras"])}; expected PATH:SCALE, ", " between')
     files = {k: {"path": text[k]} if text[k] != "PIL image" else {"in_memory": "Image"} for k in ("image", "mask")
              if k in text}  # fmt: skip
     return {**text, **files, "loras": [{"path": path, "scale": float(scale)} for path, _, scale in loras]}
+
+
+def shown(value, limit: int = 60) -> str:
+    """A setting's value as JSON, cut short for a message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def a1111_parameters(prompt: str, negative: str | None, fields: dict) -> str:

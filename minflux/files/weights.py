@@ -9,6 +9,7 @@ Every failure raises `WeightsError` with a message that names the file, the key 
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -28,6 +29,32 @@ VARIANT_SUFFIXES = {".fp16", ".bf16", ".fp32", ".fp8"}
 
 class WeightsError(ValueError):
     """A weights file, folder or key that cannot be used as asked. The message says what and where."""
+
+
+class DiskFull(OSError):
+    """No space left (or the quota reached) while writing `path`: the file was not written, and nothing half-written
+    was left. (torch.save and safetensors report a full disk in words of their own; write_atomic gives this.)"""
+
+    def __init__(self, path):
+        path = Path(path)
+        super().__init__(errno.ENOSPC, f"no space left on the device of {path.parent} (writing {path.name})")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror  # without OSError's "[Errno 28]"
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """A full disk or quota anywhere in an exception's chain: an OSError's errno, or the OS's words in the message of
+    a writer that wraps it (safetensors: "... No space left on device (os error 28)"). torch.save reports only
+    "unexpected pos" when given a path; given a file object, its error's context is the OSError (save_torch)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 # --- finding the files -------------------------------------------------------------------------------
@@ -267,13 +294,13 @@ def write_atomic(path, write, exclusive: bool = False) -> Path:
     The temporary file is `.NAME.RANDOM.tmp` beside `path` (what a run cleans when it resumes after a crash). Files
     get the mode any normal write gets (0666 less the umask), so others on a shared machine can read them.
     exclusive: never replace an existing file: FileExistsError if `path` exists, decided atomically (a hard link),
-    so two processes never take one name."""
+    so two processes never take one name. A full disk raises DiskFull, the temporary file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to open(path, "w")
-    mode = tmp.stat().st_mode
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as to open(path, "w")
+        mode = tmp.stat().st_mode
         write(str(tmp))
         if tmp.stat().st_mode != mode:  # the writer made a file of its own (safetensors makes it 0600)
             os.chmod(tmp, stat.S_IMODE(mode))
@@ -281,10 +308,24 @@ def write_atomic(path, write, exclusive: bool = False) -> Path:
             os.link(tmp, path)  # fails if path exists, whoever made it
         else:
             os.replace(tmp, path)
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFull(path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def save_torch(obj, path) -> Path:
+    """torch.save through write_atomic, writing to a file object so that a full disk is reported as such."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
 
 
 def write_text_atomic(path, text: str) -> Path:

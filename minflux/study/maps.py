@@ -252,7 +252,7 @@ def parse_range(text: str | None) -> list[int] | None:
 
 
 def main(argv=None) -> int:
-    from minflux.tasks.runs import latest_run
+    from minflux.tasks.folders import latest_run
     from minflux.tasks.scenes import split_triptych
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

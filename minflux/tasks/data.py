@@ -54,6 +54,26 @@ def _probe(path: Path) -> tuple[int, int]:
         raise DataError(path, f"cannot be read as an image ({type(e).__name__}: {e})") from e
 
 
+def _probe_image(path: Path) -> tuple[int, int]:
+    """_probe, and DataError when a side is under 16 pixels (one latent token: VAE ×8, then 2×2 packing)."""
+    w, h = _probe(path)
+    if min(w, h) < 16:
+        raise DataError(path, f"is {w}×{h} pixels; images must be at least 16 pixels on each side")
+    return w, h
+
+
+def _caption_text(path: Path, default: str | None = None) -> str | None:
+    """The caption file's text, stripped; `default` when there is none; DataError naming it when it is not UTF-8."""
+    if not path.is_file():
+        return default
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"is not UTF-8 text ({e.reason} at byte {e.start}): save the caption as UTF-8") from e
+    except OSError as e:
+        raise DataError(path, f"cannot be read ({e.strerror or e})") from e
+
+
 def _read(path: Path) -> Image.Image:
     """The image at 8 bits ("RGB"), or at its own depth as a float image ("F", 0-255 scale) when it has more bits
     (a 16-bit infrared frame keeps its levels; see images.deep_to_float)."""
@@ -89,7 +109,8 @@ def fit_panel(panel: Image.Image, size: int | None, semantic: bool) -> Image.Ima
 
 class _Folder(Dataset):
     """What the folder data sets share: a file that cannot be used raises DataError under on_error="stop";
-    under "skip" it is left out and listed in `skipped` as (path, why)."""
+    under "skip" it is left out and listed in `skipped` as (path, why). Two images of one stem (a.png, a.jpg)
+    are ambiguous (which one does a.txt caption?): under "skip" both are left out and listed."""
 
     def __init__(self, root, on_error: str):
         if on_error not in ("skip", "stop"):
@@ -106,6 +127,21 @@ class _Folder(Dataset):
         if self.on_error == "stop":
             raise e
         self.skipped.append((e.path, e.why))
+
+    def _by_stem(self, paths: list[Path], shares) -> tuple[dict[str, Path], set[str]]:
+        """The images by file name without the extension, and the stems held by two or more (a.png and a.jpg):
+        those are ambiguous, each is rejected naming them all and what they would share (shares(stem))."""
+        groups: dict[str, list[Path]] = {}
+        for path in paths:
+            groups.setdefault(path.stem, []).append(path)
+        for stem, twins in groups.items():
+            if len(twins) > 1:
+                names = ", ".join(p.name for p in twins[:-1]) + f" and {twins[-1].name}"
+                for path in twins:
+                    self._reject(DataError(path, f"{names} differ only in their extension and would share "
+                                                 f"{shares(stem)}; rename or remove one"))  # fmt: skip
+        ambiguous = {stem for stem, twins in groups.items() if len(twins) > 1}
+        return {stem: twins[0] for stem, twins in groups.items() if stem not in ambiguous}, ambiguous
 
     def _first_good(self, candidates: list[int], what: str) -> dict:
         """self.load of the first candidate that decodes; one that fails is skipped (and counted) from then on."""
@@ -138,8 +174,9 @@ class TriptychFolder(_Folder):
     float in [-1, 1], caption=str), the synthetic set's format without the class map.
 
     Every file is checked when the data set is built. A file that cannot be used (unreadable, a triptych of the
-    wrong width, a panel without its partners or of another size, smaller than 16 px) raises DataError with its
-    path under on_error="stop"; under on_error="skip" it is left out and listed in `skipped` as (path, why).
+    wrong width, a panel without its partners or of another size, smaller than 16 px, a caption not in UTF-8, two
+    images of one stem in a folder: a.png and a.jpg, both) raises DataError with its path under on_error="stop";
+    under on_error="skip" it is left out and listed in `skipped` as (path, why).
     A file that passes the check but fails to decode later is skipped the same way when read: that sample is
     replaced by the next good one (in DataLoader workers the list lives in the worker's copy).
     """
@@ -158,12 +195,17 @@ class TriptychFolder(_Folder):
             raise DataError(self.root, f"has {', '.join(f'{p}/' for p in folders)} but no {missing}; "
                                        "the three-folder layout needs visible/, infrared/ and semantic/")
         self.layout = "folders" if folders else "triptychs"
-        candidates = self._match_folders() if folders else [(p,) for p in _images(self.root)]
+        if folders:
+            candidates = self._match_folders()
+        else:
+            found, _ = self._by_stem(_images(self.root), lambda stem: f"the caption {stem}.txt")
+            candidates = [(p,) for p in sorted(found.values())]
 
         self.items: list[tuple[Path, ...]] = []  # (triptych,) or (visible, infrared, semantic)
         for files in candidates:
             try:
                 self._check(files)
+                _caption_text(files[0].with_suffix(".txt"))  # a caption that cannot be read is found now, not mid-run
                 self.items.append(files)
             except DataError as e:
                 self._reject(e)
@@ -174,17 +216,16 @@ class TriptychFolder(_Folder):
             raise self._all_skipped()
 
     def _match_folders(self) -> list[tuple[Path, Path, Path]]:
-        """Pair visible/, infrared/ and semantic/ by stem; a file without both partners is rejected by name."""
-        found = {p: {} for p in PANELS}  # panel -> {stem: path}
+        """Pair visible/, infrared/ and semantic/ by stem; a file without both partners is rejected by name, and
+        so are two panels of one stem in one folder (their partners are then left out unnamed)."""
+        found, ambiguous = {}, set()  # panel -> {stem: path}; stems held twice in a folder
         for panel in PANELS:
-            for path in _images(self.root / panel):
-                if path.stem in found[panel]:
-                    self._reject(DataError(path, f"another {panel} image has the stem {path.stem!r}: "
-                                                 f"{found[panel][path.stem].name}"))
-                    continue
-                found[panel][path.stem] = path
+            shares = lambda stem, panel=panel: "the panels " + " and ".join(  # noqa: E731
+                f"{p}/{stem}.*" for p in PANELS if p != panel)
+            found[panel], twice = self._by_stem(_images(self.root / panel), shares)
+            ambiguous |= twice
         matched = []
-        for stem in sorted(set().union(*found.values())):
+        for stem in sorted(set().union(*found.values()) - ambiguous):
             files = tuple(found[p].get(stem) for p in PANELS)
             if None in files:
                 missing = " or ".join(f"{p}/{stem}.*" for p, f in zip(PANELS, files) if f is None)
@@ -221,8 +262,7 @@ class TriptychFolder(_Folder):
             images = [images[0].crop((k * h, 0, (k + 1) * h, h)) for k in range(3)]
         panels = [_rgb(np.asarray(fit_panel(im, self.size, semantic=k == 2), np.float32) / 255)
                   for k, im in enumerate(images)]  # fmt: skip
-        caption = files[0].with_suffix(".txt")
-        caption = caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+        caption = _caption_text(files[0].with_suffix(".txt"), default="")
         return dict(triptych=to_tensor(panels), caption=caption)  # triptych [3, S, 3S]
 
     def __getitem__(self, i: int) -> dict:
@@ -248,16 +288,17 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))  # small resolutions snap some ratios to one size: keep it once
 
 
-def _caption_text(path: Path, default: str | None = None) -> str | None:
-    """The caption file's text, stripped; `default` when there is none; DataError naming it when it is not UTF-8."""
-    if not path.is_file():
-        return default
+def _image_tensor(path: Path, size: tuple[int, int]) -> Tensor:
+    """[3, H, W] in [-1, 1] for size (W, H): the image with its EXIF orientation applied, one deeper than 8 bits
+    scaled by its depth (images.to_8bit), scaled to cover W × H and centre-cropped; DataError if it fails to decode."""
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"is not UTF-8 text ({e.reason} at byte {e.start}): save the caption as UTF-8") from e
-    except OSError as e:
-        raise DataError(path, f"cannot be read ({e.strerror or e})") from e
+        with Image.open(path) as im:
+            im = to_8bit(ImageOps.exif_transpose(im)).convert("RGB")
+    except Exception as e:
+        raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
+    im = ImageOps.fit(im, size, Image.Resampling.LANCZOS)  # scale to cover, centre-crop to width × height
+    image = np.asarray(im, np.float32) / 127.5 - 1  # [H, W, 3] in [-1, 1]
+    return torch.from_numpy(np.ascontiguousarray(rearrange(image, "h w c -> c h w")))
 
 
 class CaptionFolder(_Folder):
@@ -272,8 +313,9 @@ class CaptionFolder(_Folder):
     gets `default_caption`; with default_caption=None that is an error naming every such image (not a file to
     skip: the folder is missing text, not holding a broken file). An image that cannot be read, is smaller than
     16 px, or whose caption is not UTF-8 raises DataError with that file's path under on_error="stop"; under
-    on_error="skip" it is left out and listed in `skipped` as (path, why). A file that passes the check but fails
-    to decode later is replaced by the next good image of the same size, and listed the same way.
+    on_error="skip" it is left out and listed in `skipped` as (path, why); so are both of a.png and a.jpg (one
+    stem: which does a.txt caption?). A file that passes the check but fails to decode later is replaced by the
+    next good image of the same size, and listed the same way.
 
     Each sample: dict(image=[3, H, W] float in [-1, 1], caption=str).
     """
@@ -290,6 +332,7 @@ class CaptionFolder(_Folder):
         if not files:
             raise DataError(self.root, f"no images found; expected image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
                                        " each with a same-named .txt caption")
+        files = sorted(self._by_stem(files, self._shared)[0].values())
         uncaptioned = [f for f in files if not f.with_suffix(".txt").is_file()]
         if uncaptioned and default_caption is None:
             names = ", ".join(f.name for f in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
@@ -304,9 +347,7 @@ class CaptionFolder(_Folder):
         self.sizes: list[tuple[int, int]] = []  # (width, height) each image is made, in pixels
         for f in files:
             try:
-                w, h = _probe(f)
-                if min(w, h) < 16:
-                    raise DataError(f, f"is {w}×{h} pixels; images must be at least 16 pixels on each side")
+                w, h = _probe_image(f)
                 _caption_text(f.with_suffix(".txt"))  # a caption that cannot be read is found now, not mid-run
             except DataError as e:
                 self._reject(e)
@@ -315,6 +356,10 @@ class CaptionFolder(_Folder):
             self.sizes.append(min(choices, key=lambda s: abs(math.log((s[0] / s[1]) / (w / h)))))  # nearest ratio
         if not self.items:
             raise self._all_skipped()
+
+    def _shared(self, stem: str) -> str:
+        """What an image of this stem is paired with (named when two images have the stem)."""
+        return f"the caption {stem}.txt"
 
     def caption(self, i: int) -> str:
         return _caption_text(self.items[i].with_suffix(".txt"), self.default_caption)
@@ -329,16 +374,7 @@ class CaptionFolder(_Folder):
 
     def load(self, i: int) -> dict:
         """Sample i, or DataError naming the file that failed to decode."""
-        path, size = self.items[i], self.sizes[i]
-        try:
-            with Image.open(path) as im:
-                im = to_8bit(ImageOps.exif_transpose(im)).convert("RGB")
-        except Exception as e:
-            raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
-        im = ImageOps.fit(im, size, Image.Resampling.LANCZOS)  # scale to cover, centre-crop to width × height
-        image = np.asarray(im, np.float32) / 127.5 - 1  # [H, W, 3] in [-1, 1]
-        return dict(image=torch.from_numpy(np.ascontiguousarray(rearrange(image, "h w c -> c h w"))),
-                    caption=self.caption(i))  # fmt: skip
+        return dict(image=_image_tensor(self.items[i], self.sizes[i]), caption=self.caption(i))  # image [3, H, W]
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
@@ -372,8 +408,9 @@ class KontextFolder(CaptionFolder):
     Targets are sized as CaptionFolder sizes its images (one square, or aspect-ratio buckets). A control is resized
     to its target's size (control_size="target"), or keeps its own aspect at about resolution² pixels ("own": the
     sequence concatenation takes any size). A target without its control, a control without its target, a control
-    that cannot be read or (with "target") whose aspect differs from its target's by more than 1.5× is named in a
-    DataError, or skipped and listed under on_error="skip".
+    that cannot be read, is smaller than 16 px or (with "target") whose aspect differs from its target's by more than
+    1.5× is named in a DataError, or skipped and listed under on_error="skip"; two targets or two controls of one
+    stem (a.png, a.jpg) are both, and the pair is left out. A control is read as its target is (images.to_8bit).
 
     Each sample: dict(image=[3, H, W], control=[3, H', W'] in [-1, 1], caption=str).
     """
@@ -384,20 +421,23 @@ class KontextFolder(CaptionFolder):
                  on_error: str = "skip", buckets: bool = False, control_size: str = "target"):  # fmt: skip
         if control_size not in ("target", "own"):
             raise ValueError(f"control_size must be 'target' or 'own', got {control_size!r}")
+        self.control_dir = Path(control) if control else Path(root) / "control"  # named by CaptionFolder's checks
         super().__init__(root, resolution, default_caption, on_error, buckets)
-        self.control_dir = Path(control) if control else self.root / "control"
         if not self.control_dir.is_dir():
             raise DataError(self.control_dir, "no such folder: the controls, one per target image with its file name")
-        controls = {p.stem: p for p in _images(self.control_dir)}
+        shares = lambda stem: f"the target {stem}.* in {self.root}"  # noqa: E731
+        controls, ambiguous = self._by_stem(_images(self.control_dir), shares)
         targets = {p.stem for p in _images(self.root)}  # a target skipped above still has its control
         for stem in sorted(set(controls) - targets):
             self._reject(DataError(controls[stem], f"a control without its target: no {self.root}/{stem}.* image"))
         items, sizes, self.controls, self.control_sizes = [], [], [], []
         for path, size in zip(self.items, self.sizes):
+            if path.stem in ambiguous:  # its two controls were named above
+                continue
             try:
                 if path.stem not in controls:
                     raise DataError(path, f"a target without its control: no {self.control_dir}/{path.stem}.* image")
-                w, h = _probe(controls[path.stem])
+                w, h = _probe_image(controls[path.stem])
                 if control_size == "target":
                     change = max(w / h, size[0] / size[1]) / min(w / h, size[0] / size[1])
                     if change > self.MAX_ASPECT_CHANGE:
@@ -415,18 +455,12 @@ class KontextFolder(CaptionFolder):
         if not self.items:
             raise self._all_skipped()
 
+    def _shared(self, stem: str) -> str:
+        return f"the caption {stem}.txt and the control {stem}.* in {self.control_dir}"
+
     def group(self, i: int):
         """What the pairs of one batch share: the target's size and the control's."""
         return self.sizes[i], self.control_sizes[i]
 
     def load(self, i: int) -> dict:
-        sample = super().load(i)
-        path = self.controls[i]
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-        except Exception as e:
-            raise DataError(path, f"cannot be decoded ({type(e).__name__}: {e})") from e
-        im = ImageOps.fit(im, self.control_sizes[i], Image.Resampling.LANCZOS)
-        control = np.asarray(im, np.float32) / 127.5 - 1  # [H', W', 3] in [-1, 1]
-        return sample | {"control": torch.from_numpy(np.ascontiguousarray(rearrange(control, "h w c -> c h w")))}
+        return super().load(i) | {"control": _image_tensor(self.controls[i], self.control_sizes[i])}  # [3, H', W']

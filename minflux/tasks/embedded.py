@@ -41,7 +41,9 @@ from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 SMALL_CLIP_WIDTH, SMALL_T5_WIDTH = 64, 64
 # The VAE of the default recipe (TrainConfig's defaults), as `python -m minflux.tasks.embedded` trains it.
 SHIPPED_VAE = Path(__file__).with_name("embedded_vae.safetensors")
-VAE_SCENES = 512  # the VAE learns on the first 512 training scenes
+# What the shipped VAE was trained with (TrainConfig's defaults): a run of generated scenes with these reads it.
+SHIPPED_SETTINGS = {k: getattr(TrainConfig, k) for k in ("panel_size", "seed", "vae_steps")}
+VAE_SCENES = 512  # the VAE learns on 512 scenes (vae_scenes)
 
 
 def embedded_parts(cfg, train_set, run: Path, device):
@@ -59,6 +61,12 @@ def embedded_parts(cfg, train_set, run: Path, device):
         elif ae_path.exists():
             log(f"vae: cached {ae_path}")
         else:
+            differ = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in SHIPPED_SETTINGS
+                      if getattr(cfg, k) != SHIPPED_SETTINGS[k]] or ["--data"]  # fmt: skip
+            shipped_with = ", ".join(f"{k} {v}" for k, v in SHIPPED_SETTINGS.items())
+            log(f"vae: {', '.join(differ)}: not the shipped VAE's recipe ({shipped_with}, generated scenes); training "
+                f"this run's own for {cfg.vae_steps} steps first (tens of minutes on a CPU for thousands of steps; the "
+                f"progress line shows the ETA), cached as {ae_path}")
             train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         texts = captions(train_set)
         if not any(text.strip() for text in texts):
@@ -127,7 +135,11 @@ def _save_encoder(model: torch.nn.Module, folder: Path, config: dict) -> None:
 
 
 def vae_scenes(train_set) -> torch.Tensor:
-    """What the VAE learns on: the first 512 training triptychs (all of a smaller set), [N, 3, S, 3S]."""
+    """What the VAE learns on, [N, 3, S, 3S]: generated scenes, the generator's first 512 at the run's panel size and
+    seed however many the run trains on (so the shipped VAE serves every run of its panel size and seed); a triptych
+    folder, its first 512 (all of a smaller one)."""
+    if isinstance(train_set, SyntheticTriptychs):
+        train_set = SyntheticTriptychs(VAE_SCENES, train_set.size, train_set.split, train_set.seed)
     return triptychs(train_set, range(min(len(train_set), VAE_SCENES)))
 
 

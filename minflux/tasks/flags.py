@@ -81,6 +81,9 @@ def read_toml(path, cls) -> dict:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: cannot read the config: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                         f"{e.start}); TOML files are UTF-8") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from None
     data = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in data.items()}
@@ -91,8 +94,16 @@ def read_toml(path, cls) -> dict:
     for key, value in data.items():
         expected = cls.expected(key, value) if hasattr(cls, "expected") else None
         if expected:
-            raise ValueError(f"{path}: {key} = {json.dumps(value)}: expected {expected}")
+            raise ValueError(f"{path}: {key} = {written(value)}: expected {expected}")
     return data
+
+
+def written(value) -> str:
+    """A TOML value as it reads in a message: JSON where it has a JSON form, else as TOML writes it (a date, a time)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return f"{value.isoformat() if hasattr(value, 'isoformat') else value} (a {type(value).__name__})"
 
 
 def to_toml(config) -> str:

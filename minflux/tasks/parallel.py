@@ -15,6 +15,7 @@ and of the optimiser state; `--resume` reads them back on the same number of pro
 gathered into the usual single files (see save_atomic in minflux/files/weights.py).
 """
 
+import os
 import warnings
 
 import torch
@@ -102,13 +103,11 @@ def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool,
     tensors per token in a block kept for backward, or one per block with gradient checkpointing; the same for both,
     as each process runs its own share of the batch). With --cpu-offload the shards wait in host memory."""
     flux = getattr(model, "flux", model)
-    p = flux.params
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
     trained = sum(t.numel() * (t.element_size() + 8) for t in model.parameters() if t.requires_grad)
     size = torch.finfo(dtype).bits // 8
     block = max(sum(t.numel() for t in b.parameters()) for b in [*flux.double_blocks, *flux.single_blocks]) * size
-    blocks = p.depth + p.depth_single_blocks
-    acts = batch * seq * p.hidden_size * size * blocks * (1 if checkpointing else 30)
+    acts = activation_bytes(model, batch, seq, checkpointing, dtype)
     ddp = weights + trained + acts
     fsdp = (weights + trained) / processes + 2 * block + acts
     gb = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
@@ -116,6 +115,31 @@ def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool,
             f"~{gb(acts)} (batch {batch} × {seq} tokens); DDP {gb(ddp)}, FSDP over {processes} process(es) "
             f"{gb(fsdp)} (1/{processes} of the weights and optimizer + two blocks gathered), FSDP + --cpu-offload "
             f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory")  # fmt: skip
+
+
+def activation_bytes(model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype) -> int:
+    """memory_estimate's activations: about 30 hidden-size tensors per token in a block kept for backward, or one
+    per block with gradient checkpointing."""
+    p = getattr(model, "flux", model).params
+    blocks = p.depth + p.depth_single_blocks
+    return batch * seq * p.hidden_size * (torch.finfo(dtype).bits // 8) * blocks * (1 if checkpointing else 30)
+
+
+def device_memory(device: torch.device) -> int:
+    """The memory of `device` in bytes: a GPU's own, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(batch_size: int, activations: int, device: torch.device) -> None:
+    """A ValueError before the first step when the activations of one step alone exceed the device's whole memory
+    (the estimate is rough, so only a batch far too large is refused; a smaller excess meets the allocator)."""
+    total = device_memory(device)
+    if activations > total:
+        raise ValueError(f"--batch-size {batch_size}: one step's activations need about {activations / GB:,.0f} GB "
+                         f"(memory estimate), more than the {total / GB:,.0f} GB of {device}; lower --batch-size (the "
+                         "global batch), the image size (--panel-size, --resolution), or use --gradient-checkpointing")
 
 
 def describe(model: nn.Module, device: torch.device) -> str:

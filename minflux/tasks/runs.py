@@ -6,17 +6,18 @@ flag and TOML code is flags.py), processes, progress.
     parse_train_args          the command line → a TrainConfig, checked (flags win over a TOML file; --resume
                               starts from the run's own config.toml)
     read_run                  a run folder → Run: its TrainConfig, read here alone, and the paths of its weights
+    device_problem            why a --device cannot be used on this machine
     rank, world, log          which process this is under torchrun; print once
     Progress                  one progress line
+
+How the run folder is made, replaced and resumed is folders.py.
 """
 
 import argparse
 import dataclasses
-import itertools
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -234,10 +235,12 @@ class TrainConfig:
         "output_dir": "folder holding the run folders (also --out)",
         "name": "run folder name (default: vis2ir-<semantic>, or TASK-<data folder name>); a name already taken gets "
         "a numbered suffix (-2, -3, ...), so no run is ever written over",
-        "overwrite": "replace the run folder of that name instead (its files are deleted first)",
+        "overwrite": "replace the run folder of that name instead: only one train.py made, and only once the new run "
+        "is set up",
         "checkpoint_every": "steps between checkpoints (also written at the end and on Ctrl-C / SIGTERM)",
         "stop_at": "stop after this step with a checkpoint (for jobs with a time limit; continue with --resume)",
-        "resume": "a run folder to continue from its last checkpoint",
+        "resume": "a run folder to continue from its last checkpoint (its model and data stay as they were; a "
+        "finished run is left as it is unless --steps asks for more)",
         "device": "auto, cpu or cuda",
         "dtype": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16",
         "gradient_checkpointing": "recompute block activations in backward to save memory",
@@ -281,13 +284,15 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "adapter_every": _at_least(1),
     "semantic_layout": _one_of("panel", "diptych"),
     "on_error": _one_of("skip", "stop"),
-    "panel_size": ("a multiple of 16, at least 16", lambda v: v >= 16 and v % 16 == 0),
+    "panel_size": ("a multiple of 16 from 16 to 1024 (the diptych is 1024 × 2048 pixels then: 2 megapixels, the most "
+                   "FLUX.1 was trained at)", lambda v: 16 <= v <= 1024 and v % 16 == 0),
     "train_samples": _at_least(1),
     "heldout_samples": _at_least(1),
     "task": _one_of("vis2ir", "t2i", "kontext"),
     "control_size": _one_of("target", "own"),
     "sample_every": _at_least(0),
-    "resolution": ("a multiple of 16, at least 16 (VAE ×8, then 2×2 packing)", lambda v: v >= 16 and v % 16 == 0),
+    "resolution": ("a multiple of 16 from 16 to 4096 (VAE ×8, then 2×2 packing; FLUX.1 was trained up to about 2 "
+                   "megapixels)", lambda v: 16 <= v <= 4096 and v % 16 == 0),
     "caption_dropout": ("a probability in [0, 1)", lambda v: 0 <= v < 1),
     "preset": ("a small preset (" + ", ".join(SMALL_PRESETS) + ")", lambda v: v in SMALL_PRESETS),
     "lora_rank": _at_least(1),
@@ -302,10 +307,12 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "t_sampling": _one_of("logit_normal", "uniform"),
     "max_grad_norm": ("a number > 0 (inf: no clipping)", lambda v: v > 0),
     "guidance": ("a finite number ≥ 0", lambda v: v >= 0),
-    "t5_max_length": _at_least(1),
+    "t5_max_length": ("an integer from 1 to 512 (T5 tokens; the official models take at most 512)",
+                      lambda v: 1 <= v <= 512),
     "vae_steps": _at_least(1),
     "seed": ("an integer from 0 to 2^63 - 1", lambda v: 0 <= v < 2**63),
-    "sample_steps": _at_least(0),
+    "sample_steps": ("an integer from 0 to 10000 (each step is a forward of the transformer; FLUX.1 samples in 4 "
+                     "to 50)", lambda v: 0 <= v <= 10_000),
     "output_dir": ("a folder", lambda v: v != ""),
     "name": ("a folder name (no / and not . or ..; the parent folder is --out)",
              lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v),
@@ -347,11 +354,22 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         if expected:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected {expected}")
     try:  # a TOML file or the resumed run's config.toml: checked as it is read (read_toml)
-        if args.resume:  # the run's own config, then whatever this command line changes
-            cfg = replace(read_run(args.resume).config, **{"stop_at": None, **{k: getattr(args, k) for k in given}})
+        toml = read_toml(args.config, TrainConfig) if args.config else {}
+        resume = args.resume or toml.get("resume")
+        if resume:  # the run's own config, then whatever the TOML file and this command line change
+            changes = {**toml, **{k: getattr(args, k) for k in given}, "resume": resume}
+            run = read_run(resume).config
+            for key, value in changes.items():
+                if key in FIXED_ON_RESUME and not same_value(key, value, getattr(run, key)):
+                    flag = f"--{key.replace('_', '-')} {value}" if key in given else f"{args.config}: {key} = {value!r}"
+                    parser.error(f"{flag}: {resume} was trained with {key} = {getattr(run, key)!r}, and a resumed run "
+                                 "keeps its model and data. Start a new run with it instead (--config "
+                                 f"{Path(resume) / 'config.toml'} --{key.replace('_', '-')} {value}), or fine-tune "
+                                 f"the finished run (--finetune {resume})")  # fmt: skip
+            cfg = replace(run, **{"stop_at": None, **changes})
         else:
             cfg = config_from_args(TrainConfig, args)
-            given |= set(read_toml(args.config, TrainConfig)) if args.config else set()
+            given |= set(toml)
             official = cfg.repo or cfg.flux or cfg.finetune
             if official:  # a LoRA (or a fine-tune) on given weights
                 defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") else {}
@@ -364,6 +382,10 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         parser.error(str(e))
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
+    if problem := missing_path(cfg):
+        parser.error(problem)
+    if problem := device_problem(cfg.device):
+        parser.error(f"--device {cfg.device}: {problem}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
     if cfg.batch_size % processes:
         parser.error(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the {processes} "
@@ -413,6 +435,51 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
     return cfg
 
 
+# What a resumed run cannot change: its model's shape and its data (the checkpoint holds the rest of the state).
+FIXED_ON_RESUME = ("task", "semantic", "adapter_layers", "adapter_heads", "adapter_width", "adapter_every",
+                   "adapter_scale_init", "semantic_layout", "data", "panel_size", "train_samples", "heldout_samples",
+                   "resolution", "buckets", "control", "control_size", "preset", "repo", "flux", "ae", "clip", "t5",
+                   "finetune", "lora_rank", "lora_alpha", "lora_targets", "full_finetune", "t5_max_length",
+                   "vae_steps", "seed", "parallel")  # fmt: skip
+PATH_FIELDS = ("data", "control", "repo", "flux", "ae", "clip", "t5", "finetune", "resume")
+
+
+def same_value(key: str, a, b) -> bool:
+    """Two values of one field, paths compared as the files they name."""
+    if key in PATH_FIELDS and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
+def missing_path(cfg: TrainConfig) -> str | None:
+    """The first given path that names nothing (or a --finetune folder that is not a run), in words; else None."""
+    for key in PATH_FIELDS:
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).exists():
+            return f"--{key.replace('_', '-')} {value}: no such file or folder"
+    if cfg.finetune and not (Path(cfg.finetune) / "transformer.safetensors").is_file():
+        return (f"--finetune {cfg.finetune}: expected a finished run folder of train.py's embedded default (its "
+                "transformer.safetensors); it holds none")  # fmt: skip
+    return None
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot use `device` (auto, cpu, cuda, cuda:N, mps) on this machine; None when it can."""
+    import torch
+
+    if not DEVICE.fullmatch(device):
+        return "expected auto, cpu, cuda, cuda:N or mps"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this build of torch has no CUDA" if torch.version.cuda is None else "this machine has none"
+        return f"no CUDA device is available ({why}); use cpu or auto"
+    if device.startswith("cuda:") and int(device[5:]) >= (n := torch.cuda.device_count()):
+        names = "cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"
+        return f"this machine has {n} CUDA device{'s' if n > 1 else ''}: {names}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "no MPS device is available (Apple silicon and a torch built for it only)"
+    return None
+
+
 def has_guidance_embedding(flux_path) -> bool:
     """dev has a guidance embedding, schnell has none: told from the weights' key names, no tensor read."""
     return any("guidance_in." in k or "guidance_embedder." in k for k in read_shapes(flux_path))
@@ -446,31 +513,3 @@ def read_run(folder) -> Run:
     weights = find_weights(None, own.flux or cfg.flux, own.ae or cfg.ae, own.clip or cfg.clip, own.t5 or cfg.t5)
     existing = lambda name: folder / name if (folder / name).is_file() else None  # noqa: E731
     return Run(folder, cfg, weights, existing("lora.safetensors"), existing("adapter.safetensors"))
-
-
-def make_run_folder(out, name: str, overwrite: bool = False) -> Path:
-    """A new, empty run folder OUT/NAME, made here. A name already taken (a finished or an unfinished run, anything)
-    gets the first free suffix, NAME-2, NAME-3, ...; mkdir decides, so two runs started at once never share one.
-    overwrite: OUT/NAME itself, its files deleted first (only a train.py run folder's, or an empty folder's)."""
-    folder = Path(out) / name
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and folder.exists():
-            if not folder.is_dir() or (any(folder.iterdir()) and not (folder / "config.toml").is_file()):
-                raise ValueError(f"--overwrite: {folder} is not a train.py run folder (no config.toml); left as it is")
-            shutil.rmtree(folder)
-        for k in itertools.count(1):
-            candidate = Path(out) / (name if k == 1 else f"{name}-{k}")
-            try:
-                candidate.mkdir()
-                return candidate
-            except FileExistsError:
-                continue
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot make the run folder {name} there: {e}") from None
-
-
-def latest_run(runs) -> Path | None:
-    """The most recently finished run under `runs` (the one whose metrics.json is newest)."""
-    finished = sorted(Path(runs).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
-    return finished[-1].parent if finished else None
