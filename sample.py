@@ -33,7 +33,8 @@ from minflux.files.images import DataError, image_grid, read_image, read_setting
 from minflux.files.weights import WeightsError, read_shapes, sha256
 from minflux.tasks.flags import dashed
 from minflux.tasks.folders import latest_run
-from minflux.tasks.runs import Progress, device_problem
+from minflux.tasks.parallel import device_problem
+from minflux.tasks.runs import Progress
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -86,8 +87,8 @@ def parse_args(argv):
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default, or auto: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, on the CPU with "
-                   "their weights frozen in: the first step compiles (a minute), the others run faster (README, "
-                   "Performance)")
+                   "their weights frozen in: the first step compiles (a minute), the others run faster "
+                   "(minflux/study/BENCH.md)")
     g.add_argument("--offload", action="store_true",
                    help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
     return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))

@@ -123,41 +123,29 @@ def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> in
     if sharded:
         groups = shard(model, groups, dtype, cfg.cpu_offload)
         log(describe(model, device))
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, fused=True)  # fused: the step in about half the time
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0, fused=True)  # fused: about half the time
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() and not sharded else model
-
     gen = torch.Generator().manual_seed(cfg.seed)  # batches, times and noise: its state is checkpointed
     step, losses = load_checkpoint(run, model, opt, gen, sharded) if cfg.resume else (0, [])
     saved = step if cfg.resume else None  # the step of the newest checkpoint
     if step:
         log(f"resumed at step {step}")
-
-    stop = {"signal": None}
+    stop = {"signal": None}  # from here a signal ends the loop after its step, with a checkpoint
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop.update(signal=s))
 
     # 3. the loop: every process draws the same global batch, times and noise from `gen`, then keeps its share
-    progress = Progress(cfg.steps, label="step ")
-    log_file = open(run / "log.jsonl", "a", buffering=1) if rank() == 0 else None  # line-buffered: a crash loses no line
-    start = time.perf_counter()
-    last = min(cfg.steps, cfg.stop_at or cfg.steps)
-    first_step = step
+    steps_log, first, last = StepLog(run, cfg.steps), step, min(cfg.steps, cfg.stop_at or cfg.steps)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # fp32 LoRA, bf16 maths
     while step < last and stop["signal"] is None:
-        for g in opt.param_groups:  # the staged plan's first stage trains the semantic adapter alone
-            base_lr = cfg.adapter_lr or cfg.lr if g["name"] == "adapter" else cfg.lr
-            g["lr"] = base_lr * lr_factor(step, cfg)
-            if g["name"] == "transformer" and step < cfg.adapter_warmup_steps:
-                g["lr"] = 0.0
-
-        with maybe_trace(cfg.trace and step == first_step, "the first training step"), autocast:
+        set_learning_rates(opt, step, cfg)
+        with maybe_trace(cfg.trace and step == first, "the first training step"), autocast:
             batch = task.draw(gen).share(rank(), world()).to(device, dtype)
             loss = flow_matching_loss(ddp, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
                                       **batch.inputs)  # fmt: skip
         if not math.isfinite(loss.item()):
-            kept = (run / "checkpoints" / "latest").exists()
             log(f"step {step + 1}: the loss is {loss.item()}; stopping. " + (f"The last good checkpoint is in "
-                f"{run / 'checkpoints'}" if kept else "No checkpoint had been written yet."))
+                f"{run / 'checkpoints'}" if saved else "No checkpoint had been written yet."))  # fmt: skip
             return 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -165,45 +153,32 @@ def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> in
         opt.step()
         step += 1
 
-        loss_all = loss.detach().clone()
-        if dist.is_initialized():
-            dist.all_reduce(loss_all, op=dist.ReduceOp.AVG)
-        losses.append(loss_all.item())
-        if dist.is_initialized():  # a signal to any process stops every process at this step
-            signum = torch.tensor([stop["signal"] or 0], device=device)  # (NCCL reduces CUDA tensors only)
-            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-            stop["signal"] = int(signum.item()) or None
-        scales = getattr(model, "scales", [])  # (FSDP: every process gathers the sharded gates)
-        if rank() == 0:
-            record = {"step": step, "loss": losses[-1], "grad_norm": grad_norm, "scales": scales}
-            log_file.write(json.dumps({**record, "time": time.perf_counter() - start}) + "\n")
-            if step % 10 == 0 or step == cfg.steps:
-                fields = {"loss": sum(losses[-10:]) / len(losses[-10:])}
-                if scales:
-                    fields["scale"] = scales[0]
-                progress.update(step, **fields)
+        losses.append(averaged(loss))
+        stop["signal"] = agreed(stop["signal"], device)  # a signal to any process stops every process at this step
+        steps_log.write(step, losses, grad_norm, getattr(model, "scales", []))  # (FSDP: every process gathers)
         if step % cfg.checkpoint_every == 0 or step == last or stop["signal"] is not None:
             save_checkpoint(run, model, opt, step, gen, losses, sharded)
             saved = step
         if cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and (sharded or rank() == 0):
             with written_by_first(task, sharded):  # the last: samples.png
                 task.samples(model, task.run / "samples" / f"step-{step:06d}.png")
-    if log_file:
-        log_file.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = steps_log.close()
     if stop["signal"] is not None:
-        if saved != step:
+        if saved != step:  # the signal came after this step's checkpoint test (while sampling, say)
             save_checkpoint(run, model, opt, step, gen, losses, sharded)
         log(f"stopped by signal {stop['signal']} at step {step}; resume with: python train.py --resume {run}")
         return 128 + stop["signal"]
-
     if step < cfg.steps:
         log(f"stopped at step {step} of {cfg.steps} (--stop-at); continue with: python train.py --resume {run}")
         return 0
+    return finish(cfg, task, model, run, losses, step, train_seconds, stop)
 
-    # 4. held-out evaluation and the run folder; a signal now stops it at once (the checkpoint of `step` is whole).
-    # Under FSDP every process runs the model (each forward gathers the shards) and the others write into a scratch
-    # folder that is then removed.
+
+def finish(cfg: TrainConfig, task, model, run: Path, losses: list, step: int, train_seconds: float, stop: dict) -> int:
+    """4. The held-out evaluation and the run folder's files; a signal now stops it at once (the checkpoint of `step`
+    is whole). Under FSDP every process runs the model (each forward gathers the shards) and the others write into a
+    scratch folder that is then removed."""
+    sharded = cfg.parallel == "fsdp"
     if rank() == 0 or sharded:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, raise_stopped)
@@ -228,6 +203,56 @@ def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> in
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def set_learning_rates(opt, step: int, cfg: TrainConfig) -> None:
+    """The schedule (lr_factor) for every group; the staged plan's first stage trains the semantic adapter alone."""
+    for g in opt.param_groups:
+        base_lr = cfg.adapter_lr or cfg.lr if g["name"] == "adapter" else cfg.lr
+        g["lr"] = base_lr * lr_factor(step, cfg)
+        if g["name"] == "transformer" and step < cfg.adapter_warmup_steps:
+            g["lr"] = 0.0
+
+
+def averaged(loss: torch.Tensor) -> float:
+    """The step's loss, averaged over the processes."""
+    loss = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    return loss.item()
+
+
+def agreed(signum: int | None, device) -> int | None:
+    """The signal any process received this step (every process then stops at the same step)."""
+    if not dist.is_initialized():
+        return signum
+    t = torch.tensor([signum or 0], device=device)  # (NCCL reduces CUDA tensors only)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+class StepLog:
+    """log.jsonl (a line a step, line-buffered: a crash loses no line) and the progress line, on the first process."""
+
+    def __init__(self, run: Path, steps: int):
+        self.steps, self.start = steps, time.perf_counter()
+        self.progress = Progress(steps, label="step ")
+        self.file = open(run / "log.jsonl", "a", buffering=1) if rank() == 0 else None
+
+    def write(self, step: int, losses: list, grad_norm: float, scales: list) -> None:
+        if self.file is None:
+            return
+        record = {"step": step, "loss": losses[-1], "grad_norm": grad_norm, "scales": scales}
+        self.file.write(json.dumps({**record, "time": time.perf_counter() - self.start}) + "\n")
+        if step % 10 == 0 or step == self.steps:
+            fields = {"loss": sum(losses[-10:]) / len(losses[-10:])}
+            self.progress.update(step, **fields, **({"scale": scales[0]} if scales else {}))
+
+    def close(self) -> float:
+        """Closes the file; returns the seconds since the loop started."""
+        if self.file is not None:
+            self.file.close()
+        return time.perf_counter() - self.start
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -51,17 +51,32 @@ from minflux.lora import (
 )
 from minflux.semantic import SEMANTIC_MODES, SemanticConditioningAdapter, SemanticCrossAttention, Vis2IR
 
-# files: weights, LoRA files, tokenizers
-from minflux.files.weights import WeightsError
-from minflux.files.load import CLIPEmbedder, T5Embedder, find_weights, load_ae, load_clip, load_flux, load_t5, save_flux
-from minflux.files.lora_files import load_lora, read_lora, save_lora
-from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
-from minflux.files.images import DataError
+# Reading and writing files, the tasks and the pipelines: the same names, imported when first used, so that
+# `import minflux.model` (or any model file) loads the model files alone.
+_ELSEWHERE = {
+    "minflux.files.weights": ["WeightsError"],
+    "minflux.files.load": ["CLIPEmbedder", "T5Embedder", "find_weights", "load_ae", "load_clip", "load_flux", "load_t5",
+                           "save_flux"],
+    "minflux.files.lora_files": ["load_lora", "read_lora", "save_lora"],
+    "minflux.files.tokenizers": ["CLIPTokenizer", "T5Tokenizer"],
+    "minflux.files.images": ["DataError"],
+    "minflux.tasks.scenes": ["CLASSES", "SyntheticTriptychs", "make_scene", "split_triptych"],
+    "minflux.tasks.data": ["CaptionFolder", "TriptychFolder"],
+    "minflux.tasks.vis2ir": ["encode_triptych", "generate_infrared", "prepare_vis2ir"],
+    "minflux.pipeline": ["FluxPipeline", "Vis2IRPipeline"],
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _ELSEWHERE.items() for name in names}
 
-# data and the vis2ir task
-from minflux.tasks.scenes import CLASSES, SyntheticTriptychs, make_scene, split_triptych
-from minflux.tasks.data import CaptionFolder, TriptychFolder
-from minflux.tasks.vis2ir import encode_triptych, generate_infrared, prepare_vis2ir
 
-# sampling pipelines
-from minflux.pipeline import FluxPipeline, Vis2IRPipeline
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'minflux' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_MODULE_OF])

@@ -14,7 +14,6 @@ Choose one yourself with `with attention_backend("explicit"): ...`.
 References: the official FLUX code (black-forest-labs/flux, src/flux/math.py); RoFormer (Su et al. 2021).
 """
 
-import time
 from contextlib import contextmanager
 
 import torch
@@ -67,27 +66,15 @@ class AttentionMaps(hooks.Observer):
 
 
 def cpu_bf16_native() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16, AMX), measured once per process: a 512³
-    product in bf16 against the best of three in fp32. Where bf16 is native it is several times faster than fp32;
-    where it is emulated (AVX2), several times slower, and one product says so."""
-    global _CPU_BF16_NATIVE
-    if _CPU_BF16_NATIVE is None:
-        a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))  # its own generator: no global draw
-
-        def seconds(x: torch.Tensor) -> float:
-            start = time.perf_counter()
-            x @ x
-            return time.perf_counter() - start
-
-        fp32 = min(seconds(a) for _ in range(3))
-        b = a.bfloat16()
-        _CPU_BF16_NATIVE = False
-        for _ in range(3):
-            t = seconds(b)
-            if t < fp32 or t > 2 * fp32:
-                _CPU_BF16_NATIVE = t < fp32
-                break
-    return _CPU_BF16_NATIVE
+    """Whether this CPU multiplies bf16 matrices natively, from what it reports, never from a timing (the same
+    inputs give the same numbers on a loaded machine as on an idle one): AVX512-BF16 or AMX, with PyTorch's kernels
+    not restricted below AVX-512 (ATEN_CPU_CAPABILITY=avx2 runs the AVX2 kernels, which emulate bf16). Where bf16
+    is native it is several times faster than fp32; where it is emulated, several times slower (study/BENCH.md).
+    Set _CPU_BF16_NATIVE to decide it otherwise (the tests do)."""
+    if _CPU_BF16_NATIVE is not None:
+        return _CPU_BF16_NATIVE
+    reported = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return reported and "AVX512" in torch.backends.cpu.get_cpu_capability()
 
 
 _CPU_BF16_NATIVE: bool | None = None
@@ -110,7 +97,7 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
       multiplies. The cost: Q Kᵀ is rounded to bf16 before the softmax, and the [B, H, Lq, Lk] scores are held
       in memory (the fused kernels never hold them; autograd keeps the probabilities for backward).
     - SDPA everywhere else: flash / memory-efficient kernels on CUDA; on the CPU in float32, and in bf16 where
-      bf16 is emulated, its kernel is the faster (README, Performance).
+      bf16 is emulated, its kernel is the faster (minflux/study/BENCH.md).
     """
     observer = hooks.current()
     recording = observer is not None and observer.wants_attention

@@ -268,7 +268,7 @@ class AutoEncoder(nn.Module):
         z = z / self.scale_factor + self.shift_factor  # undo encode's normalisation
         # Channels-last ([B, H, W, C] in memory) is the layout the CPU's oneDNN convolutions (and cuDNN's tensor
         # cores) run natively; every layer keeps it, so the tensors are not reordered at each conv. The same
-        # numbers in a different memory order, computed faster (README, Performance).
+        # numbers in a different memory order, computed faster (minflux/study/BENCH.md).
         z = z.contiguous(memory_format=torch.channels_last)
         if tile is None:
             return self.decoder(z).contiguous()

@@ -12,7 +12,7 @@ Q comes from the image tokens, K and V from the semantic tokens (the VAE latent 
 packed like the image), 8 heads of 8 channels. `scale` starts at 0, so at initialisation the adapter is
 the identity and the pretrained model is undisturbed; training grows it (the vis2ir notes expect 0.00x → 0.x).
 
-The notes' design has no positions in Q or K: attention then treats the semantic tokens as an unordered
+The vis2ir design has no positions in Q or K: attention then treats the semantic tokens as an unordered
 set, and a query cannot tell *where* a semantic token lies — only what it looks like. `positions` adds
 RoPE on Q and K from the tokens' (axis0, row, col) ids, as FLUX does for its own attention, so that a
 query can find the semantic token at its own place.
@@ -243,7 +243,7 @@ class Vis2IR(nn.Module):
             self.blocks = BlockInjection(flux, heads)
         if semantic == "adapters":  # plan C: `layers` layers per adapter, `width` wide, after every `every`-th block
             self.blocks = AdapterInjection(flux, width, heads, layers, every)
-        with torch.no_grad():  # scale_init ≠ 0 (the notes' "scale initialisation strategy"): no identity at the start
+        with torch.no_grad():  # scale_init ≠ 0 (the vis2ir design's "scale initialisation strategy"): no identity at the start
             for gate in self.gates():
                 gate.fill_(scale_init)
 

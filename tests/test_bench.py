@@ -1,13 +1,16 @@
 """The benchmark runs end to end on a tiny configuration, with and without the reference libraries.
 
-No timing is asserted: only that every case ran, timed both libraries, and wrote the fields the README
-table is made from.
+No timing is asserted: only that every case ran, timed both libraries, and wrote the fields the table of
+minflux/study/BENCH.md is made from.
 """
 
 import json
+import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from minflux.study import bench, bench_cases
 from tests.test_compile import HAS_CXX
@@ -139,7 +142,23 @@ def test_cpu_bf16_attention_path_follows_what_the_cpu_can_do(monkeypatch):
     assert torch.equal(attention.scaled_dot_product(q, k, v), explicit)
     assert attention.cpu_bf16_note("cpu", torch.bfloat16) is None
     monkeypatch.setattr(attention, "_CPU_BF16_NATIVE", None)
-    assert attention.cpu_bf16_native() in (True, False)  # measured here, whichever this CPU is
+    assert attention.cpu_bf16_native() in (True, False)  # what this CPU reports, whichever it is
+
+
+def test_the_bf16_attention_path_is_what_the_cpu_reports_busy_or_idle(monkeypatch):
+    """The choice is read from the CPU's features, never timed: the same on a loaded machine as on an idle one."""
+    from minflux import attention
+
+    reported = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    expected = reported and "AVX512" in torch.backends.cpu.get_cpu_capability()
+    idle = attention.cpu_bf16_native()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # the other core... and this one, shared
+    try:
+        monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("the bf16 path was decided by a timing"))
+        loaded = [attention.cpu_bf16_native() for _ in range(20)]
+    finally:
+        busy.kill()
+    assert idle == expected and loaded == [expected] * 20
 
 
 def test_matmul_peak_stays_within_its_budget():

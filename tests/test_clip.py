@@ -141,6 +141,8 @@ def test_tokenizer_matches_transformers(tmp_path, pad_token):
     assert n > 75
     messages = [str(w.message) for w in caught if "CLIP prompt" in str(w.message)]
     assert len(messages) == 1
+    # the warning points at the line that called the tokenizer, not at the @stage wrapper around it
+    assert [w.filename for w in caught if "CLIP prompt" in str(w.message)] == [__file__]
     assert f"prompt {len(PROMPTS)} is {n} tokens long" in messages[0] and f"{n - 75} tokens dropped" in messages[0]
 
 

@@ -64,7 +64,7 @@ def test_every_exercise_command_runs_and_shows_what_it_says(tmp_path_factory, ca
         os.chdir(previous)
     assert len(out) >= 12
 
-    # 1. the Kontext walk-through and the vis2ir notes' DEBUG shapes
+    # 1. the Kontext walk-through and the vis2ir design's DEBUG shapes
     kontext = out["python -m minflux.study.trace flux-dev-kontext"]
     for shape in ("[1, 8192, 64] → [1, 8192, 3072]", "[1, 8704, 24, 128]", "[1, 8704, 15360]", "[1, 3, 1024, 1024]"):
         assert shape in kontext

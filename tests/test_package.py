@@ -115,3 +115,26 @@ def test_the_declared_python_floor_has_every_standard_module_the_code_imports():
             needs = NEWER_STDLIB.get(module, (3, 0))
             assert floor >= needs, f"{path.relative_to(ROOT)} imports {module}, new in Python {needs}; {declared}"
     assert sys.version_info[:2] >= floor  # and the tests run on a Python the package accepts
+
+
+def test_a_model_file_imports_the_model_alone_and_the_package_names_resolve():
+    code = ("import sys, minflux.model; print(sorted({m.split('.')[1] for m in sys.modules "
+            "if m.startswith('minflux.')}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    loaded = set(eval(out.stdout))  # noqa: S307 (our own print)
+    assert out.returncode == 0 and not loaded & {"files", "tasks", "study", "pipeline"}, out.stdout + out.stderr
+    import minflux
+
+    for name in minflux._MODULE_OF:  # the names that live in files/, tasks/ and pipeline.py, imported when used
+        assert getattr(minflux, name) is not None and name in dir(minflux)
+
+
+def test_no_private_name_is_imported_across_modules():
+    import ast
+
+    found = []
+    for path in [*ROOT.joinpath("minflux").rglob("*.py"), ROOT / "train.py", ROOT / "sample.py"]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minflux"):
+                found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found

@@ -84,7 +84,7 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     assert sample.main([*argv[:4], "--steps", "2"]) == 2  # a visible image without its semantic map
     assert "give --semantic-map with one map for each" in capsys.readouterr().err
 
-    # --trace and --params: one line per stage, in the notes' notation; a parameter table
+    # --trace and --params: one line per stage, in the walk-through's notation; a parameter table
     assert sample.main(["--runs", str(tmp_path), "--num", "1", "--steps", "1", "--trace", "--params"]) == 0
     out = capsys.readouterr().out
     assert "prepare_vis2ir" in out and re.search(r"^\s+fill_condition\s+.*image \[1, 3, 64, 128\], mask \[1, 1, 64, 128\] "

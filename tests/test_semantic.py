@@ -26,7 +26,7 @@ def test_adapter_is_the_identity_at_initialisation():
 
 def test_adapter_maps_2048_queries_over_1024_semantic_keys_to_the_query_shape():
     adapter = trained_like(SemanticConditioningAdapter(dim=64, num_heads=8))
-    x, sem = torch.randn(4, 2048, 64), torch.randn(4, 1024, 64)  # the notes' x_t; a 512×512 panel's tokens
+    x, sem = torch.randn(4, 2048, 64), torch.randn(4, 1024, 64)  # the vis2ir design's x_t; a 512×512 panel's tokens
     out = adapter(x, sem)
     assert out.shape == (4, 2048, 64)
     assert not torch.allclose(out, x)
@@ -47,7 +47,7 @@ def test_gradients_reach_the_zero_scale_and_through_it_the_projections():
 
 
 def test_without_positions_a_query_cannot_tell_where_a_semantic_token_lies():
-    """The flaw of the notes' design: shuffling the semantic tokens changes nothing."""
+    """The flaw of the vis2ir design: shuffling the semantic tokens changes nothing."""
     layer = trained_like(SemanticCrossAttention())
     x, sem = torch.randn(1, 64, 64), torch.randn(1, 64, 64)
     perm = torch.randperm(64)

@@ -237,8 +237,9 @@ def test_tokenizer_matches_transformers(tokenizer_folders, backend):
 def test_tokenizer_warns_with_the_number_of_dropped_tokens(tokenizer_folders):
     tok = T5Tokenizer(tokenizer_folders[1], max_length=MAX_LENGTH)
     n = len(tok.encode(CORPUS[-1]))
-    with pytest.warns(UserWarning, match=f"{n - (MAX_LENGTH - 1)} dropped"):
+    with pytest.warns(UserWarning, match=f"{n - (MAX_LENGTH - 1)} dropped") as caught:
         tok([CORPUS[-1]])
+    assert [w.filename for w in caught] == [__file__]  # the caller's line, not the @stage wrapper's
 
 
 def test_tokenizer_without_files_names_the_folder(tmp_path):

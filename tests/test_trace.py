@@ -1,4 +1,4 @@
-"""Shape traces and parameter tables (minflux/study/), checked against the walk-through's and the notes' numbers.
+"""Shape traces and parameter tables (minflux/study/), checked against the walk-through's and the vis2ir design's numbers.
 
 The full-size traces run on the meta device: FLUX.1-dev, its VAE, CLIP-L and T5-XXL with no weights.
 """
@@ -71,8 +71,8 @@ def test_kontext_trace_command_prints_the_walk_through(capsys):
 
 @pytest.mark.parametrize("layout", ["panel", "diptych"])
 def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys, layout):
-    """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir notes' DEBUG lines, read from the printed output;
-    with --semantic-layout diptych every one of them, the notes' [4, 2048, 64] semantic tokens included."""
+    """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir design's DEBUG lines, read from the printed output;
+    with --semantic-layout diptych every one of them, the design's [4, 2048, 64] semantic tokens included."""
     from minflux.study.trace import main
 
     assert main(["vis2ir", "--batch", "4", "--semantic-layout", layout]) == 0
@@ -84,7 +84,7 @@ def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys, layout):
     assert debug["mask_diptych"] == "[4, 1, 512, 1024]"
     assert debug["x_0"] == "[4, 2048, 64]"
     assert debug["x_cond"] == "[4, 2048, 320]"
-    # minflux's default: the semantic panel alone; the notes' layout: the map beside itself, a token per x_t token
+    # minflux's default: the semantic panel alone; the design's layout: the map beside itself, a token per x_t token
     assert debug["semantic_tokens"] == {"panel": "[4, 1024, 64]", "diptych": "[4, 2048, 64]"}[layout]
     assert debug["x_t"] == debug["x_t_enhanced"] == "[4, 2048, 64]"
     assert debug["hidden_states (final)"] == "[4, 2048, 384]"

@@ -169,13 +169,13 @@ def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_p
     import math
     import tomllib
 
-    from minflux.tasks.flags import _field_type, to_toml
+    from minflux.tasks.flags import field_type, to_toml
 
     kinds = {}
     for floats in ((math.inf, -math.inf, 1e-300), (0.1, 2.5e20, math.nan)):
         values = {}
         for i, f in enumerate(dataclasses.fields(train.TrainConfig)):
-            kind = _field_type(f)
+            kind = field_type(f)
             kinds.setdefault(kind, []).append(f.name)
             values[f.name] = {str: f"{TRICKY} {i}", int: 2**40 + i, float: floats[i % 3],
                               bool: not (f.default is True)}[kind]  # fmt: skip

@@ -4,6 +4,8 @@ No downloads: tiny random "official" weights are written here in the official la
 ae.safetensors, CLIP/T5 folders with tokenizers), and train.py reads them as it reads FLUX.1-dev.
 """
 
+import contextlib
+import io
 import json
 import math
 from dataclasses import replace
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import train
+from minflux.tasks.runs import CASES
 from minflux.files.images import DataError
 from minflux.tasks.data import CaptionFolder, bucket_sizes
 from minflux.sampling import prepare_img_ids, prepare_txt_ids
@@ -185,12 +188,15 @@ def test_t2i_defaults_apply_unless_given(tmp_path, monkeypatch):
     cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
                        "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
     assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
-    # vis2ir from scratch (the embedded default) takes its own learning rate and steps; on given weights, TrainConfig's
-    assert (train.parse([]).lr, train.parse([]).steps) == (3e-3, 1200)
+    # `python train.py` (the embedded vis2ir default) runs with exactly TrainConfig's declared defaults
+    assert train.parse([]) == train.TrainConfig() and (train.TrainConfig().lr, train.TrainConfig().steps) == (3e-3, 1200)
     assert train.parse(["--lr", "1e-4"]).lr == 1e-4 and train.parse(["--steps", "1300"]).steps == 1300
-    on_weights = train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"])
-    assert (on_weights.lr, on_weights.steps) == (train.TrainConfig().lr, train.TrainConfig().steps) == (1e-3, 1300)
+    on_weights = train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"])  # the table's other rows
+    assert (on_weights.lr, on_weights.steps) == (1e-3, 1300) == tuple(CASES["vis2ir on given weights"].values())
     assert (train.parse(["--task", "kontext"]).lr, train.parse(["--task", "kontext"]).steps) == (1e-3, 1300)
+    help_text = " ".join(train_help().split())  # --help shows each kind of run's default
+    assert "(default: 1200; vis2ir on given weights: 1300; kontext from scratch: 1300; t2i or kontext on given " \
+           "weights: 1000)" in help_text
 
 
 def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):
@@ -198,3 +204,9 @@ def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):
     common = ["--task", "t2i", "--data", x, "--ae", x, "--clip", x, "--t5", x]
     assert train.parse([*common, "--flux", str(weights["dev"])]).t5_max_length == 512
     assert train.parse([*common, "--flux", str(weights["schnell"])]).t5_max_length == 256
+
+
+def train_help() -> str:
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        train.parse(["--help"])
+    return out.getvalue()

@@ -28,7 +28,7 @@ def test_encode_triptych_gives_the_notes_shapes():
         out = encode_triptych(PoolAE(), triptych, "xattn_rope")
     assert out.x0.shape == (4, 2048, 64)
     assert out.x_cond.shape == (4, 2048, 320)
-    assert out.semantic["semantic"].shape == (4, 1024, 64)  # a 512×512 panel: 32 × 32 tokens, not the notes' 2048
+    assert out.semantic["semantic"].shape == (4, 1024, 64)  # a 512×512 panel: 32 × 32 tokens, not the design's 2048
     assert out.img_ids.shape == out.semantic["semantic_ids"].shape[:1] + (2048, 3)
     assert out.target_tokens.sum().item() == 4 * 1024  # the right half of each 32 × 64 token grid
     # the Fill condition's mask channels are 1 exactly on the target half
@@ -226,7 +226,7 @@ def test_adapter_attention_is_the_softmax_formula_with_rope_written_out():
 
 def test_plan_c_parameter_counts_by_formula_at_the_small_and_the_full_width():
     """An adapter at width W on a transformer of hidden size C: down C·W + W, up W·C + C, the gate, and per layer
-    four LayerNorms, the self- and cross-attention projections and the feed-forward (the README quotes these)."""
+    four LayerNorms, the self- and cross-attention projections and the feed-forward (minflux/tasks/VIS2IR.md quotes these)."""
     W = 64
     layer = (2 * W) * 4 + (W * 3 * W + 3 * W) + 3 * (W * W + W) + (W * 2 * W + 2 * W) + (W * 4 * W + 4 * W) + (4 * W * W + W)
     assert layer == 66_880  # four LayerNorms, self qkv, self out / cross q / cross out, cross kv, the feed-forward

@@ -7,3 +7,18 @@
     tokenizers.py   CLIPTokenizer, T5Tokenizer, and small vocabularies written in their formats
     images.py       images as tensors, PNGs with their settings, grids and plots
 """
+
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
+def warn_caller(message: str) -> None:
+    """warnings.warn, pointing at the first line outside minflux that led here (the user's call), not at a @stage
+    wrapper (hooks.py) or another minflux frame in between."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this function
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

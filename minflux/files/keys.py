@@ -84,15 +84,16 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((b, a), dim=0)
 
 
-def _block_count(keys, prefix: str) -> int:
+def block_count(keys, prefix: str) -> int:
+    """How many blocks the keys under `prefix` number (double_blocks.0. ... double_blocks.18.: 19)."""
     return len({k.split(".")[1] for k in keys if k.startswith(prefix)})
 
 
 def diffusers_to_flux(sd: dict[str, torch.Tensor], source="weights") -> dict[str, torch.Tensor]:
     """diffusers FluxTransformer2DModel keys -> official keys. Consumes `sd` as it goes (one copy in memory)."""
     sd = dict(sd)
-    depth = _block_count(sd, "transformer_blocks.")
-    depth_single = _block_count(sd, "single_transformer_blocks.")
+    depth = block_count(sd, "transformer_blocks.")
+    depth_single = block_count(sd, "single_transformer_blocks.")
     out = {}
     for ours, theirs in diffusers_key_pairs(depth, depth_single):
         if not all(t in sd for t in theirs):
@@ -106,8 +107,8 @@ def diffusers_to_flux(sd: dict[str, torch.Tensor], source="weights") -> dict[str
 
 def flux_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Official keys -> diffusers FluxTransformer2DModel keys (q, k, v and the single blocks' mlp split)."""
-    depth = _block_count(sd, "double_blocks.")
-    depth_single = _block_count(sd, "single_blocks.")
+    depth = block_count(sd, "double_blocks.")
+    depth_single = block_count(sd, "single_blocks.")
     hidden = sd["img_in.weight"].shape[0]
     out = {}
     for ours, theirs in diffusers_key_pairs(depth, depth_single):

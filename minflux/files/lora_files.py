@@ -22,7 +22,6 @@ conversions the tests use as the oracle.
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from minflux.files.keys import LORA_PREFIXES, LORA_SUFFIXES, SWAPPED_HALVES, XLABS, diffusers_key_pairs, swap_halves
+from minflux.files import warn_caller
 from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic, whole
 from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers
 
@@ -258,8 +258,8 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
 
     if unmatched:
         listed = ", ".join(unmatched[:20]) + (f", ... ({len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
-        warnings.warn(f"{source}: {len(unmatched)} key(s) not loaded (no linear layer of this model, or no "
-                      f"down/up pair): {listed}")  # fmt: skip
+        warn_caller(f"{source}: {len(unmatched)} key(s) not loaded (no linear layer of this model, or no down/up "
+                    f"pair): {listed}")
     return {module: _fuse(p, layers[module].out_features) for module, p in pieces.items()}
 
 
@@ -328,10 +328,10 @@ def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
         }
         outside = [name for name in layers if not name.startswith(("double_blocks.", "single_blocks."))]
         if outside:  # diffusers 0.42's _convert_kohya_flux_lora_to_diffusers names them without "transformer."
-            warnings.warn(f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
-                          f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
-                          "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
-                          "in the diffusers format for diffusers")  # fmt: skip
+            warn_caller(f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
+                        f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
+                        "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
+                        "in the diffusers format for diffusers")
     elif format == "diffusers":
         tensors = _diffusers_tensors(model, layers)
     else:

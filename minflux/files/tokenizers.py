@@ -12,7 +12,6 @@ diffusers FluxPipeline (padding="max_length" to 77 and to 512, truncation).
 
 import json
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from torch import Tensor
 
+from minflux.files import warn_caller
 from minflux.files.weights import WeightsError
 from minflux.hooks import stage
 
@@ -123,8 +123,8 @@ class CLIPTokenizer:
             ids = encoding.ids
             if len(ids) > room:
                 dropped = self.tokenizer.decode(ids[room:]).replace("</w>", " ").strip()
-                warnings.warn(f"CLIP prompt {i} is {len(ids)} tokens long, the context holds {room}: "
-                              f"{len(ids) - room} tokens dropped: {dropped!r}", stacklevel=2)
+                warn_caller(f"CLIP prompt {i} is {len(ids)} tokens long, the context holds {room}: "
+                            f"{len(ids) - room} tokens dropped: {dropped!r}")
                 ids = ids[:room]
             ids = [self.bos_id, *ids, self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
@@ -260,7 +260,7 @@ class T5Tokenizer:
             ids = self.encode(prompt)
             if len(ids) > self.max_length - 1:
                 dropped = len(ids) - (self.max_length - 1)
-                warnings.warn(f"T5 prompt of {len(ids) + 1} tokens truncated to {self.max_length}: {dropped} dropped")
+                warn_caller(f"T5 prompt of {len(ids) + 1} tokens truncated to {self.max_length}: {dropped} dropped")
                 ids = ids[: self.max_length - 1]
             ids = ids + [self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))

@@ -13,7 +13,7 @@ text tokens is the [img, txt] block of every joint attention map:
 averaged over the chosen blocks and sampling steps, then laid out on the image's token grid, [B, T, h, w]:
 one heatmap per text token, over the generated image.
 
-SemanticCrossAttention (the vis2ir notes' "attention visualisation"): for one query token of the image (a place in
+SemanticCrossAttention (the vis2ir design's "attention visualisation"): for one query token of the image (a place in
 the target panel), its attention over the semantic tokens, [B, 8, Lq, Ls] → mean over heads → one row
 [Ls] → the semantic panel's token grid, overlaid on the semantic panel.
 

@@ -1,7 +1,7 @@
 """Shape traces: every tensor's shape at every stage of a real step, one line per stage.
 
     python -m minflux.study.trace flux-dev-kontext          one 1024×1024 Kontext step: the Kontext walk-through
-    python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the notes' DEBUG shapes
+    python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the vis2ir design's DEBUG shapes
     python -m minflux.study.trace flux-dev --params         parameter counts of every component and block type
 
 The presets are built at full size on torch's meta device: tensors there have shapes and dtypes but no
@@ -63,7 +63,7 @@ NOTES = {"attention": _attention_note}
 
 
 def fmt_shape(shape) -> str:
-    """The notes' notation: [B, 2048, 64]."""
+    """The walk-through's notation: [B, 2048, 64]."""
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
@@ -381,7 +381,7 @@ def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_l
 
 
 def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
-    """The DEBUG lines of the vis2ir notes, filled in from the trace: the notes' name, then the shape here."""
+    """The DEBUG lines of the vis2ir design, filled in from the trace: the design's name, then the shape here."""
     first = lambda label: (trace.find(label) or [None])[0]  # noqa: E731
     named = lambda text: dict(re.findall(r"(\w+) (\[[^\]]*\])", text))  # noqa: E731  "x0 [4, 2048, 64], ..." → dict
     enc = first("encode_triptych")
@@ -418,12 +418,12 @@ def main(argv=None) -> int:
     parser.add_argument("preset", help=f"vis2ir, or a preset: {', '.join(configs)}")
     parser.add_argument("--height", type=int, default=None, help="image height (default 1024; vis2ir: the panel, 512)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 1024)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the notes')")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the vis2ir design's)")
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
-    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the notes' adapter)")
+    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the vis2ir design's adapter)")
     parser.add_argument("--semantic-layout", default="panel", choices=("panel", "diptych"),
-                        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the notes')")
+                        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the vis2ir design's)")
     parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
     args = parser.parse_args(argv)
     if args.preset != "vis2ir" and args.preset not in configs:
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
             with torch.device("meta"):
                 model = Vis2IR(parts["transformer"], args.semantic)
             for m in parts.values():
-                m.requires_grad_(False)  # the notes' setup: FLUX, VAE and text encoders frozen, the adapter trained
+                m.requires_grad_(False)  # the vis2ir design's setup: FLUX, VAE and text encoders frozen, the adapter trained
             injection = {k: v for k, v in model.named_children() if k != "flux"}  # the adapter
             parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
         else:

@@ -18,7 +18,7 @@ from pathlib import Path
 # --- flags --------------------------------------------------------------------------
 
 
-def _field_type(f: dataclasses.Field):
+def field_type(f: dataclasses.Field):
     """The plain type of a field: int, float, str, bool (Optional[X] → X)."""
     t = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))  # noqa: S307 (our own annotations)
     args = [a for a in typing.get_args(t) if a is not type(None)]
@@ -34,10 +34,11 @@ def _parse_bool(s: str) -> bool:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field, with the field's comment-free help: its type and default."""
-    helps, aliases = getattr(cls, "HELP", {}), getattr(cls, "ALIASES", {})
+    """One flag per dataclass field, with the field's comment-free help: its type and default (and cls.CASES's: the
+    defaults of other kinds of run, {case: {field: value}})."""
+    helps, aliases, cases = getattr(cls, "HELP", {}), getattr(cls, "ALIASES", {}), getattr(cls, "CASES", {})
     for f in dataclasses.fields(cls):
-        kind = _field_type(f)
+        kind = field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = dict(type=kind, metavar=kind.__name__.upper())
         if kind is bool:  # "--trace" alone means true; "--trace false" is also accepted
@@ -47,10 +48,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
             *aliases.get(f.name, []),
             dest=f.name,
             default=None,  # None = not given, so the TOML file or the dataclass default applies
-            help=f"{helps.get(f.name, '')} (default: {default})".strip(),
+            help=f"{helps.get(f.name, '')} (default: {default}{others(cases, f.name)})".strip(),
             **flag,
         )
     parser.add_argument("--config", type=Path, help="a TOML file setting the same fields; flags win over it")
+
+
+def others(cases: dict[str, dict], name: str) -> str:
+    """"; CASE: VALUE" for each case that sets the field `name` (for --help)."""
+    return "".join(f"; {case}: {values[name]}" for case, values in cases.items() if name in values)
 
 
 def dashed(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

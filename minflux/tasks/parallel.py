@@ -13,9 +13,13 @@ gradients reduced in fp32 (`MixedPrecisionPolicy`). `--cpu-offload` keeps the sh
 Checkpoints are `torch.distributed.checkpoint` folders: every process writes its shards of the trained parameters
 and of the optimiser state; `--resume` reads them back on the same number of processes. Finished weights are
 gathered into the usual single files (see save_atomic in minflux/files/weights.py).
+
+The device, for one process or many: device_problem (a --device this machine lacks), device_memory and check_fits
+(a batch far beyond the memory is refused before the first step).
 """
 
 import os
+import re
 import warnings
 
 import torch
@@ -130,6 +134,21 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def device_problem(device: str) -> str | None:
+    """Why torch cannot use `device` (auto, cpu, cuda, cuda:N, mps) on this machine; None when it can."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        return "expected auto, cpu, cuda, cuda:N or mps"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this build of torch has no CUDA" if torch.version.cuda is None else "this machine has none"
+        return f"no CUDA device is available ({why}); use cpu or auto"
+    if device.startswith("cuda:") and int(device[5:]) >= (n := torch.cuda.device_count()):
+        names = "cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"
+        return f"this machine has {n} CUDA device{'s' if n > 1 else ''}: {names}"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "no MPS device is available (Apple silicon and a torch built for it only)"
+    return None
 
 
 def check_fits(batch_size: int, activations: int, device: torch.device) -> None:

@@ -6,7 +6,6 @@ flag and TOML code is flags.py), processes, progress.
     parse_train_args          the command line → a TrainConfig, checked (flags win over a TOML file; --resume
                               starts from the run's own config.toml)
     read_run                  a run folder → Run: its TrainConfig, read here alone, and the paths of its weights
-    device_problem            why a --device cannot be used on this machine
     rank, world, log          which process this is under torchrun; print once
     Progress                  one progress line
 
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from minflux.files.load import WeightPaths, find_weights
-from minflux.tasks.flags import _field_type, add_config_flags, config_from_args, dashed, read_toml
+from minflux.tasks.flags import field_type, add_config_flags, config_from_args, dashed, read_toml
 from minflux.files.weights import read_shapes
 from minflux.presets import configs
 from minflux.semantic import SEMANTIC_MODES
@@ -89,18 +88,34 @@ def format_seconds(s: float) -> str:
 
 # --- the config ---------------------------------------------------------------------------------------------
 
-# t2i trains a LoRA on a 12 B transformer: the settings of common FLUX LoRA recipes (kohya's sd-scripts,
-# ai-toolkit), where the from-scratch vis2ir defaults would not fit. Given flags and TOML keys win.
-T2I_DEFAULTS = {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10, "checkpoint_every": 250,
-                "sample_steps": 20, "gradient_checkpointing": True}  # fmt: skip
-FULL_FINETUNE_LR = 1e-5  # --full-finetune of official weights: every weight moves, at a LoRA's lr/10
-# The embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer.
-KONTEXT_DEFAULTS = {"preset": "flux-small-kontext", "semantic": "none"}
-# The embedded vis2ir default trains its whole small transformer from scratch, at a higher learning rate than
-# a LoRA on given weights takes (held-out PSNR of the default run: 1e-3 23.2 dB, 2e-3 23.6, 3e-3 23.7, 5e-3 23.7),
-# for 1200 steps (with the shipped VAE: 1000 steps 24.4 dB, 1300 24.9; 1200 keeps the run within 10 minutes on a
-# 2-core AVX2 CPU; README, Performance).
-SCRATCH_DEFAULTS = {"lr": 3e-3, "steps": 1200}
+# The defaults, in one table. TrainConfig's own are those of `python train.py`: the embedded vis2ir default, a
+# small FLUX trained whole from scratch, at a higher learning rate than a LoRA takes (held-out PSNR of the default
+# run: lr 1e-3 23.2 dB, 2e-3 23.6, 3e-3 23.7, 5e-3 23.7), for 1200 steps (with the shipped VAE: 1000 steps 24.4 dB,
+# 1300 24.9; 1200 keeps the run within 10 minutes on a 2-core AVX2 CPU; study/BENCH.md). Each row changes some of
+# them for another kind of run (the rows that apply, in order); given flags and TOML keys win over all of them.
+CASES = {
+    # a LoRA (or --finetune) of vis2ir on given weights: the settings the injection ablations were run with
+    "vis2ir on given weights": {"lr": 1e-3, "steps": 1300},
+    # the embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer
+    "kontext from scratch": {"preset": "flux-small-kontext", "semantic": "none", "lr": 1e-3, "steps": 1300},
+    # a LoRA on a 12 B transformer: the settings of common FLUX LoRA recipes (kohya's sd-scripts, ai-toolkit);
+    # T5's length follows the variant as the official pipelines (dev 512, schnell 256), read from the weights
+    "t2i or kontext on given weights": {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10,
+                                        "checkpoint_every": 250, "sample_steps": 20, "gradient_checkpointing": True},
+    # every weight moves: at a LoRA's lr/10
+    "--full-finetune": {"lr": 1e-5},
+}  # fmt: skip
+
+
+def cases(cfg) -> list[str]:
+    """The rows of CASES that apply to a run (TrainConfig's own defaults apply to every run)."""
+    weights = bool(cfg.repo or cfg.flux or cfg.finetune)
+    rows = {"vis2ir": "vis2ir on given weights" if weights else None,
+            "kontext": "t2i or kontext on given weights" if weights else "kontext from scratch",
+            "t2i": "t2i or kontext on given weights"}  # fmt: skip
+    return [r for r in (rows.get(cfg.task), "--full-finetune" if cfg.full_finetune else None) if r]
+
+
 LORA_FORMATS = ("kohya", "diffusers", "minflux")
 
 
@@ -141,9 +156,9 @@ class TrainConfig:
     lora_format: str = "kohya"
     full_finetune: bool = False
     # optimisation
-    steps: int = 1300
+    steps: int = 1200
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     adapter_lr: float | None = None
     lr_warmup_steps: int = 50
     adapter_warmup_steps: int = 0
@@ -176,9 +191,7 @@ class TrainConfig:
     HELP = {
         "task": "vis2ir (Fill + semantic map, on triptychs), t2i (a LoRA on dev/schnell from images with .txt "
         "captions) or kontext (a LoRA on Kontext from edit pairs; without weights, the embedded default with the "
-        "visible panel as a Kontext reference: " + ", ".join(f"{k} {v}" for k, v in KONTEXT_DEFAULTS.items()) + "). "
-        "On official weights t2i and kontext default to " + ", ".join(f"{k} {v}" for k, v in {**T2I_DEFAULTS,
-        "t5_max_length": "512 (dev) / 256 (schnell)"}.items()),
+        "visible panel as a Kontext reference). Each kind of run has its own defaults, shown with each flag",
         "semantic": f"how the semantic map is injected: {', '.join(SEMANTIC_MODES)}",
         "adapter_layers": "SemanticCrossAttention layers (xattn, xattn_rope); layers per adapter (adapters)",
         "adapter_heads": "heads of each SemanticCrossAttention (xattn, xattn_rope, blocks) or adapter layer",
@@ -186,7 +199,7 @@ class TrainConfig:
         "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
         "adapter_scale_init": "the injection's residual scales/gates at initialisation (0: the identity at the start)",
         "semantic_layout": "the semantic tokens: 'panel' (the map alone, 1024 tokens at a 512-px panel, at the target "
-        "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the notes' layout)",
+        "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the vis2ir design's layout)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
         "scenes); t2i: a folder of images, each with a same-named .txt caption; kontext: the edited targets, each "
         "with a .txt instruction, and control/ with the images they are made from, of the same names",
@@ -213,12 +226,11 @@ class TrainConfig:
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
         "lora_format": "lora.safetensors layout: kohya (sd-scripts' names; ComfyUI, diffusers and minflux read it), "
         "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
-        "full_finetune": "train every weight of the given transformer instead of a LoRA (fp32 master weights, lr "
-        f"{FULL_FINETUNE_LR} unless given; needs sharding: see --parallel)",
-        "steps": f"optimisation steps (the embedded vis2ir default: {SCRATCH_DEFAULTS['steps']})",
+        "full_finetune": "train every weight of the given transformer instead of a LoRA (fp32 master weights; needs "
+        "sharding: see --parallel)",
+        "steps": "optimisation steps",
         "batch_size": "global batch size (split across processes under torchrun)",
-        "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10); the embedded vis2ir default: "
-        f"{SCRATCH_DEFAULTS['lr']:g}",
+        "lr": "peak learning rate (linear warm-up, then cosine decay to lr/10)",
         "adapter_lr": "learning rate of the semantic adapter (default: lr)",
         "lr_warmup_steps": "linear learning-rate warm-up steps",
         "adapter_warmup_steps": "the staged plan's first stage: only the semantic adapter trains for this many steps",
@@ -245,13 +257,14 @@ class TrainConfig:
         "dtype": "auto (fp32 on CPU, bf16 on CUDA), fp32, bf16 or fp16",
         "gradient_checkpointing": "recompute block activations in backward to save memory",
         "compile": "torch.compile each transformer block (model.compile_blocks): the first steps compile, the others "
-        "run faster; pays on long runs, not on the embedded default's (README, Performance)",
+        "run faster; pays on long runs, not on the embedded default's (minflux/study/BENCH.md)",
         "parallel": "with torchrun: ddp (a whole model per process) or fsdp (FSDP2: weights, gradients and optimizer "
         "state split over the processes)",
         "cpu_offload": "fsdp: keep the shards in host memory between uses (for small GPUs; slower)",
         "trace": "print the tensor shapes of every stage of the data encoding and of the first step",
         "params": "print the parameter table of every component, trainable and frozen",
     }
+    CASES = CASES  # the defaults of other kinds of run, shown in --help beside TrainConfig's
     ALIASES = {"output_dir": ["--out"]}  # other spellings of a flag; BFL's underscores (--output_dir) come free
     RENAMED = {"out": "output_dir"}  # keys of older config.toml files
 
@@ -327,7 +340,7 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
 def check_value(name: str, value) -> str | None:
     """What TrainConfig's field `name` accepts, in words, if `value` is not among it; else None."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    kind = _field_type(f)
+    kind = field_type(f)
     words, valid = ACCEPTED.get(name, (TYPE_WORDS[kind], lambda v: True))
     if value is None:
         return None if f.default is None else words
@@ -345,6 +358,8 @@ def check_value(name: str, value) -> str | None:
 def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> TrainConfig:
     """train.py's command line → its TrainConfig: defaults, then the TOML file, then the flags given (with --resume:
     the run's config.toml, then the flags given). Bad values stop here, with exit code 2 and the flag named."""
+    from minflux.tasks import parallel  # (parallel.py imports this file)
+
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
     args = parser.parse_args(dashed(parser, sys.argv[1:] if argv is None else argv))
@@ -370,21 +385,15 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         else:
             cfg = config_from_args(TrainConfig, args)
             given |= set(toml)
-            official = cfg.repo or cfg.flux or cfg.finetune
-            if official:  # a LoRA (or a fine-tune) on given weights
-                defaults = T2I_DEFAULTS if cfg.task in ("t2i", "kontext") else {}
-            else:  # the embedded defaults, trained from scratch
-                defaults = {"kontext": KONTEXT_DEFAULTS, "vis2ir": SCRATCH_DEFAULTS}.get(cfg.task, {})
-            cfg = replace(cfg, **{k: v for k, v in defaults.items() if k not in given})
-            if cfg.full_finetune and "lr" not in given:
-                cfg = replace(cfg, lr=FULL_FINETUNE_LR)
+            for row in cases(cfg):  # this kind of run's defaults, where nothing was given
+                cfg = replace(cfg, **{k: v for k, v in CASES[row].items() if k not in given})
     except ValueError as e:
         parser.error(str(e))
     if cfg.task not in tasks:
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
     if problem := missing_path(cfg):
         parser.error(problem)
-    if problem := device_problem(cfg.device):
+    if problem := parallel.device_problem(cfg.device):
         parser.error(f"--device {cfg.device}: {problem}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
     if cfg.batch_size % processes:
@@ -460,23 +469,6 @@ def missing_path(cfg: TrainConfig) -> str | None:
     if cfg.finetune and not (Path(cfg.finetune) / "transformer.safetensors").is_file():
         return (f"--finetune {cfg.finetune}: expected a finished run folder of train.py's embedded default (its "
                 "transformer.safetensors); it holds none")  # fmt: skip
-    return None
-
-
-def device_problem(device: str) -> str | None:
-    """Why torch cannot use `device` (auto, cpu, cuda, cuda:N, mps) on this machine; None when it can."""
-    import torch
-
-    if not DEVICE.fullmatch(device):
-        return "expected auto, cpu, cuda, cuda:N or mps"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        why = "this build of torch has no CUDA" if torch.version.cuda is None else "this machine has none"
-        return f"no CUDA device is available ({why}); use cpu or auto"
-    if device.startswith("cuda:") and int(device[5:]) >= (n := torch.cuda.device_count()):
-        names = "cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"
-        return f"this machine has {n} CUDA device{'s' if n > 1 else ''}: {names}"
-    if device == "mps" and not torch.backends.mps.is_available():
-        return "no MPS device is available (Apple silicon and a torch built for it only)"
     return None
 
 

@@ -6,7 +6,7 @@ is one image of three square panels side by side, which the trainer splits along
     triptych [3, S, 3S] = [ visible | infrared (the target) | semantic ]
                             [..., :S]  [..., S:2S]             [..., 2S:]
 
-The notes train on 512-px panels, [B, 3, 512, 1536]. Nothing can be downloaded on a fresh machine, so
+The vis2ir design trains on 512-px panels, [B, 3, 512, 1536]. Nothing can be downloaded on a fresh machine, so
 `python train.py` trains on a procedural stand-in, `SyntheticTriptychs`: small (64-px panels by default), fast
 (numpy only, about 1700 scenes a second on one core) and deterministic (sample i of a split is always the same).
 

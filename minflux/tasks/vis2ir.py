@@ -12,7 +12,7 @@ The training step, with the shapes of the vis2ir notes (512-pixel panels, batch 
     v = FLUX-Fill(...) [B, 2048, 64];  loss = MSE(v, ε − x_0) over the whole diptych (the sampler denoises
     both halves), or with target_only over the target half alone
 
-Design choice (the notes write [B, 2048, 64] for the semantic tokens, but a 512×512 panel packs to
+Design choice (the vis2ir design writes [B, 2048, 64] for the semantic tokens, but a 512×512 panel packs to
 [B, 1024, 64]): the semantic panel is encoded alone, 1024 tokens, and its tokens get the position ids of
 the *target* half of the diptych. The 2048 image queries attend to those 1024 keys; with positions on
 (semantic="xattn_rope") a target token and the semantic token of the same place share (row, col).
@@ -86,7 +86,7 @@ def diptych(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[
 
 def panels(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
     """(visible, infrared, semantic) [B, 3, H, H] each; with semantic="pixel" the map blended into the visible panel
-    (the notes' baseline)."""
+    (the vis2ir design's baseline)."""
     visible, infrared, sem_img = split_triptych(triptych)  # [B, 3, 512, 512] each
     if semantic == "pixel":
         visible = (1 - pixel_alpha) * visible + pixel_alpha * sem_img
