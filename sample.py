@@ -1,6 +1,6 @@
 """Sample from minflux.
 
-    python sample.py                                   infrared for held-out scenes, from the latest `python train.py` run
+    python sample.py                                   infrared for held-out scenes, from the latest train.py run
     python sample.py --run runs/NAME --visible v.png --semantic-map s.png      vis2ir on your own images
     python sample.py --repo FLUX.1-schnell --prompt "a fox in the snow"      text-to-image (schnell or dev)
     python sample.py --repo FLUX.1-Fill-dev --image photo.png --mask mask.png --prompt "a red door"
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from minflux.files.images import DataError, image_grid, read_image, read_settings, save_image, save_png, shown
+from minflux.files.images import DataError, checked_settings, image_grid, read_image, save_image, save_png, shown
 from minflux.files.weights import WeightsError, read_shapes, sha256
 from minflux.tasks.flags import dashed
 from minflux.tasks.folders import latest_run
 from minflux.tasks.parallel import device_problem
-from minflux.tasks.runs import Progress
+from minflux.tasks.progress import Progress
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,8 +46,13 @@ def parse_args(argv):
     g.add_argument("--runs", type=Path, default=Path("runs"), help="where train.py writes its runs")
     g.add_argument("--visible", type=Path, nargs="+", help="visible image(s) to translate to infrared")
     g.add_argument("--semantic-map", type=Path, nargs="+", help="their semantic maps (class colours), one each")
-    g.add_argument("--output", type=Path, default=None, help="the held-out grid PNG, replaced if there (default: "
-                   "RUN/sample-SEED.png, or sample-SEED-2.png, -3, ... when taken)")  # fmt: skip
+    g.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="the held-out grid PNG, replaced if there (default: "
+        "RUN/sample-SEED.png, or sample-SEED-2.png, -3, ... when taken)",
+    )
 
     g = p.add_argument_group("official weights")
     g.add_argument("--repo", type=Path, help="an official repo folder (FLUX.1-dev, -schnell, -Fill-dev, -Kontext-dev)")
@@ -55,10 +60,18 @@ def parse_args(argv):
     g.add_argument("--ae", type=Path, help="ae.safetensors or a diffusers vae/ folder")
     g.add_argument("--clip", type=Path, help="CLIP-L: a text_encoder/ folder (its tokenizer/ beside it) or file")
     g.add_argument("--t5", type=Path, help="T5-XXL: a text_encoder_2/ folder (its tokenizer_2/ beside it) or file")
-    g.add_argument("--variant", "--name", help="the preset when the weights cannot tell (flux-dev-kontext has dev's "
-                   "shapes); BFL's --name")  # fmt: skip
-    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a LoRA (kohya, diffusers, BFL, XLabs or minflux file), scale 1 by default; repeat for more")
+    g.add_argument(
+        "--variant",
+        "--name",
+        help="the preset when the weights cannot tell (flux-dev-kontext has dev's shapes); BFL's --name",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA (kohya, diffusers, BFL, XLabs or minflux file), scale 1 by default; repeat for more",
+    )
 
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", help="the prompt (vis2ir: default empty)")
@@ -66,18 +79,30 @@ def parse_args(argv):
     g.add_argument("--true-cfg", type=float, default=None, help="true classifier-free guidance scale (default 1: off)")
     g.add_argument("--image", type=Path, help="Fill: the image to paint into; Kontext: the reference image")
     g.add_argument("--mask", type=Path, help="Fill: white where the model paints, the image's size")
-    g.add_argument("--width", type=int, help="pixels, rounded down to a multiple of 16 as the official CLI (default "
-                   "1024; Fill/Kontext: the image's)")  # fmt: skip
+    g.add_argument(
+        "--width",
+        type=int,
+        help="pixels, rounded down to a multiple of 16 as the official CLI (default 1024; Fill/Kontext: the image's)",
+    )
     g.add_argument("--height", type=int, help="pixels, rounded down to a multiple of 16")
     g.add_argument("--steps", "--num-steps", type=int, help="Euler steps (default: the model's official number)")
     g.add_argument("--guidance", type=float, help="the guidance embedding's value (dev, Fill, Kontext)")
-    g.add_argument("--seed", type=int, default=None, help="seed of image 1; image i uses seed + i - 1 (default: drawn "
-                   "at random, printed and recorded; held-out scenes: 0)")  # fmt: skip
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of image 1; image i uses seed + i - 1 (default: drawn "
+        "at random, printed and recorded; held-out scenes: 0)",
+    )
     g.add_argument("--num-images", "--num", type=int, help="images to generate (default 1), or held-out scenes (8)")
     g.add_argument("--max-length", type=int, help="T5 tokens (default 512, schnell 256)")
     g.add_argument("--from", dest="settings_from", type=Path, help="take unset options from a minflux PNG's settings")
-    g.add_argument("--output-dir", "--out", type=Path, help="where images are written (default: outputs; the "
-                   "held-out grid: the run folder)")  # fmt: skip
+    g.add_argument(
+        "--output-dir",
+        "--out",
+        type=Path,
+        help="where images are written (default: outputs; the held-out grid: the run folder)",
+    )
 
     g = p.add_argument_group("study")
     g.add_argument("--trace", action="store_true", help="print the tensor shapes of every stage, one line each")
@@ -86,91 +111,60 @@ def parse_args(argv):
     g = p.add_argument_group("device")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default, or auto: cuda when available)")
     g.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks, on the CPU with "
-                   "their weights frozen in: the first step compiles (a minute), the others run faster "
-                   "(minflux/study/BENCH.md)")
-    g.add_argument("--offload", action="store_true",
-                   help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the transformer's blocks, on the CPU with "
+        "their weights frozen in: the first step compiles (a minute), the others run faster "
+        "(minflux/study/BENCH.md)",
+    )
+    g.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep the parts on the CPU and move each to the GPU only for its stage (less GPU memory)",
+    )
     return p.parse_args(dashed(p, sys.argv[1:] if argv is None else argv))
 
 
-# What --from takes from an image's settings: {option: (its key in the settings, its type)}
-SETTINGS = {
-    "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "seed": ("seed", int),
-    "steps": ("steps", int), "width": ("width", int), "height": ("height", int), "guidance": ("guidance", float),
-    "true_cfg": ("true_cfg_scale", float), "max_length": ("t5_max_length", int), "dtype": ("dtype", str),
+# What --from takes from an image's settings: {option: its key in the settings (files/images.checked_settings)}
+FROM_SETTINGS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps", "width": "width",
+    "height": "height", "guidance": "guidance", "true_cfg": "true_cfg_scale", "max_length": "t5_max_length",
+    "dtype": "dtype",
 }  # fmt: skip
-EXPECTED = {int: "an integer", float: "a number", str: "a string"}
-PARTS = ("flux", "ae", "clip", "t5")
 
 
 def apply_settings(args) -> None:
     """Fill the options not given on the command line from the settings an earlier image carries (what determines
     its pixels), and say where what is found now differs from what made it. A setting that is not what minflux
-    writes is a DataError naming the image and the setting."""
+    writes is a DataError naming the image and the setting (checked_settings)."""
     png = args.settings_from
-    s = read_settings(png)
-    if not s:
-        raise DataError(png, "holds no minflux settings (no \"minflux\" PNG text chunk)")
-    older = s.get("software") == "minflux"  # an earlier minflux's one text chunk per setting: each value a string
-
-    def bad(field: str, value, expected: str) -> DataError:
-        where = "its text chunks hold" if older else 'its "minflux" text chunk holds'
-        return DataError(png, f"{where} {field}: {shown(value)}; expected {expected}")
-
-    def typed(key: str, kind: type):
-        value = s[key]
-        if older and isinstance(value, str) and kind is not str:
-            with contextlib.suppress(ValueError):
-                value = kind(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-            raise bad(f'"{key}"', value, EXPECTED[kind])
-        return kind(value)
-
-    def file(field: str, record, lora: bool = False) -> dict:
-        """A file it was made from: {"path", "sha256"} ({"in_memory"}: nothing to find again), a LoRA's "scale"."""
-        ok = isinstance(record, dict) and ("in_memory" in record or isinstance(record.get("path"), str))
-        ok = ok and isinstance(record.get("sha256", ""), str)
-        if lora:
-            ok = ok and isinstance(record.get("scale"), (int, float)) and not isinstance(record["scale"], bool)
-        if not ok:
-            expected = 'an object with the file\'s "path" (a string)' + (' and a numeric "scale"' if lora else "")
-            raise bad(field, record, expected)
-        return record
-
-    for arg, (key, kind) in SETTINGS.items():
-        if getattr(args, arg) is None and s.get(key) not in (None, "none"):
-            setattr(args, arg, typed(key, kind))
-            if arg == "dtype" and args.dtype not in DTYPES:
-                raise bad('"dtype"', args.dtype, f"one of {', '.join(DTYPES)}")
+    s = checked_settings(png)
+    for arg, key in FROM_SETTINGS.items():
+        if getattr(args, arg) is None and key in s:
+            setattr(args, arg, s[key])
+    if args.dtype not in (None, *DTYPES):
+        expected = f"one of {', '.join(DTYPES)}"
+        raise DataError(png, f'its "minflux" text chunk holds "dtype": {shown(args.dtype)}; expected {expected}')
     if args.variant is None and s.get("variant", "custom") != "custom":
-        args.variant = typed("variant", str)
+        args.variant = s["variant"]
     if not (args.repo or args.flux):  # the weights it was made with, where they were
-        weights = s.get("weights", {})
-        if not (isinstance(weights, dict) and all(k in PARTS and isinstance(v, str) for k, v in weights.items())):
-            raise bad('"weights"', weights, f"an object of part → path, the parts {', '.join(PARTS)}")
-        for part, path in weights.items():
+        for part, path in s.get("weights", {}).items():
             if getattr(args, part) is None:
                 setattr(args, part, Path(path))
     for part in ("image", "mask"):
-        if getattr(args, part) is None and s.get(part) is not None and "path" in file(f'"{part}"', s[part]):
+        if getattr(args, part) is None and "path" in s.get(part, {}):
             setattr(args, part, Path(s[part]["path"]))
             check_same(png, part, s[part])
     if not args.lora:
-        loras = s.get("loras", [])
-        if not isinstance(loras, list):
-            raise bad('"loras"', loras, "a list of LoRAs, each an object with a \"path\" and a \"scale\"")
-        for i, lora in enumerate(loras):
-            if "path" in file(f'"loras"[{i}]', lora, lora=True):  # not one given in memory
-                args.lora.append(f"{lora['path']}:{lora['scale']:g}")
-                check_same(png, "LoRA", lora)
-    if args.device is None and s.get("device") is not None:
-        device = typed("device", str)
-        if problem := device_problem(device):
-            print(f"note: {png} was made on {device} ({problem}); on this machine's default device its pixels may "
-                  "differ")  # fmt: skip
+        for lora in (lora for lora in s.get("loras", []) if "path" in lora):  # not one given in memory
+            args.lora.append(f"{lora['path']}:{lora['scale']:g}")
+            check_same(png, "LoRA", lora)
+    if args.device is None and "device" in s:
+        if problem := device_problem(s["device"]):
+            print(f"note: {png} was made on {s['device']} ({problem}); its pixels may differ on this machine")
         else:
-            args.device = device
+            args.device = s["device"]
 
 
 def check_same(png: Path, what: str, record: dict) -> None:
@@ -179,12 +173,14 @@ def check_same(png: Path, what: str, record: dict) -> None:
     if not path.is_file():
         return  # loading it names it
     if "sha256" in record and sha256(path) != record["sha256"]:
-        print(f"note: the {what} {path} differs from the one {png} was made with (sha256 {record['sha256'][:12]} "
-              f"then, {sha256(path)[:12]} now): expect another image")  # fmt: skip
+        print(
+            f"note: the {what} {path} differs from the one {png} was made with (sha256 {record['sha256'][:12]} "
+            f"then, {sha256(path)[:12]} now): expect another image"
+        )
 
 
 def lora_and_scale(spec: str) -> tuple[Path, float]:
-    """"style.safetensors:0.8" -> (Path("style.safetensors"), 0.8), "x:1e-3" -> (Path("x"), 0.001); no scale, or a
+    """ "style.safetensors:0.8" -> (Path("style.safetensors"), 0.8), "x:1e-3" -> (Path("x"), 0.001); no scale, or a
     ":" that is part of the path -> 1.0. A scale that is not finite (x:nan) is a ValueError."""
     path, colon, scale = spec.rpartition(":")
     try:
@@ -236,8 +232,12 @@ def check_args(args) -> None:
             read_shapes(path)
         except WeightsError as e:
             raise ValueError(f"--lora {spec}: {str(e).removeprefix(f'{path}: ')}") from None
-    for flag, paths in (("--image", [args.image]), ("--mask", [args.mask]), ("--visible", args.visible or []),
-                        ("--semantic-map", args.semantic_map or [])):  # fmt: skip
+    for flag, paths in (
+        ("--image", [args.image]),
+        ("--mask", [args.mask]),
+        ("--visible", args.visible or []),
+        ("--semantic-map", args.semantic_map or []),
+    ):
         for path in (p for p in paths if p is not None):
             if not path.is_file():
                 raise ValueError(f"{flag} {path}: no such file")
@@ -246,11 +246,15 @@ def check_args(args) -> None:
             except DataError as e:
                 raise ValueError(f"{flag} {e}") from None
     if args.output is not None and (args.repo or args.flux or args.visible):
-        raise ValueError(f"--output {args.output}: names the held-out grid only (sample.py --run RUN); images made "
-                         "with official weights or --visible are written to --output-dir")  # fmt: skip
+        raise ValueError(
+            f"--output {args.output}: names the held-out grid only (sample.py --run RUN); images made "
+            "with official weights or --visible are written to --output-dir"
+        )
     if args.output is not None and args.output_dir is not None:
-        raise ValueError(f"--output {args.output} and --output-dir {args.output_dir}: both say where the held-out "
-                         "grid goes; give one")  # fmt: skip
+        raise ValueError(
+            f"--output {args.output} and --output-dir {args.output_dir}: both say where the held-out "
+            "grid goes; give one"
+        )
 
 
 def check_writable(folder: Path, flag: str) -> None:
@@ -346,9 +350,17 @@ def official(args) -> int:
     device = torch.device(args.device) if args.device else None
     start = time.perf_counter()
     pipe = FluxPipeline.from_files(
-        repo=args.repo, flux=args.flux, ae=args.ae, clip=args.clip, t5=args.t5, variant=args.variant,
-        device=device, dtype=DTYPES.get(args.dtype), offload=args.offload, max_length=args.max_length,
-    )  # fmt: skip
+        repo=args.repo,
+        flux=args.flux,
+        ae=args.ae,
+        clip=args.clip,
+        t5=args.t5,
+        variant=args.variant,
+        device=device,
+        dtype=DTYPES.get(args.dtype),
+        offload=args.offload,
+        max_length=args.max_length,
+    )
     print_bf16_note(pipe)
     for spec in args.lora:
         path, scale = lora_and_scale(spec)
@@ -359,20 +371,30 @@ def official(args) -> int:
     d = pipe.defaults
     steps = args.steps or d.num_steps
     guidance = args.guidance if args.guidance is not None else d.guidance
-    print(f"{pipe.model.variant or 'custom'} ({pipe.task}) on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}"
-          f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
-          f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}")  # fmt: skip
+    print(
+        f"{pipe.model.variant or 'custom'} ({pipe.task}) on {pipe.device}, {str(pipe.dtype).removeprefix('torch.')}"
+        f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
+        f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}"
+    )
     print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
     seed, num_images = random_seed() if args.seed is None else args.seed, args.num_images or 1
     print(f"seed {seed}" + (" (drawn at random; --seed to choose)" if args.seed is None else ""))
     progress = Progress(steps * num_images, label="denoise ")
     with maybe_trace(args.trace):
         images = pipe(
-            args.prompt, width=args.width, height=args.height, num_steps=steps, guidance=args.guidance,
-            seed=seed, num_images=num_images, negative_prompt=args.negative_prompt,
-            true_cfg_scale=args.true_cfg or 1.0, image=args.image, mask=args.mask,
+            args.prompt,
+            width=args.width,
+            height=args.height,
+            num_steps=steps,
+            guidance=args.guidance,
+            seed=seed,
+            num_images=num_images,
+            negative_prompt=args.negative_prompt,
+            true_cfg_scale=args.true_cfg or 1.0,
+            image=args.image,
+            mask=args.mask,
             callback=lambda step, total: progress.update(step),
-        )  # fmt: skip
+        )
     for note in pipe.notes:
         print(f"note: {note}")
     paths = write_images(images, output_dir)
@@ -398,10 +420,18 @@ def vis2ir(args, run: Path) -> int:
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
     maybe_compile(args, pipe)
-    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    print_params(
+        args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model}
+    )
     with maybe_trace(args.trace):
-        images = pipe(args.visible, args.semantic_map, prompt=args.prompt or "", num_steps=args.steps,
-                      guidance=args.guidance, seed=seed)  # fmt: skip
+        images = pipe(
+            args.visible,
+            args.semantic_map,
+            prompt=args.prompt or "",
+            num_steps=args.steps,
+            guidance=args.guidance,
+            seed=seed,
+        )
     paths = write_images(images, output_dir)
     print_timings(pipe.timings)
     for path in paths:
@@ -436,7 +466,9 @@ def held_out(args, run: Path) -> int:
     held = torch.utils.data.Subset(held, range(min(num, len(held))))
     scenes = triptychs(held)  # [N, 3, 64, 192]
     steps = args.steps or cfg.sample_steps
-    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    print_params(
+        args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model}
+    )
     with maybe_trace(args.trace):
         generated = pipe.infrared(scenes, captions(held), steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
     visible, truth, semantic = split_triptych(scenes)
@@ -446,8 +478,10 @@ def held_out(args, run: Path) -> int:
     settings = {"run": str(run), "seed": seed, "steps": steps, "semantic": cfg.semantic, "psnr": f"{psnr:.2f}"}
     grid = image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"])
     output = save_png(grid, output, text=settings) if args.output else save_new(grid, output, settings)
-    print(f"{len(held)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
-          f"mse {mse:.5f}, psnr {psnr:.2f} dB")  # fmt: skip
+    print(
+        f"{len(held)} held-out scenes, {steps} Euler steps, {time.perf_counter() - start:.1f} s: "
+        f"mse {mse:.5f}, psnr {psnr:.2f} dB"
+    )
     print(json.dumps(settings))
     print(output)
     return 0
@@ -463,8 +497,10 @@ def main(argv=None) -> int:
             return official(args)
         run = args.run or latest_run(args.runs)
         if run is None:
-            print(f"sample.py: no finished run under {args.runs}/; train one first with:  python train.py",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"sample.py: no finished run under {args.runs}/; train one first with:  python train.py",
+                file=sys.stderr,
+            )
             return 2
         return vis2ir(args, run) if args.visible else held_out(args, run)
     except (WeightsError, DataError, ValueError, FileNotFoundError) as e:

@@ -35,19 +35,18 @@ import torch
 import torch.distributed as dist
 
 from minflux.attention import cpu_bf16_note
-from minflux.files.weights import (DiskFull, WeightsError, is_disk_full, read_state_dict, save_atomic, save_torch,
-                                   write_text_atomic)
+from minflux.files.weights import DiskFull, WeightsError, is_disk_full, write_text_atomic
 from minflux.model import compile_blocks
 from minflux.sampling import flow_matching_loss
 from minflux.study.params import parameter_table
 from minflux.study.trace import shape_trace
 from minflux.tasks import TASKS
 from minflux.tasks.flags import to_toml
-from minflux.tasks.parallel import (activation_bytes, check_fits, clip_gradients, describe, load_sharded,
-                                    memory_estimate, save_sharded, shard)
-from minflux.tasks.folders import (checkpoint_step, finished, make_run_folder, removed_unless_checkpointed,
-                                   replace_run, resume_folder)
-from minflux.tasks.runs import Progress, TrainConfig, log, parse_train_args, rank, world
+from minflux.tasks.folders import checkpoint_step, finished, load_checkpoint, make_run_folder, replace_run
+from minflux.tasks.folders import removed_unless_checkpointed, resume_folder, save_checkpoint
+from minflux.tasks.parallel import activation_bytes, check_fits, clip_gradients, describe, memory_estimate, shard
+from minflux.tasks.progress import Progress, log, rank, world
+from minflux.tasks.runs import TrainConfig, parse_train_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,19 +61,8 @@ def main(argv=None) -> int:
     if cfg.resume and (done := finished(Path(cfg.resume), cfg.steps)):
         log(done)
         return 0
-    backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group(backend)
-    elif cfg.parallel == "fsdp":  # one process: FSDP for its CPU offload, in a group of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device, dtype = start_processes(cfg)
     sharded = cfg.parallel == "fsdp"
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu"))
-    if device.type == "cuda" and dist.is_initialized():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # the GPU of this process on its node
-        torch.cuda.set_device(device)
-    dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if note := cpu_bf16_note(device, dtype):
-        log(note)
     run = on_first_process(lambda: resume_folder(Path(cfg.resume)) if cfg.resume else new_folder(cfg))
     torch.manual_seed(cfg.seed)
     for sig in (signal.SIGINT, signal.SIGTERM):  # while setting up, Ctrl-C and SIGTERM alike stop at once
@@ -112,9 +100,31 @@ def main(argv=None) -> int:
             if not is_disk_full(e) or not step:
                 raise  # with no checkpoint the run folder is removed: __main__ says so
             full = e if isinstance(e, DiskFull) else DiskFull(e.filename or run / "log.jsonl")
-            log(f"train.py: {full}: the last checkpoint (step {step}) is whole; free space, then: python train.py "
-                f"--resume {run}")  # fmt: skip
+            log(
+                f"train.py: {full}: the last checkpoint (step {step}) is whole; free space, then: python train.py "
+                f"--resume {run}"
+            )
             return 1
+
+
+def start_processes(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The process group under torchrun (or a group of one for FSDP's CPU offload), and this process's device and
+    dtype."""
+    backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group(backend)
+    elif cfg.parallel == "fsdp":  # one process: FSDP for its CPU offload, in a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device(
+        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+    )
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # the GPU of this process on its node
+        torch.cuda.set_device(device)
+    dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if note := cpu_bf16_note(device, dtype):
+        log(note)
+    return device, dtype
 
 
 def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> int:
@@ -141,11 +151,18 @@ def train(cfg: TrainConfig, task, model, groups, run: Path, device, dtype) -> in
         set_learning_rates(opt, step, cfg)
         with maybe_trace(cfg.trace and step == first, "the first training step"), autocast:
             batch = task.draw(gen).share(rank(), world()).to(device, dtype)
-            loss = flow_matching_loss(ddp, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
-                                      **batch.inputs)  # fmt: skip
+            loss = flow_matching_loss(
+                ddp, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask, **batch.inputs
+            )
         if not math.isfinite(loss.item()):
-            log(f"step {step + 1}: the loss is {loss.item()}; stopping. " + (f"The last good checkpoint is in "
-                f"{run / 'checkpoints'}" if saved else "No checkpoint had been written yet."))  # fmt: skip
+            log(
+                f"step {step + 1}: the loss is {loss.item()}; stopping. "
+                + (
+                    f"The last good checkpoint is in {run / 'checkpoints'}"
+                    if saved
+                    else "No checkpoint had been written yet."
+                )
+            )
             return 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,11 +206,16 @@ def finish(cfg: TrainConfig, task, model, run: Path, losses: list, step: int, tr
             with written_by_first(task, sharded):
                 task.finish(model, losses, step, train_seconds)
         except Stopped as e:
-            missing = [f for f in task.final_files(model) if not (run / f).exists() or
-                       (run / f).stat().st_mtime_ns == before.get(f)]  # fmt: skip
-            log(f"stopped by signal {e.signum} during the final evaluation and writes; not written: "
+            missing = [
+                f
+                for f in task.final_files(model)
+                if not (run / f).exists() or (run / f).stat().st_mtime_ns == before.get(f)
+            ]
+            log(
+                f"stopped by signal {e.signum} during the final evaluation and writes; not written: "
                 f"{', '.join(missing)}. The checkpoint of step {step} is kept; write them with: "
-                f"python train.py --resume {run}")  # fmt: skip
+                f"python train.py --resume {run}"
+            )
             return 128 + e.signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -344,68 +366,6 @@ def print_params(cfg: TrainConfig, parts: dict, what: str) -> None:
         log(f"--params: {what}\n{parameter_table(parts)}")
 
 
-# --- checkpoints -------------------------------------------------------------------------------------------
-
-
-def trained_state(model) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps of the model: every parameter being trained, and the LoRA alphas (buffers)."""
-    trained = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trained or k.endswith(".alpha")}
-
-
-def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list, sharded: bool) -> None:
-    """checkpoints/step-N/{weights.safetensors, state.pt}, then the pointer checkpoints/latest: a crash at any
-    point leaves the previous checkpoint whole and pointed to. FSDP: every process writes its shards of the weights
-    and the optimizer (torch.distributed.checkpoint: *.distcp and .metadata) in place of the first two."""
-    folder = run / "checkpoints" / f"step-{step:06d}"
-    try:
-        if sharded:
-            save_sharded(model, opt, folder)
-            dist.barrier()
-        if rank() == 0:
-            if not sharded:
-                save_atomic(trained_state(model), folder / "weights.safetensors")
-            state = {"step": step, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                     "losses": torch.tensor(losses), **({} if sharded else {"optimizer": opt.state_dict()})}  # fmt: skip
-            save_torch(state, folder / "state.pt")
-            latest = run / "checkpoints" / "latest"
-            previous = latest.read_text().strip() if latest.exists() else None
-            write_text_atomic(latest, folder.name)
-    except Exception as e:  # a full disk, say: the unfinished folder goes, the previous checkpoint stays pointed to
-        if checkpoint_step(run) != step:
-            shutil.rmtree(folder, ignore_errors=True)
-        if is_disk_full(e) and not isinstance(e, DiskFull):  # FSDP's writer says it in words of its own
-            raise DiskFull(folder) from e
-        raise
-    if rank() == 0 and previous and previous != folder.name:  # keep the newest only
-        shutil.rmtree(run / "checkpoints" / previous)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(run: Path, model, opt, gen: torch.Generator, sharded: bool) -> tuple[int, list]:
-    pointer = run / "checkpoints" / "latest"
-    if not pointer.exists():
-        raise WeightsError(f"{run}: no checkpoint to resume from (expected {pointer})")
-    folder = run / "checkpoints" / pointer.read_text().strip()
-    if sharded != (folder / ".metadata").is_file():
-        raise WeightsError(f"{folder}: a {'sharded (FSDP)' if not sharded else 'whole'} checkpoint; resume it with "
-                           f"--parallel {'fsdp' if not sharded else 'ddp'}")  # fmt: skip
-    state = torch.load(folder / "state.pt", weights_only=True)
-    if sharded:
-        load_sharded(model, opt, folder)
-    else:
-        sd = read_state_dict(folder / "weights.safetensors")
-        missing = set(trained_state(model)) - set(sd)
-        if missing:
-            raise WeightsError(f"{folder / 'weights.safetensors'}: missing {len(missing)} key(s), e.g. {sorted(missing)[:3]}")
-        model.load_state_dict(sd, strict=False)
-        opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"], state["losses"].tolist()
-
-
 def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
@@ -423,13 +383,18 @@ if __name__ == "__main__":
     except OSError as e:  # before the first checkpoint (main says what is kept after it)
         if not is_disk_full(e):
             raise
-        print(f"train.py: {e if isinstance(e, DiskFull) else 'no space left on the device'}: nothing was kept (a new "
-              "run's folder is removed before its first checkpoint); free space and start again", file=sys.stderr)
+        print(
+            f"train.py: {e if isinstance(e, DiskFull) else 'no space left on the device'}: nothing was kept (a new "
+            "run's folder is removed before its first checkpoint); free space and start again",
+            file=sys.stderr,
+        )
         sys.exit(1)
     except (RuntimeError, MemoryError) as e:
         if not out_of_memory(e):
             raise
-        print(f"train.py: out of memory ({str(e).splitlines()[0][:200]}): lower --batch-size (the global batch), the "
-              "image size (--panel-size, --resolution) or --t5-max-length, or use --gradient-checkpointing",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"train.py: out of memory ({str(e).splitlines()[0][:200]}): lower --batch-size (the global batch), the "
+            "image size (--panel-size, --resolution) or --t5-max-length, or use --gradient-checkpointing",
+            file=sys.stderr,
+        )
         sys.exit(1)

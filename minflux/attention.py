@@ -84,8 +84,10 @@ def cpu_bf16_note(device, dtype) -> str | None:
     """What a script tells a user who asks for bf16 on a CPU that emulates it; None where nothing needs saying."""
     if torch.device(device).type != "cpu" or dtype != torch.bfloat16 or cpu_bf16_native():
         return None
-    return ("note: this CPU has no native bf16 matrix multiply (no AVX512-BF16 or AMX), so bf16 is emulated and "
-            "several times slower than fp32 here: --dtype fp32 is faster")
+    return (
+        "note: this CPU has no native bf16 matrix multiply (no AVX512-BF16 or AMX), so bf16 is emulated and "
+        "several times slower than fp32 here: --dtype fp32 is faster"
+    )
 
 
 def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,16 @@ class AutoEncoderParams:
 # The one autoencoder every FLUX.1 variant (dev, schnell, fill, kontext) uses: ae.safetensors.
 # `resolution` is the training resolution; it is recorded but changes no layer.
 AE_PARAMS_FLUX = AutoEncoderParams(
-    resolution=256, in_channels=3, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
-    z_channels=16, scale_factor=0.3611, shift_factor=0.1159,
-)  # fmt: skip
+    resolution=256,
+    in_channels=3,
+    ch=128,
+    out_ch=3,
+    ch_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    z_channels=16,
+    scale_factor=0.3611,
+    shift_factor=0.1159,
+)
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:

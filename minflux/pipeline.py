@@ -26,6 +26,7 @@ trained resolution nearest its aspect ratio.
 """
 
 import dataclasses
+from dataclasses import dataclass
 import random
 import time
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from minflux.files.images import DataError, a1111_parameters, image_to_tensor, m
 from minflux.files.images import settings_text, to_pil
 from minflux.files.load import find_weights, load_ae, load_clip, load_flux, load_t5
 from minflux.files.lora_files import load_lora
-from minflux.files.weights import sha256
+from minflux.files.weights import WeightsError, read_state_dict, sha256
 from minflux.presets import spec_for
 from minflux.sampling import generate, get_noise, pack, prepare, prepare_fill, prepare_kontext
 
@@ -53,7 +54,7 @@ KONTEXT_RESOLUTIONS = [
 
 
 def task_of(model) -> str:
-    """"fill" (384 input channels: image, mask and noise), "kontext" (told by the variant name) or "t2i"."""
+    """ "fill" (384 input channels: image, mask and noise), "kontext" (told by the variant name) or "t2i"."""
     if model.params.in_channels == 384:
         return "fill"
     return "kontext" if "kontext" in (getattr(model, "variant", None) or "") else "t2i"
@@ -127,9 +128,18 @@ class FluxPipeline:
 
     @classmethod
     def from_files(
-        cls, repo=None, flux=None, ae=None, clip=None, t5=None, variant: str | None = None, device=None,
-        dtype=None, offload: bool = False, max_length: int | None = None,
-    ) -> "FluxPipeline":  # fmt: skip
+        cls,
+        repo=None,
+        flux=None,
+        ae=None,
+        clip=None,
+        t5=None,
+        variant: str | None = None,
+        device=None,
+        dtype=None,
+        offload: bool = False,
+        max_length: int | None = None,
+    ) -> "FluxPipeline":
         """Load the parts from one official repo folder (BFL or diffusers layout) and/or one path per part.
 
         A BFL repo holds flux1-*.safetensors and ae.safetensors; a diffusers repo transformer/ and vae/; both
@@ -148,8 +158,10 @@ class FluxPipeline:
             load_ae(paths.ae, device=load_to, dtype=dtype),
             load_clip(paths.clip, device=load_to, dtype=dtype),
             load_t5(paths.t5, max_length=length, device=load_to, dtype=dtype),
-            device=device, dtype=dtype, offload=offload,
-        )  # fmt: skip
+            device=device,
+            dtype=dtype,
+            offload=offload,
+        )
         pipe.weights = {k: str(Path(v).resolve()) for k, v in dataclasses.asdict(paths).items() if v is not None}
         return pipe
 
@@ -229,8 +241,20 @@ class FluxPipeline:
                     noise = get_noise(1, height, width, seed + i).to(self.device, self.dtype)
                     inp = dataclasses.replace(inp, img=pack(noise))
                 step_done = None if callback is None else lambda s, n, i=i: callback(i * n + s, num_images * n)
-                images.append(generate(self.model, self.ae, inp, num_steps, guidance, d.shift, negative,
-                                       true_cfg_scale, step_done, stages)[0])  # [3, H, W]; fmt: skip
+                images.append(
+                    generate(
+                        self.model,
+                        self.ae,
+                        inp,
+                        num_steps,
+                        guidance,
+                        d.shift,
+                        negative,
+                        true_cfg_scale,
+                        step_done,
+                        stages,
+                    )[0]
+                )  # [3, H, W]
                 for k, v in stages.items():
                     times[k] = times.get(k, 0.0) + v
         times["total"] = time.perf_counter() - start
@@ -241,8 +265,19 @@ class FluxPipeline:
             if negative_prompt is None or true_cfg_scale == 1.0:  # not used: not recorded
                 negative_prompt, true_cfg_scale = None, 1.0
             for i, im in enumerate(out):
-                im.info.update(self._settings(prompt, negative_prompt, true_cfg_scale, seed + i, num_steps, guidance,
-                                              width, height, condition.get("sources", {})))  # fmt: skip
+                im.info.update(
+                    self._settings(
+                        prompt,
+                        negative_prompt,
+                        true_cfg_scale,
+                        seed + i,
+                        num_steps,
+                        guidance,
+                        width,
+                        height,
+                        condition.get("sources", {}),
+                    )
+                )
         return out
 
     def _prepare_images(self, image, mask, width, height, notes: list[str]) -> dict:
@@ -250,8 +285,10 @@ class FluxPipeline:
         out = {}
         if self.task == "t2i":
             if image is not None or mask is not None:
-                raise ValueError(f"{self.model.variant or 'this model'} is a text-to-image model: an image is "
-                                 "for a Fill model (image + mask) or a Kontext model (reference image)")  # fmt: skip
+                raise ValueError(
+                    f"{self.model.variant or 'this model'} is a text-to-image model: an image is "
+                    "for a Fill model (image + mask) or a Kontext model (reference image)"
+                )
             out["size"] = (snap(width or 1024, "width", notes), snap(height or 1024, "height", notes))
             return out
         if image is None:
@@ -264,9 +301,11 @@ class FluxPipeline:
                 raise ValueError(f"{self.model.variant or 'Fill'}: a mask is needed (white where the model paints)")
             pil_mask = read_image(mask, "L")
             if pil_mask.size != pil.size:
-                raise DataError(mask if not isinstance(mask, Image.Image) else "mask",
-                                f"the mask is {pil_mask.size[0]}×{pil_mask.size[1]}, the image "
-                                f"{pil.size[0]}×{pil.size[1]}: they must be the same size")  # fmt: skip
+                raise DataError(
+                    mask if not isinstance(mask, Image.Image) else "mask",
+                    f"the mask is {pil_mask.size[0]}×{pil_mask.size[1]}, the image "
+                    f"{pil.size[0]}×{pil.size[1]}: they must be the same size",
+                )
             out["sources"]["mask"] = file_record(mask)
             w = snap(width or pil.size[0], "width", notes)
             h = snap(height or pil.size[1], "height", notes)
@@ -297,22 +336,76 @@ class FluxPipeline:
         names = [(Path(lora.get("path", "lora")).stem, lora) for lora in self.loras]
         tags = "".join(f" <lora:{name}:{lora['scale']:g}>" for name, lora in names)
         hashes = ", ".join(f"{name}: {lora['sha256'][:12]}" for name, lora in names if "sha256" in lora) or None
-        fields = {"Steps": steps, "Sampler": "Euler", "CFG scale": cfg, "Distilled CFG Scale": guidance, "Seed": seed,
-                  "Size": f"{width}x{height}", "Model": variant, "Lora hashes": hashes, "Version": "minflux"}  # fmt: skip
+        fields = {
+            "Steps": steps,
+            "Sampler": "Euler",
+            "CFG scale": cfg,
+            "Distilled CFG Scale": guidance,
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model": variant,
+            "Lora hashes": hashes,
+            "Version": "minflux",
+        }
         return settings_text(settings, a1111_parameters(prompt + tags, negative, fields))
+
+
+# --- a finished run, loaded ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A finished vis2ir run, loaded."""
+
+    model: object  # Vis2IR: the Fill transformer (its LoRA loaded) with the semantic injection
+    ae: object  # AutoEncoder
+    clip: object  # CLIPEmbedder
+    t5: object  # T5Embedder
+    run: object  # minflux.tasks.runs.Run: its config and files
+
+
+def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
+    """A finished vis2ir run folder, loaded from its files and the base weights its config names."""
+    from minflux.tasks.runs import read_run
+    from minflux.tasks.vis2ir import vis2ir_model
+
+    run = read_run(folder)
+    if run.weights.flux is None:
+        raise WeightsError(f"{folder}: holds no transformer.safetensors and its config.toml names no --flux")
+    cfg, paths = run.config, run.weights.require(folder)
+    flux = load_flux(paths.flux, device=device, dtype=dtype)
+    if run.lora is not None:
+        load_lora(flux, run.lora)
+    model = vis2ir_model(flux, cfg)
+    injection = model.injection_state_dict()
+    if injection:
+        if run.adapter is None:
+            raise WeightsError(f"{folder}: --semantic {cfg.semantic} needs adapter.safetensors, which is missing")
+        sd = read_state_dict(run.adapter, dtype=dtype)
+        missing = set(injection) - set(sd)
+        if missing:
+            raise WeightsError(f"{run.adapter}: missing key(s) {sorted(missing)[:3]}")
+        model.load_state_dict({**model.state_dict(), **sd})
+    return LoadedRun(
+        model=model.to(device).eval(),
+        ae=load_ae(paths.ae, device=device, dtype=dtype),
+        clip=load_clip(paths.clip, device=device, dtype=dtype),
+        t5=load_t5(paths.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype),
+        run=run,
+    )
 
 
 class Vis2IRPipeline:
     """Visible image + semantic map → infrared image, with a finished `python train.py` run.
 
     The run holds the Fill transformer (trained in full, or LoRA on the official Fill base its config.toml
-    names), the semantic injection, the VAE and the text encoders (minflux.tasks.vis2ir.load_run). The two panels
+    names), the semantic injection, the VAE and the text encoders (load_run). The two panels
     are centre-cropped to squares and resized to the run's panel size (the semantic map with nearest-neighbour, so
     no colour between two classes is invented), laid out as the training triptych with an empty target panel,
     and the target half of the diptych is generated.
     """
 
-    def __init__(self, parts, device=None, dtype=None):  # parts: minflux.tasks.vis2ir.LoadedRun
+    def __init__(self, parts, device=None, dtype=None):  # parts: LoadedRun
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype or default_dtype(self.device)
         self.run = parts.run  # minflux.tasks.runs.Run: the folder and its files
@@ -324,15 +417,19 @@ class Vis2IRPipeline:
 
     @classmethod
     def from_run(cls, run, device=None, dtype=None) -> "Vis2IRPipeline":
-        from minflux.tasks.vis2ir import load_run
-
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         return cls(load_run(run, device=device, dtype=dtype), device, dtype)
 
     @torch.no_grad()
-    def infrared(self, triptychs: Tensor, prompts: list[str], num_steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0) -> Tensor:  # fmt: skip
+    def infrared(
+        self,
+        triptychs: Tensor,
+        prompts: list[str],
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int = 0,
+    ) -> Tensor:
         """Triptychs [N, 3, S, 3S] in [-1, 1] → the generated infrared panels [N, 3, S, S] in [-1, 1]; scene i
         from the noise of seed + i. The triptychs' middle (target) panel is not read: the Fill condition erases it.
         sample.py passes held-out triptychs, so it can compare with their target."""
@@ -341,8 +438,9 @@ class Vis2IRPipeline:
         cfg = self.config
         num_steps, guidance = num_steps or cfg.sample_steps, cfg.guidance if guidance is None else guidance
         t0 = time.perf_counter()
-        inp = prepare_for_run(cfg, self.t5, self.clip, self.ae, triptychs.to(self.device, self.dtype), prompts, seed,
-                              self.dtype)  # fmt: skip
+        inp = prepare_for_run(
+            cfg, self.t5, self.clip, self.ae, triptychs.to(self.device, self.dtype), prompts, seed, self.dtype
+        )
         self.timings["prepare"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         infrared = generate_infrared(self.model, self.ae, inp, num_steps, guidance, in_context_of(cfg))  # [N, 3, S, S]
@@ -350,8 +448,16 @@ class Vis2IRPipeline:
         return infrared
 
     @torch.no_grad()
-    def __call__(self, visible, semantic, prompt: str = "", num_steps: int | None = None,
-                 guidance: float | None = None, seed: int | None = None, output: str = "pil"):  # fmt: skip
+    def __call__(
+        self,
+        visible,
+        semantic,
+        prompt: str = "",
+        num_steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        output: str = "pil",
+    ):
         """visible, semantic: paths or PIL images, or equally long lists of them. Returns one infrared image each.
         Without a seed, one is drawn at random and recorded in each image's settings."""
         from minflux.tasks.data import fit_panel
@@ -361,7 +467,10 @@ class Vis2IRPipeline:
         if len(visible) != len(semantic):
             raise ValueError(f"{len(visible)} visible image(s) but {len(semantic)} semantic map(s): give one map each")
         size, seed = self.config.panel_size, random_seed() if seed is None else seed
-        num_steps, guidance = num_steps or self.config.sample_steps, self.config.guidance if guidance is None else guidance
+        num_steps, guidance = (
+            num_steps or self.config.sample_steps,
+            self.config.guidance if guidance is None else guidance,
+        )
         start = time.perf_counter()
         panels = []
         for v, s in zip(visible, semantic):
@@ -374,11 +483,27 @@ class Vis2IRPipeline:
         if output != "tensor":
             run = Path(self.run.folder).resolve()
             for i, (im, v, s) in enumerate(zip(out, visible, semantic)):
-                settings = {"task": "vis2ir", "run": str(run), "prompt": prompt, "seed": seed + i, "steps": num_steps,
-                            "guidance": guidance, "semantic_mode": self.config.semantic, "visible": file_record(v),
-                            "semantic_map": file_record(s), "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
-                            "device": str(self.device)}  # fmt: skip
-                fields = {"Steps": num_steps, "Sampler": "Euler", "Distilled CFG Scale": guidance, "Seed": seed + i,
-                          "Size": f"{size}x{size}", "Model": f"vis2ir {run.name}", "Version": "minflux"}  # fmt: skip
+                settings = {
+                    "task": "vis2ir",
+                    "run": str(run),
+                    "prompt": prompt,
+                    "seed": seed + i,
+                    "steps": num_steps,
+                    "guidance": guidance,
+                    "semantic_mode": self.config.semantic,
+                    "visible": file_record(v),
+                    "semantic_map": file_record(s),
+                    "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+                    "device": str(self.device),
+                }
+                fields = {
+                    "Steps": num_steps,
+                    "Sampler": "Euler",
+                    "Distilled CFG Scale": guidance,
+                    "Seed": seed + i,
+                    "Size": f"{size}x{size}",
+                    "Model": f"vis2ir {run.name}",
+                    "Version": "minflux",
+                }
                 im.info.update(settings_text(settings, a1111_parameters(prompt, None, fields)))
         return out

@@ -24,30 +24,62 @@ class ModelSpec:
 
 
 FLUX_DEV = FluxParams(
-    in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
-    num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10_000, qkv_bias=True,
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=768,
+    context_in_dim=4096,
+    hidden_size=3072,
+    mlp_ratio=4.0,
+    num_heads=24,
+    depth=19,
+    depth_single_blocks=38,
+    axes_dim=[16, 56, 56],
+    theta=10_000,
+    qkv_bias=True,
     guidance_embed=True,
-)  # fmt: skip
+)
 
 # The small presets keep every part of the architecture (3-axis RoPE, double and single blocks, the
 # 16-channel latent, the 8× VAE) and shrink the widths, so they train from scratch on a CPU.
 FLUX_SMALL = FluxParams(
-    in_channels=64, out_channels=64, vec_in_dim=64, context_in_dim=64, hidden_size=256, mlp_ratio=4.0,
-    num_heads=4, depth=2, depth_single_blocks=4, axes_dim=[16, 24, 24], theta=10_000, qkv_bias=True,
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=64,
+    context_in_dim=64,
+    hidden_size=256,
+    mlp_ratio=4.0,
+    num_heads=4,
+    depth=2,
+    depth_single_blocks=4,
+    axes_dim=[16, 24, 24],
+    theta=10_000,
+    qkv_bias=True,
     guidance_embed=False,
-)  # fmt: skip
+)
 AE_SMALL = AutoEncoderParams(
-    resolution=256, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1,
-    z_channels=16, scale_factor=1.0, shift_factor=0.0,  # scale and shift are measured after training
+    resolution=256,
+    in_channels=3,
+    ch=32,
+    out_ch=3,
+    ch_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    z_channels=16,
+    scale_factor=1.0,
+    shift_factor=0.0,  # scale and shift are measured after training
     norm_groups=8,  # 4 channels per group, as FLUX's 128 channels in 32 groups
-)  # fmt: skip
+)
 
 configs: dict[str, ModelSpec] = {
     "flux-dev": ModelSpec("flux-dev", FLUX_DEV, AE_FLUX, num_steps=50, guidance=3.5, shift=True),
     "flux-schnell": ModelSpec(
-        "flux-schnell", replace(FLUX_DEV, guidance_embed=False), AE_FLUX,
-        num_steps=4, guidance=0.0, shift=False, t5_max_length=256,
-    ),  # fmt: skip
+        "flux-schnell",
+        replace(FLUX_DEV, guidance_embed=False),
+        AE_FLUX,
+        num_steps=4,
+        guidance=0.0,
+        shift=False,
+        t5_max_length=256,
+    ),
     # Fill: the model input is [noisy latent 64 | masked-image latent 64 | 8×8-packed mask 256] = 384 channels
     "flux-dev-fill": ModelSpec("flux-dev-fill", replace(FLUX_DEV, in_channels=384), AE_FLUX, guidance=30.0),
     # Kontext: the weights have the dev shapes; the reference image is appended to the sequence instead

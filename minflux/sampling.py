@@ -226,10 +226,19 @@ def get_schedule(
 
 
 def velocity(
-    model, img: Tensor, t: Tensor, guidance: Tensor | None, img_ids: Tensor, txt: Tensor, txt_ids: Tensor,
-    y: Tensor, img_cond: Tensor | None = None, img_cond_seq: Tensor | None = None,
-    img_cond_seq_ids: Tensor | None = None, **extra,
-) -> Tensor:  # fmt: skip
+    model,
+    img: Tensor,
+    t: Tensor,
+    guidance: Tensor | None,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    y: Tensor,
+    img_cond: Tensor | None = None,
+    img_cond_seq: Tensor | None = None,
+    img_cond_seq_ids: Tensor | None = None,
+    **extra,
+) -> Tensor:
     """The model's velocity for the image tokens img [B, L, 64] at times t [B], the conditions put in place:
     Fill's on the channels, Kontext's reference after the image in the sequence (its predictions dropped)."""
     x, x_ids = img, img_ids
@@ -280,9 +289,17 @@ def denoise(
 @stage
 @torch.no_grad()
 def generate(
-    model, ae, inp: Inputs, num_steps: int, guidance: float | None = None, shift: bool = True,
-    negative: Inputs | None = None, true_cfg_scale: float = 1.0, callback=None, timings: dict | None = None,
-) -> Tensor:  # fmt: skip
+    model,
+    ae,
+    inp: Inputs,
+    num_steps: int,
+    guidance: float | None = None,
+    shift: bool = True,
+    negative: Inputs | None = None,
+    true_cfg_scale: float = 1.0,
+    callback=None,
+    timings: dict | None = None,
+) -> Tensor:
     """The whole recipe after `prepare*`: schedule → denoise → unpack → decode. Images [B, 3, H, W], about [-1, 1].
 
     The schedule is shifted by the generated image's token count alone (shift: dev yes, schnell no); guidance
@@ -296,9 +313,18 @@ def generate(
         cfg = dict(neg_txt=negative.txt, neg_txt_ids=negative.txt_ids, neg_y=negative.y, true_cfg_scale=true_cfg_scale)
     timesteps = get_schedule(num_steps, inp.img.shape[1], shift=shift)
     latent = denoise(
-        model, inp.img, inp.img_ids, inp.txt, inp.txt_ids, inp.y, timesteps, guidance=guidance or 0.0,
-        callback=callback, **cfg, **conditions,
-    )  # fmt: skip  [B, 4096, 64]
+        model,
+        inp.img,
+        inp.img_ids,
+        inp.txt,
+        inp.txt_ids,
+        inp.y,
+        timesteps,
+        guidance=guidance or 0.0,
+        callback=callback,
+        **cfg,
+        **conditions,
+    )  # [B, 4096, 64]
     decode_start = time.perf_counter()
     ae_dtype = next(ae.parameters()).dtype  # bf16 on CUDA: the latent meets the decoder in its dtype
     images = ae.decode(unpack(latent.to(ae_dtype), inp.height, inp.width))  # [B, 16, 128, 128] -> [B, 3, 1024, 1024]
@@ -352,9 +378,14 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
 
 @stage
 def flow_matching_loss(
-    model, x0: Tensor, noise: Tensor, t: Tensor, guidance: Tensor | None = None, loss_mask: Tensor | None = None,
+    model,
+    x0: Tensor,
+    noise: Tensor,
+    t: Tensor,
+    guidance: Tensor | None = None,
+    loss_mask: Tensor | None = None,
     **inputs,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """The training objective of every task: x0, noise [B, L, 64] packed target latents, t [B] in [0, 1].
 
     x_t = (1 − t) x₀ + t ε; the model predicts v for the L target tokens with `inputs` (denoise's: img_ids, txt,

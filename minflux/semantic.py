@@ -10,7 +10,7 @@ transformer then sees [x_t' | x_cond]:
 
 Q comes from the image tokens, K and V from the semantic tokens (the VAE latent of the semantic map,
 packed like the image), 8 heads of 8 channels. `scale` starts at 0, so at initialisation the adapter is
-the identity and the pretrained model is undisturbed; training grows it (the vis2ir notes expect 0.00x → 0.x).
+the identity and the pretrained model is undisturbed; training grows it (the vis2ir design expects 0.00x → 0.x).
 
 The vis2ir design has no positions in Q or K: attention then treats the semantic tokens as an unordered
 set, and a query cannot tell *where* a semantic token lies — only what it looks like. `positions` adds
@@ -18,8 +18,8 @@ RoPE on Q and K from the tokens' (axis0, row, col) ids, as FLUX does for its own
 query can find the semantic token at its own place.
 
 Parameters per layer (dim 64): four 64×64 projections with bias, 4 × (4096 + 64) = 16,640; two LayerNorms,
-2 × 128 = 256; the scale, 1: 16,897 in all. (The vis2ir notes count 16,385 — they forget the biases — and then
-report 33,088 for one layer.)
+2 × 128 = 256; the scale, 1: 16,897 in all. (The vis2ir design counts 16,385 — it forgets the biases — and then
+reports 33,088 for one layer.)
 
 `Vis2IR` wraps the Fill transformer with one injection design (SEMANTIC_MODES): none; pixel (the map blended
 into the visible panel before encoding, done by the task); zeroconv (plan A: a zero-initialised linear map of
@@ -132,7 +132,7 @@ class AfterBlocks(nn.Module):
 
 
 class BlockInjection(AfterBlocks):
-    """Plan B of the vis2ir notes: a zero-gated cross-attention to the semantic tokens after every transformer block.
+    """Plan B of the vis2ir design: a zero-gated cross-attention to the semantic tokens after every transformer block.
     Each SemanticCrossAttention's zero-initialised scale is its gate, so at initialisation the blocks compute exactly
     what they computed before."""
 
@@ -141,7 +141,9 @@ class BlockInjection(AfterBlocks):
         p = flux.params
         self.proj = nn.Linear(64, p.hidden_size)  # semantic tokens to the transformer's width: [B, 1024, 3072]
         self.double_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth))
-        self.single_attn = nn.ModuleList(SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth_single_blocks))
+        self.single_attn = nn.ModuleList(
+            SemanticCrossAttention(p.hidden_size, heads) for _ in range(p.depth_single_blocks)
+        )
         self.attach(flux, list(range(p.depth + p.depth_single_blocks)), [*self.double_attn, *self.single_attn])
 
 
@@ -174,7 +176,7 @@ class AdapterLayer(nn.Module):
 
 
 class SemanticAdapter(nn.Module):
-    """Plan C of the vis2ir notes: an adapter between two transformer blocks, image = image + gate · adapter(image,
+    """Plan C of the vis2ir design: an adapter between two transformer blocks, image = image + gate · adapter(image,
     semantic). The image tokens are brought down to the adapter's width, pass its layers, and go back up; the gate
     starts at 0, so at initialisation the block's output passes unchanged."""
 
@@ -216,8 +218,17 @@ class Vis2IR(nn.Module):
     `semantic` and `semantic_ids`, so the plain `denoise` loop samples it.
     """
 
-    def __init__(self, flux: nn.Module, semantic: str = "xattn_rope", layers: int = 1, heads: int = 8,
-                 in_context: str = "fill", width: int = 64, every: int = 1, scale_init: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        flux: nn.Module,
+        semantic: str = "xattn_rope",
+        layers: int = 1,
+        heads: int = 8,
+        in_context: str = "fill",
+        width: int = 64,
+        every: int = 1,
+        scale_init: float = 0.0,
+    ):
         super().__init__()
         if semantic not in SEMANTIC_MODES:
             raise ValueError(f"semantic mode {semantic!r}: expected one of {', '.join(SEMANTIC_MODES)}")
@@ -226,8 +237,10 @@ class Vis2IR(nn.Module):
         if in_context == "fill" and semantic == "reference":
             raise ValueError("semantic mode 'reference' (a second reference in the sequence) is for Kontext")
         if in_context == "kontext" and (flux.params.in_channels != 64 or semantic == "zeroconv"):
-            raise ValueError(f"Kontext in-context needs a plain transformer (64 input channels, got "
-                             f"{flux.params.in_channels}) and no Fill channels to inject into (semantic {semantic!r})")
+            raise ValueError(
+                f"Kontext in-context needs a plain transformer (64 input channels, got "
+                f"{flux.params.in_channels}) and no Fill channels to inject into (semantic {semantic!r})"
+            )
         if in_context not in ("fill", "kontext"):
             raise ValueError(f"in_context {in_context!r}: expected 'fill' or 'kontext'")
         self.flux = flux
@@ -243,7 +256,9 @@ class Vis2IR(nn.Module):
             self.blocks = BlockInjection(flux, heads)
         if semantic == "adapters":  # plan C: `layers` layers per adapter, `width` wide, after every `every`-th block
             self.blocks = AdapterInjection(flux, width, heads, layers, every)
-        with torch.no_grad():  # scale_init ≠ 0 (the vis2ir design's "scale initialisation strategy"): no identity at the start
+        with (
+            torch.no_grad()
+        ):  # scale_init ≠ 0 (the vis2ir design's "scale initialisation strategy"): no identity at the start
             for gate in self.gates():
                 gate.fill_(scale_init)
 

@@ -8,10 +8,20 @@ from minflux.sampling import latent_ids, pack, prepare_txt_ids
 from minflux.model import Flux, FluxParams
 
 TINY = FluxParams(
-    in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=128, mlp_ratio=4.0,
-    num_heads=4, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10_000, qkv_bias=True,
+    in_channels=64,
+    out_channels=64,
+    vec_in_dim=32,
+    context_in_dim=48,
+    hidden_size=128,
+    mlp_ratio=4.0,
+    num_heads=4,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[8, 12, 12],
+    theta=10_000,
+    qkv_bias=True,
     guidance_embed=True,
-)  # fmt: skip
+)
 TINY_VARIANTS = {
     "dev": TINY,
     "schnell": replace(TINY, guidance_embed=False),
@@ -109,8 +119,11 @@ def save_frozen_parts(root, captions: list[str], ae_params) -> dict:
     from minflux.files.weights import save_atomic
     from minflux.tasks.embedded import write_text_encoders
 
-    ae = save_atomic(AutoEncoder(ae_params).state_dict(), root / "ae.safetensors",
-                     metadata={"minflux.ae_params": json.dumps(asdict(ae_params))})  # fmt: skip
+    ae = save_atomic(
+        AutoEncoder(ae_params).state_dict(),
+        root / "ae.safetensors",
+        metadata={"minflux.ae_params": json.dumps(asdict(ae_params))},
+    )
     write_text_encoders(root, captions)
     return {"ae": ae, "clip": root / "text_encoder", "t5": root / "text_encoder_2"}
 

@@ -8,7 +8,7 @@ comfy/weight_adapter/lora.py: LoRAAdapter.load and calculate_weight):
         "lora_unet_" + <official key with "." → "_">          kohya / sd-scripts
         "diffusion_model.<official key>"                      the generic format
     parts found under a name x (first match wins):
-        x.lora_up.weight / x.lora_down.weight,  x_lora.up.weight / x_lora.down.weight,  x.lora_B.weight / x.lora_A.weight,
+        x.lora_up.weight / x.lora_down.weight, x_lora.up.weight / x_lora.down.weight, x.lora_B.weight / x.lora_A.weight,
         x.lora.up.weight / x.lora.down.weight,  x.lora_linear_layer.up.weight / ....down.weight;  x.alpha if present
     W += strength · (alpha / rank, or 1 without an alpha) · up @ down
 
@@ -81,7 +81,8 @@ A1111_SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 def a1111_parse_parameters(text: str) -> dict[str, str]:
-    """parse_generation_parameters without the UI's defaults: {"Prompt", "Negative prompt", each key of the last line}."""
+    """parse_generation_parameters without the UI's defaults: {"Prompt", "Negative prompt", each key of the last
+    line}."""
     res, prompt, negative, done_with_prompt = {}, "", "", False
     *lines, lastline = text.strip().split("\n")
     if len(A1111_PARAM.findall(lastline)) < 3:

@@ -21,9 +21,16 @@ from minflux.files.weights import WeightsError, save_atomic
 # Three levels (4x down), so the decoder's up.1 and up.2 have equal shapes: a wrong up-block order would
 # load without a shape error and show only in the outputs. 32 channels: GroupNorm has 32 groups.
 SMALL = AutoEncoderParams(
-    resolution=256, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2, 2], num_res_blocks=2,
-    z_channels=16, scale_factor=0.3611, shift_factor=0.1159,
-)  # fmt: skip
+    resolution=256,
+    in_channels=3,
+    ch=32,
+    out_ch=3,
+    ch_mult=[1, 2, 2],
+    num_res_blocks=2,
+    z_channels=16,
+    scale_factor=0.3611,
+    shift_factor=0.1159,
+)
 
 
 def random_ae(params: AutoEncoderParams = SMALL, seed: int = 0) -> AutoEncoder:
@@ -44,13 +51,22 @@ def diffusers_config(params: AutoEncoderParams) -> dict:
     """The diffusers AutoencoderKL config of the FLUX VAE, at the size of `params`."""
     levels = len(params.ch_mult)
     return dict(
-        in_channels=params.in_channels, out_channels=params.out_ch,
-        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=[params.ch * m for m in params.ch_mult], layers_per_block=params.num_res_blocks,
-        latent_channels=params.z_channels, norm_num_groups=32, sample_size=params.resolution,
-        scaling_factor=params.scale_factor, shift_factor=params.shift_factor,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True, act_fn="silu",
-    )  # fmt: skip
+        in_channels=params.in_channels,
+        out_channels=params.out_ch,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=[params.ch * m for m in params.ch_mult],
+        layers_per_block=params.num_res_blocks,
+        latent_channels=params.z_channels,
+        norm_num_groups=32,
+        sample_size=params.resolution,
+        scaling_factor=params.scale_factor,
+        shift_factor=params.shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+        act_fn="silu",
+    )
 
 
 def diffusers_vae(ae: AutoEncoder):
@@ -384,6 +400,7 @@ def test_tiled_blending_is_exact_for_networks_without_context():
     # A net whose output at each place depends only on the input there: any correct tiling (offsets,
     # scale, weights summing to 1) reproduces it. Sizes 44 and 36 force a last tile flush with the end.
     x = torch.randn(2, 5, 44, 36)
+
     def down(t):
         return F.avg_pool2d(t, 4) * 3 + 1  # like the encoder: 4x smaller
 

@@ -121,7 +121,7 @@ def test_cpu_bf16_attention_path_is_as_close_to_float32_as_sdpa():
 
 
 def test_cpu_bf16_attention_path_follows_what_the_cpu_can_do(monkeypatch):
-    """"auto" takes the explicit bf16 path only where bf16 matrix multiplies are native, SDPA where they are
+    """ "auto" takes the explicit bf16 path only where bf16 matrix multiplies are native, SDPA where they are
     emulated; and a script asking for bf16 on such a CPU gets a note saying fp32 is faster there."""
     import torch
 

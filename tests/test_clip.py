@@ -24,11 +24,18 @@ EOS = SMALL.vocab_size - 1  # like CLIP-L's 49407: the largest id
 
 def hf_config(params: CLIPParams, **overrides) -> transformers.CLIPTextConfig:
     config = dict(
-        vocab_size=params.vocab_size, hidden_size=params.hidden_size, intermediate_size=params.intermediate_size,
-        num_hidden_layers=params.num_layers, num_attention_heads=params.num_heads,
-        max_position_embeddings=params.max_position_embeddings, layer_norm_eps=params.layer_norm_eps,
-        hidden_act=params.hidden_act, eos_token_id=params.eos_token_id, bos_token_id=0, pad_token_id=1,
-    )  # fmt: skip
+        vocab_size=params.vocab_size,
+        hidden_size=params.hidden_size,
+        intermediate_size=params.intermediate_size,
+        num_hidden_layers=params.num_layers,
+        num_attention_heads=params.num_heads,
+        max_position_embeddings=params.max_position_embeddings,
+        layer_norm_eps=params.layer_norm_eps,
+        hidden_act=params.hidden_act,
+        eos_token_id=params.eos_token_id,
+        bos_token_id=0,
+        pad_token_id=1,
+    )
     return transformers.CLIPTextConfig(**{**config, **overrides})
 
 

@@ -10,7 +10,15 @@ from PIL import Image
 
 from minflux.files.images import DataError
 from minflux.tasks.data import CaptionFolder, KontextFolder, TriptychFolder
-from minflux.tasks.scenes import CLASSES, OBJECT_CLASSES, PALETTE, SEMANTIC_COLOURS, SyntheticTriptychs, make_scene, split_triptych
+from minflux.tasks.scenes import (
+    CLASSES,
+    OBJECT_CLASSES,
+    PALETTE,
+    SEMANTIC_COLOURS,
+    SyntheticTriptychs,
+    make_scene,
+    split_triptych,
+)
 
 N_STATS = 1500  # scenes per split for the statistical tests: about 1000 objects per class
 
@@ -43,9 +51,20 @@ def object_stats(split: str) -> list[dict]:
             ir = s.infrared[inside, 0] * 2 - 1  # [n] in the model's units
             rgb = s.visible[inside].mean(0)  # [3]
             seen = int(np.abs(chroma - rgb / rgb.sum()).sum(1).argmin())
-            rows.append(dict(cls=obj.cls, temperature=obj.temperature, colour=obj.colour, seen_colour=seen,
-                             rgb=rgb, ir_mean=(ir.mean() + 1) / 2, n=ir.size, sx=ir.sum(), sxx=(ir**2).sum(),
-                             scene_classes=scene_classes))
+            rows.append(
+                dict(
+                    cls=obj.cls,
+                    temperature=obj.temperature,
+                    colour=obj.colour,
+                    seen_colour=seen,
+                    rgb=rgb,
+                    ir_mean=(ir.mean() + 1) / 2,
+                    n=ir.size,
+                    sx=ir.sum(),
+                    sxx=(ir**2).sum(),
+                    scene_classes=scene_classes,
+                )
+            )
     return rows
 
 

@@ -15,7 +15,7 @@ from minflux.tasks.runs import TrainConfig
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 from minflux.tasks.vis2ir import reconstruct_infrared
 
-# The shipped VAE's bound on the 32 held-out infrared panels was measured at SHIPPED_BOUND_DB (minflux/study/BENCH.md); another
+# The shipped VAE's bound on the 32 held-out infrared panels was measured at SHIPPED_BOUND_DB (study/BENCH.md); another
 # CPU's convolutions round differently, by far less than this margin.
 SHIPPED_BOUND_DB = 29.5
 MARGIN_DB = 0.5

@@ -83,7 +83,7 @@ def test_every_exercise_command_runs_and_shows_what_it_says(tmp_path_factory, ca
     assert "prompt: 'two people" in other_prompt
     # 5. CLIP similarities: a symmetric matrix with ones on the diagonal
     clip = out["python -m minflux.study.exercises clip-similarity"].splitlines()
-    rows = [l.split()[1:] for l in clip if re.match(r"\s+\[\d\]\s+[\d.-]+\s", l)]
+    rows = [line.split()[1:] for line in clip if re.match(r"\s+\[\d\]\s+[\d.-]+\s", line)]
     assert len(rows) == 4 and all(float(rows[i][i]) == pytest.approx(1.0, abs=1e-3) for i in range(4))
     # 6. the semantic ablation: runs with and without cross-attention finished
     for mode in ("none", "blocks", "xattn_rope"):

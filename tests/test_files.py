@@ -70,8 +70,9 @@ def test_threads_taking_names_exclusively_never_share_one(tmp_path):
                 i = 0
                 while True:
                     try:
-                        taken.append(save_png(Image.new("RGB", (4, 4), (k, 0, 0)), tmp_path / f"img_{i:04d}.png",
-                                              exclusive=True))  # fmt: skip
+                        taken.append(
+                            save_png(Image.new("RGB", (4, 4), (k, 0, 0)), tmp_path / f"img_{i:04d}.png", exclusive=True)
+                        )
                         break
                     except FileExistsError:
                         i += 1
@@ -85,7 +86,6 @@ def test_threads_taking_names_exclusively_never_share_one(tmp_path):
         t.join()
     assert not errors
     assert len(taken) == 20 and len(set(taken)) == 20 and len(list(tmp_path.glob("img_*.png"))) == 20
-
 
 
 # --- images deeper than 8 bits: scaled by their depth, not clipped ---------------------------------------------------
@@ -147,6 +147,7 @@ def test_a_16_bit_image_with_a_caption_trains_text_to_image_mid_grey(tmp_path):
     image = CaptionFolder(tmp_path, resolution=32)[0]["image"]  # [3, 32, 32] in [-1, 1]
     assert image.abs().max() < 0.01  # mid-grey, not white (1.0)
 
+
 # --- loaders: every bad file is a WeightsError naming the file and the key -----------------------------------------
 
 
@@ -168,10 +169,24 @@ def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     small = replace(TINY, depth=1, depth_single_blocks=1)
     save_flux(tiny_flux(small), folder / "flux.safetensors")
-    ae = AutoEncoder(AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
-                                       z_channels=4, scale_factor=1.0, shift_factor=0.0))  # fmt: skip
-    save_file(ae.state_dict(), folder / "ae.safetensors",
-              metadata={"minflux.ae_params": json.dumps({"scale_factor": 1.0, "shift_factor": 0.0})})  # fmt: skip
+    ae = AutoEncoder(
+        AutoEncoderParams(
+            resolution=64,
+            in_channels=3,
+            ch=32,
+            out_ch=3,
+            ch_mult=[1, 2],
+            num_res_blocks=1,
+            z_channels=4,
+            scale_factor=1.0,
+            shift_factor=0.0,
+        )
+    )
+    save_file(
+        ae.state_dict(),
+        folder / "ae.safetensors",
+        metadata={"minflux.ae_params": json.dumps({"scale_factor": 1.0, "shift_factor": 0.0})},
+    )
     clip = CLIPTextModel(CLIPParams(vocab_size=50, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=1))
     save_file(clip.state_dict(), folder / "clip.safetensors")
     t5 = T5Encoder(T5Params(vocab_size=50, d_model=32, d_kv=16, d_ff=32, num_layers=2, num_heads=2)).state_dict()
@@ -212,8 +227,15 @@ def test_the_small_files_load(weights):
         load(paths[kind])
 
 
-@pytest.mark.parametrize("value, why", [("{", "not valid json"), ('{"depth": 1}', "no valid 'axes_dim'"),
-                                        ('{"axes_dim": "x"}', "no valid 'axes_dim'"), ("[]", "no valid 'axes_dim'")])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        ("{", "not valid json"),
+        ('{"depth": 1}', "no valid 'axes_dim'"),
+        ('{"axes_dim": "x"}', "no valid 'axes_dim'"),
+        ("[]", "no valid 'axes_dim'"),
+    ],
+)
 def test_bad_params_metadata_is_named(weights, tmp_path, value, why):
     from minflux.files.load import load_flux
 
@@ -267,8 +289,10 @@ def test_blocks_numbered_past_their_count_are_refused_before_a_model_is_built(we
 
 
 def lora_dict(alpha=None, rank=2):
-    sd = {"double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(rank, 128),
-          "double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(384, rank)}  # fmt: skip
+    sd = {
+        "double_blocks.0.img_attn.qkv.lora_down.weight": torch.randn(rank, 128),
+        "double_blocks.0.img_attn.qkv.lora_up.weight": torch.zeros(384, rank),
+    }
     if alpha is not None:
         sd["double_blocks.0.img_attn.qkv.alpha"] = alpha
     return sd
@@ -289,8 +313,11 @@ def test_a_rank_0_lora_is_named(weights, tmp_path):
     from minflux.files.lora_files import read_lora
 
     save_file(lora_dict(rank=0), tmp_path / "r0.safetensors")
-    with pytest.raises(WeightsError, match=r"r0\.safetensors: key 'double_blocks\.0\.img_attn\.qkv\.lora_down\.weight' "
-                                           r"has rank 0"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"r0\.safetensors: key 'double_blocks\.0\.img_attn\.qkv\.lora_down\.weight' "
+        r"has rank 0",
+    ):
         read_lora(tmp_path / "r0.safetensors", weights[1])
 
 
@@ -298,8 +325,11 @@ def test_a_legacy_torch_file_is_refused_saying_why_and_how_to_convert(tmp_path):
     from minflux.files.weights import read_state_dict
 
     torch.save({"a.weight": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
-    with pytest.raises(WeightsError, match=r"old\.pt: a torch file in the legacy format .*memory-mapped.*"
-                                           r"st\.save_file\(torch\.load\("):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"old\.pt: a torch file in the legacy format .*memory-mapped.*"
+        r"st\.save_file\(torch\.load\(",
+    ):
         read_state_dict(tmp_path / "old.pt")
     torch.save({"a.weight": torch.ones(2)}, tmp_path / "new.pt")  # the zip format reads
     assert torch.equal(read_state_dict(tmp_path / "new.pt")["a.weight"], torch.ones(2))
@@ -307,9 +337,26 @@ def test_a_legacy_torch_file_is_refused_saying_why_and_how_to_convert(tmp_path):
 
 # --- the fuzz: mutated small files, and nothing but WeightsError escapes ---------------------------------------------
 
-SAME_SIZE_DTYPES = [["F32", "I32", "U32"], ["F16", "BF16", "I16", "U16"], ["F64", "I64"], ["U8", "I8", "BOOL", "F8_E4M3"]]
-BAD_METADATA = ["{", "[]", "null", "1", '"x"', "{}", '{"axes_dim": "x"}', '{"axes_dim": [1]}', '{"axes_dim": [0, 1, 1]}',
-                '{"axes_dim": [1000, 1, 1]}', '{"scale_factor": "a", "shift_factor": 0}', '{"scale_factor": NaN}']  # fmt: skip
+SAME_SIZE_DTYPES = [
+    ["F32", "I32", "U32"],
+    ["F16", "BF16", "I16", "U16"],
+    ["F64", "I64"],
+    ["U8", "I8", "BOOL", "F8_E4M3"],
+]
+BAD_METADATA = [
+    "{",
+    "[]",
+    "null",
+    "1",
+    '"x"',
+    "{}",
+    '{"axes_dim": "x"}',
+    '{"axes_dim": [1]}',
+    '{"axes_dim": [0, 1, 1]}',
+    '{"axes_dim": [1000, 1, 1]}',
+    '{"scale_factor": "a", "shift_factor": 0}',
+    '{"scale_factor": NaN}',
+]
 NAME_PARTS = ["x", "999999999", "-1", "", "0", "1", "7", "lora_down", "alpha", "weight"]
 
 

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from minflux.sampling import denoise, get_schedule, interpolate, latent_ids, pack, prepare_img_ids, sample_t, shift_mu, unpack, velocity_target
+from minflux.sampling import (
+    denoise,
+    get_schedule,
+    interpolate,
+    latent_ids,
+    pack,
+    prepare_img_ids,
+    sample_t,
+    shift_mu,
+    unpack,
+    velocity_target,
+)
 from tests.flux_helpers import TINY, TINY_VARIANTS, diffusers_flux, flux_inputs, tiny_flux
 
 
@@ -38,9 +49,13 @@ def diffusers_scheduler(shift: bool):
     # FLUX.1-dev's scheduler_config.json, and schnell's (no dynamic shift)
     if shift:
         return FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-            base_image_seq_len=256, max_image_seq_len=4096,
-        )  # fmt: skip
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
     return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
 
 
@@ -88,10 +103,15 @@ def reference_loop(ref, inputs, num_steps, guidance, img_cond=None, cond_seq=Non
         if cond_seq is not None:
             model_in, ids = torch.cat((x, cond_seq), dim=1), torch.cat((img_ids, cond_ids[0]), dim=0)
         v = ref(
-            hidden_states=model_in, encoder_hidden_states=inputs["txt"], pooled_projections=inputs["y"],
-            timestep=(t / 1000).expand(x.shape[0]), img_ids=ids, txt_ids=inputs["txt_ids"][0],
-            guidance=torch.full((x.shape[0],), guidance) if ref.config.guidance_embeds else None, return_dict=False,
-        )[0][:, : x.shape[1]]  # fmt: skip
+            hidden_states=model_in,
+            encoder_hidden_states=inputs["txt"],
+            pooled_projections=inputs["y"],
+            timestep=(t / 1000).expand(x.shape[0]),
+            img_ids=ids,
+            txt_ids=inputs["txt_ids"][0],
+            guidance=torch.full((x.shape[0],), guidance) if ref.config.guidance_embeds else None,
+            return_dict=False,
+        )[0][:, : x.shape[1]]
         x = sched.step(v, t, x).prev_sample
     return x
 
@@ -112,9 +132,16 @@ def test_denoise_matches_diffusers_sampling_loop(mode):
         kw["img_cond_seq"], kw["img_cond_seq_ids"] = pack(cond), latent_ids(cond, axis0=1)
     with torch.no_grad():
         ours = denoise(
-            model, inputs["img"], inputs["img_ids"], inputs["txt"], inputs["txt_ids"], inputs["y"], timesteps,
-            guidance=3.5, **kw,
-        )  # fmt: skip
+            model,
+            inputs["img"],
+            inputs["img_ids"],
+            inputs["txt"],
+            inputs["txt_ids"],
+            inputs["y"],
+            timesteps,
+            guidance=3.5,
+            **kw,
+        )
         theirs = reference_loop(
             ref, inputs, 5, 3.5, kw.get("img_cond"), kw.get("img_cond_seq"), kw.get("img_cond_seq_ids")
         )
@@ -133,9 +160,17 @@ def test_true_cfg_combines_negative_and_positive_predictions():
         pos = denoise(*args, inputs["txt"], inputs["txt_ids"], inputs["y"], ts, guidance=2.0)
         neg = denoise(*args, neg_txt, inputs["txt_ids"], neg_vec, ts, guidance=2.0)
         cfg = denoise(
-            *args, inputs["txt"], inputs["txt_ids"], inputs["y"], ts, guidance=2.0,
-            neg_txt=neg_txt, neg_txt_ids=inputs["txt_ids"], neg_y=neg_vec, true_cfg_scale=4.0,
-        )  # fmt: skip
+            *args,
+            inputs["txt"],
+            inputs["txt_ids"],
+            inputs["y"],
+            ts,
+            guidance=2.0,
+            neg_txt=neg_txt,
+            neg_txt_ids=inputs["txt_ids"],
+            neg_y=neg_vec,
+            true_cfg_scale=4.0,
+        )
     # one Euler step is linear in the prediction, so the guided step is neg + 4 (pos − neg) in x too
     assert torch.allclose(cfg, neg + 4.0 * (pos - neg), atol=1e-5)
 

@@ -17,18 +17,40 @@ from minflux.presets import configs
 from minflux.tasks.parallel import memory_estimate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--train-samples", "16", "--heldout-samples", "2", "--vae-steps", "4", "--batch-size", "4", "--sample-steps", "2",
-        "--panel-size", "64", "--lr-warmup-steps", "2", "--device", "cpu", "--semantic", "zeroconv"]  # fmt: skip
+TINY = [
+    "--train-samples",
+    "16",
+    "--heldout-samples",
+    "2",
+    "--vae-steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--sample-steps",
+    "2",
+    "--panel-size",
+    "64",
+    "--lr-warmup-steps",
+    "2",
+    "--device",
+    "cpu",
+    "--semantic",
+    "zeroconv",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PORTS = iter(range(29561, 29600))
 
 
 def train(out: Path, *args, processes: int = 1) -> str:
     """train.py in a fresh process (torchrun for processes > 1); its stdout."""
-    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-              f"--master_port={next(PORTS)}"] if processes > 1 else [sys.executable]  # fmt: skip
-    done = subprocess.run([*launch, "train.py", *TINY, "--out", str(out), *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True)  # fmt: skip
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={next(PORTS)}"]
+        if processes > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(
+        [*launch, "train.py", *TINY, "--out", str(out), *args], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
 
@@ -100,7 +122,9 @@ def test_the_memory_estimate_of_flux_dev_shards_the_weights_and_the_optimizer():
             flux.requires_grad_(False)
             inject_lora(flux, 16)
         line = memory_estimate(flux, 1, 4608, True, torch.bfloat16, 8)
-        ddp, fsdp = (float(x) for x in re.search(r"DDP ([\d.]+) GB, FSDP over 8 process\(es\) ([\d.]+) GB", line).groups())
+        ddp, fsdp = (
+            float(x) for x in re.search(r"DDP ([\d.]+) GB, FSDP over 8 process\(es\) ([\d.]+) GB", line).groups()
+        )
         weights = 11_901_408_320 * (4 if full else 2) / 2**30
         assert float(re.search(r"weights ([\d.]+) GB", line).group(1)) == pytest.approx(weights, abs=0.5)
         assert fsdp < ddp / 4 if full else fsdp < ddp / 2  # the sharded part dominates
@@ -109,8 +133,10 @@ def test_the_memory_estimate_of_flux_dev_shards_the_weights_and_the_optimizer():
 def test_full_finetune_and_offload_flags_are_checked_before_any_work(base, capsys):
     import train
 
-    for bad, says in ((["--full-finetune"], "--full-finetune trains every weight of given weights"),
-                      (["--cpu-offload"], "--cpu-offload offloads FSDP's shards")):  # fmt: skip
+    for bad, says in (
+        (["--full-finetune"], "--full-finetune trains every weight of given weights"),
+        (["--cpu-offload"], "--cpu-offload offloads FSDP's shards"),
+    ):
         with pytest.raises(SystemExit) as e:
             train.parse(bad)
         assert e.value.code == 2 and says in capsys.readouterr().err

@@ -28,7 +28,9 @@ def test_official_file_and_diffusers_folder_load_to_identical_models(tmp_path, v
     params = TINY_VARIANTS[variant]
     model = tiny_flux(params)
     save_flux(model, tmp_path / "flux1-tiny.safetensors")
-    diffusers_flux(params, model.state_dict()).save_pretrained(tmp_path / "repo" / "transformer", max_shard_size="300KB")
+    diffusers_flux(params, model.state_dict()).save_pretrained(
+        tmp_path / "repo" / "transformer", max_shard_size="300KB"
+    )
     assert (tmp_path / "repo" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
 
     official = load_flux(tmp_path / "flux1-tiny.safetensors")
@@ -162,13 +164,18 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
     sd = tiny_flux(TINY).state_dict()
     sd["double_blocks.1.txt_mlp.2.weight"] = torch.zeros(128, 500)
     save_file(sd, tmp_path / "w.safetensors", metadata={"minflux.params": json.dumps({"axes_dim": TINY.axes_dim})})
-    with pytest.raises(WeightsError, match=r"'double_blocks\.1\.txt_mlp\.2\.weight' has shape \[128, 500\].*\[128, 512\]"):
+    with pytest.raises(
+        WeightsError, match=r"'double_blocks\.1\.txt_mlp\.2\.weight' has shape \[128, 500\].*\[128, 512\]"
+    ):
         load_flux(tmp_path / "w.safetensors")
 
 
 def test_weights_that_do_not_fit_the_named_variant_are_reported(tmp_path):
     save_flux(tiny_flux(configs["flux-small"].params), tmp_path / "w.safetensors")
-    with pytest.raises(WeightsError, match=r"'img_in\.weight' has shape \[256, 64\], the FLUX transformer \(flux-small-fill\) expects \[256, 384\]"):
+    with pytest.raises(
+        WeightsError,
+        match=r"'img_in\.weight' has shape \[256, 64\], the FLUX transformer \(flux-small-fill\) expects \[256, 384\]",
+    ):
         load_flux(tmp_path / "w.safetensors", name="flux-small-fill")
 
 
@@ -210,7 +217,11 @@ def test_index_listing_a_missing_shard_is_reported(tmp_path):
 def test_read_state_dict_applies_scaled_fp8_weights(tmp_path):
     w = torch.randn(4, 4)
     save_file(
-        {"a.weight": (w / 2).to(torch.float8_e4m3fn), "a.scale_weight": torch.tensor([2.0]), "scaled_fp8": torch.zeros(1)},
+        {
+            "a.weight": (w / 2).to(torch.float8_e4m3fn),
+            "a.scale_weight": torch.tensor([2.0]),
+            "scaled_fp8": torch.zeros(1),
+        },
         tmp_path / "s.safetensors",
     )
     sd = read_state_dict(tmp_path / "s.safetensors", dtype=torch.float32)

@@ -119,8 +119,12 @@ def test_save_load_round_trip_gives_identical_outputs(fmt, tmp_path):
     inject_lora(src, rank=4, alpha=2.0, targets="all")  # every layer, incl. final_layer (diffusers swaps its halves)
     randomize_lora_(src)
     path = save_lora(src, tmp_path / f"lora_{fmt}.safetensors", format=fmt)
-    assert read_metadata(path) == {"minflux.lora_format": fmt, "minflux.lora_rank": "4", "minflux.lora_alpha": "2",
-                                   "minflux.in_channels": "64"}  # what a Fill model refuses (test_train_kontext.py)
+    assert read_metadata(path) == {
+        "minflux.lora_format": fmt,
+        "minflux.lora_rank": "4",
+        "minflux.lora_alpha": "2",
+        "minflux.in_channels": "64",
+    }  # what a Fill model refuses (test_train_kontext.py)
 
     dst = tiny_flux()  # the same base weights, no LoRA yet
     loaded = load_lora(dst, path)
@@ -157,14 +161,21 @@ def test_diffusers_lora_with_alpha_other_than_rank_loads_at_the_strength_diffuse
 
     model, inputs = tiny_flux(), flux_inputs(TINY)
     trained = diffusers_flux(TINY, model.state_dict())
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # random lora_B: every layer changes the output
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_mlp", "norm.linear"],
-                        rank_pattern={"single_transformer_blocks.1.attn.to_q": 2},  # other ranks and alphas by name
-                        alpha_pattern={"transformer_blocks.0.attn.to_k": 1.5, "single_transformer_blocks.1.attn.to_q": 6})  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,  # random lora_B: every layer changes the output
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_mlp", "norm.linear"],
+        rank_pattern={"single_transformer_blocks.1.attn.to_q": 2},  # other ranks and alphas by name
+        alpha_pattern={"transformer_blocks.0.attn.to_k": 1.5, "single_transformer_blocks.1.attn.to_q": 6},
+    )
     torch.manual_seed(0)
     trained.add_adapter(config)
-    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained),
-                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(trained),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
     path = tmp_path / "pytorch_lora_weights.safetensors"
 
     reloaded = diffusers_flux(TINY, model.state_dict())  # what FluxPipeline.load_lora_weights does with the file
@@ -187,8 +198,13 @@ def test_peft_adapter_folder_with_adapter_config_json_and_rslora(tmp_path):
 
     model, inputs = tiny_flux(), flux_inputs(TINY)
     ref = diffusers_flux(TINY, model.state_dict())
-    config = LoraConfig(r=4, lora_alpha=3, use_rslora=True, init_lora_weights=False,  # scale alpha / √r
-                        target_modules=["to_q", "to_add_out", "proj_out"])  # fmt: skip
+    config = LoraConfig(
+        r=4,
+        lora_alpha=3,
+        use_rslora=True,
+        init_lora_weights=False,  # scale alpha / √r
+        target_modules=["to_q", "to_add_out", "proj_out"],
+    )
     torch.manual_seed(1)
     get_peft_model(ref, config).save_pretrained(tmp_path / "adapter")  # adapter_model.safetensors + adapter_config.json
     theirs = diffusers_forward(ref, inputs).detach()
@@ -257,12 +273,27 @@ def test_kohya_file_at_flux_width_loads_in_diffusers_every_layer_but_those_outsi
     `--lora-targets all` it leaves out the 10 outside the blocks (its converter names them without "transformer.")."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    params = replace(TINY, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=2, depth_single_blocks=2,
-                     context_in_dim=4096, vec_in_dim=768)  # fmt: skip
+    params = replace(
+        TINY,
+        hidden_size=3072,
+        num_heads=24,
+        axes_dim=[16, 56, 56],
+        depth=2,
+        depth_single_blocks=2,
+        context_in_dim=4096,
+        vec_in_dim=768,
+    )
     with torch.device("meta"):
         reference = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=True)
-    pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=reference)  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=reference,
+    )
     g = torch.Generator().manual_seed(0)
     for targets in (None, "all"):
         with torch.device("meta"):
@@ -281,7 +312,9 @@ def test_kohya_file_at_flux_width_loads_in_diffusers_every_layer_but_those_outsi
         pipe.load_lora_weights(str(path), adapter_name=str(targets))
         layers = lora_layers(model)
         outside = [n for n in layers if not n.startswith(("double_blocks.", "single_blocks."))]
-        split = 2 * 2 * 2 + 2 * 3  # each qkv becomes to_q, to_k, to_v (+2); each linear1 to_q, to_k, to_v, proj_mlp (+3)
+        split = (
+            2 * 2 * 2 + 2 * 3
+        )  # each qkv becomes to_q, to_k, to_v (+2); each linear1 to_q, to_k, to_v, proj_mlp (+3)
         loaded = [m for m in reference.modules() if hasattr(m, "lora_A") and str(targets) in m.lora_A]
         assert len(loaded) == len(layers) + split - len(outside), targets
         assert len(outside) == (10 if targets == "all" else 0)
@@ -401,8 +434,10 @@ def test_split_qkv_loras_with_different_downs_are_fused_exactly():
             sd[f"{key}.alpha"] = torch.tensor(alphas[x])
     # the same split as PEFT keys (no alpha: factor 1) for the text stream of block 1
     for x, name in (("q", "add_q_proj"), ("k", "add_k_proj"), ("v", "add_v_proj")):
-        sd |= {f"transformer.transformer_blocks.1.attn.{name}.lora_A.weight": down[x],
-               f"transformer.transformer_blocks.1.attn.{name}.lora_B.weight": up[x]}  # fmt: skip
+        sd |= {
+            f"transformer.transformer_blocks.1.attn.{name}.lora_A.weight": down[x],
+            f"transformer.transformer_blocks.1.attn.{name}.lora_B.weight": up[x],
+        }
 
     loras = read_lora(sd, model)
     for layer, parts, with_alpha in (
@@ -419,8 +454,9 @@ def test_split_qkv_loras_with_different_downs_are_fused_exactly():
     kohya_only = {k: v for k, v in sd.items() if k.startswith("lora_transformer_transformer_blocks_0_")}
     converted = _convert_kohya_flux_lora_to_diffusers(dict(kohya_only))
     prefix = "transformer.transformer_blocks.0.attn."
-    theirs = torch.cat([converted[f"{prefix}to_{x}.lora_B.weight"] @ converted[f"{prefix}to_{x}.lora_A.weight"]
-                        for x in "qkv"])  # fmt: skip
+    theirs = torch.cat(
+        [converted[f"{prefix}to_{x}.lora_B.weight"] @ converted[f"{prefix}to_{x}.lora_A.weight"] for x in "qkv"]
+    )
     w = loras["double_blocks.0.img_attn.qkv"]
     assert torch.allclose(w.alpha / w.down.shape[0] * w.up @ w.down, theirs, atol=1e-5)
 
@@ -460,14 +496,24 @@ def test_unmatched_keys_are_listed_in_a_warning():
 def test_lora_for_another_architecture_raises_weights_error_naming_file_and_key(tmp_path):
     model = tiny_flux()
     sdxl = tmp_path / "sdxl_lora.safetensors"  # names of no FLUX layer
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": randn(4, 320),
-               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": randn(320, 4)}, sdxl)  # fmt: skip
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": randn(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": randn(320, 4),
+        },
+        sdxl,
+    )
     with pytest.raises(WeightsError, match="sdxl_lora.safetensors.*another architecture.*lora_unet_down_blocks_0"):
         load_lora(model, sdxl)
 
     wide = tmp_path / "flux_dev_lora.safetensors"  # FLUX names, FLUX.1-dev widths: shapes do not fit TINY
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": randn(4, 3072),
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": randn(9216, 4)}, wide)  # fmt: skip
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": randn(4, 3072),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": randn(9216, 4),
+        },
+        wide,
+    )
     with pytest.raises(WeightsError, match="flux_dev_lora.safetensors: key 'lora_unet_double_blocks_0_img_attn_qkv"):
         load_lora(model, wide)
     assert not lora_layers(model), "a failed load leaves the model untouched"

@@ -23,10 +23,13 @@ def small_flux(seed=0):
     model = minflux.Flux(params).eval()
     B, h, w, T = 2, 2, 3, 5
     inputs = dict(
-        img=torch.randn(B, h * w, 64), img_ids=sampling.prepare_img_ids(B, h, w),
-        txt=torch.randn(B, T, params.context_in_dim), txt_ids=sampling.prepare_txt_ids(B, T),
-        timesteps=torch.rand(B), y=torch.randn(B, params.vec_in_dim),
-    )  # fmt: skip
+        img=torch.randn(B, h * w, 64),
+        img_ids=sampling.prepare_img_ids(B, h, w),
+        txt=torch.randn(B, T, params.context_in_dim),
+        txt_ids=sampling.prepare_txt_ids(B, T),
+        timesteps=torch.rand(B),
+        y=torch.randn(B, params.vec_in_dim),
+    )
     return model, inputs, (B, h, w, T)
 
 

@@ -51,7 +51,18 @@ def test_scripts_print_help_and_exit_0():
 # --- the layout: the model at the top of the package, reading nothing; one recipe -------------------------------
 
 CORE = ["model", "attention", "hooks", "sampling", "autoencoder", "clip", "t5", "semantic", "lora", "presets"]
-CORE_IMPORTS = {"torch", "einops", "math", "dataclasses", "functools", "contextlib", "time", "typing", "fnmatch", "warnings"}  # no I/O
+CORE_IMPORTS = {
+    "torch",
+    "einops",
+    "math",
+    "dataclasses",
+    "functools",
+    "contextlib",
+    "time",
+    "typing",
+    "fnmatch",
+    "warnings",
+}  # no I/O
 
 
 def _imports(path: Path) -> set[str]:
@@ -118,8 +129,9 @@ def test_the_declared_python_floor_has_every_standard_module_the_code_imports():
 
 
 def test_a_model_file_imports_the_model_alone_and_the_package_names_resolve():
-    code = ("import sys, minflux.model; print(sorted({m.split('.')[1] for m in sys.modules "
-            "if m.startswith('minflux.')}))")  # fmt: skip
+    code = (
+        "import sys, minflux.model; print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('minflux.')}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     loaded = set(eval(out.stdout))  # noqa: S307 (our own print)
     assert out.returncode == 0 and not loaded & {"files", "tasks", "study", "pipeline"}, out.stdout + out.stderr
@@ -138,3 +150,14 @@ def test_no_private_name_is_imported_across_modules():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("minflux"):
                 found += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert not found
+
+
+def test_the_training_step_is_in_plain_sight_and_the_readme_is_short():
+    import ast
+
+    tree = ast.parse((ROOT / "train.py").read_text(encoding="utf-8"))
+    lengths = {f.name: f.end_lineno - f.lineno + 1 for f in tree.body if isinstance(f, ast.FunctionDef)}
+    assert lengths["main"] <= 60 and lengths["train"] <= 70, lengths  # setup → loop → finish, each on a screen
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.splitlines()) <= 320 and "## Read FLUX in this order" in readme
+    assert "the notes" not in readme.lower()

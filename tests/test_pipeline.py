@@ -29,8 +29,16 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 TEXT_DIM, POOLED_DIM = 32, 48  # T5 d_model, CLIP hidden size
-FLUX = replace(TINY, context_in_dim=TEXT_DIM, vec_in_dim=POOLED_DIM, hidden_size=64, num_heads=2, depth=1,
-               depth_single_blocks=2, axes_dim=[8, 12, 12])  # fmt: skip
+FLUX = replace(
+    TINY,
+    context_in_dim=TEXT_DIM,
+    vec_in_dim=POOLED_DIM,
+    hidden_size=64,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=2,
+    axes_dim=[8, 12, 12],
+)
 VARIANTS = {"dev": FLUX, "schnell": replace(FLUX, guidance_embed=False), "fill": replace(FLUX, in_channels=384)}
 PROMPT = "a photo of a cat sitting on a red chair"
 
@@ -42,8 +50,17 @@ def random_vae():
     from tests.test_autoencoder import diffusers_config
     from minflux.autoencoder import AutoEncoderParams
 
-    params = AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               z_channels=16, scale_factor=0.3611, shift_factor=0.1159)  # fmt: skip
+    params = AutoEncoderParams(
+        resolution=64,
+        in_channels=3,
+        ch=32,
+        out_ch=3,
+        ch_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        z_channels=16,
+        scale_factor=0.3611,
+        shift_factor=0.1159,
+    )
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(**diffusers_config(params)).eval()
     with torch.no_grad():
@@ -58,20 +75,41 @@ def text_encoders(root):
 
     clip_tok = write_clip_tokenizer(root / "tokenizer")
     vocab = len(transformers.CLIPTokenizer.from_pretrained(clip_tok))
-    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=POOLED_DIM, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1,
-    )).eval()  # fmt: skip
+    clip = transformers.CLIPTextModel(
+        transformers.CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=POOLED_DIM,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            eos_token_id=2,
+            bos_token_id=0,
+            pad_token_id=1,
+        )
+    ).eval()
     with torch.no_grad():
         g = torch.Generator().manual_seed(3)
         for name, p in clip.named_parameters():
             if p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=g) / (p.shape[1] ** 0.5 if "embedding" not in name else 1))
     train_sentencepiece(root / "tokenizer_2")
-    t5 = randomize_t5(transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=256, d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
-    )))  # fmt: skip
+    t5 = randomize_t5(
+        transformers.T5EncoderModel(
+            transformers.T5Config(
+                vocab_size=256,
+                d_model=TEXT_DIM,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                feed_forward_proj="gated-gelu",
+                layer_norm_epsilon=1e-6,
+                dropout_rate=0.0,
+            )
+        )
+    )
     clip.save_pretrained(root / "text_encoder")
     t5.save_pretrained(root / "text_encoder_2")
     return clip, t5
@@ -79,9 +117,13 @@ def text_encoders(root):
 
 def scheduler(shift: bool):
     return diffusers.FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, shift=1.0,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        base_shift=0.5,
+        max_shift=1.15,
+        shift=1.0,
         use_dynamic_shifting=shift,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +143,14 @@ def repos(tmp_path_factory):
         transformer.save_pretrained(root / "transformer")
         vae.save_pretrained(root / "vae")
         parts = dict(
-            scheduler=scheduler(shift=name != "schnell"), vae=vae, text_encoder=clip, text_encoder_2=t5,
+            scheduler=scheduler(shift=name != "schnell"),
+            vae=vae,
+            text_encoder=clip,
+            text_encoder_2=t5,
             tokenizer=transformers.CLIPTokenizer.from_pretrained(shared / "tokenizer"),
-            tokenizer_2=transformers.T5TokenizerFast.from_pretrained(shared / "tokenizer_2"), transformer=transformer,
-        )  # fmt: skip
+            tokenizer_2=transformers.T5TokenizerFast.from_pretrained(shared / "tokenizer_2"),
+            transformer=transformer,
+        )
         cls = diffusers.FluxFillPipeline if name == "fill" else diffusers.FluxPipeline
         out[name] = root, cls(**parts)
         if name == "dev":  # Kontext has dev's shapes: the same weights, driven by diffusers' Kontext pipeline
@@ -129,10 +175,17 @@ def test_text_to_image_matches_diffusers_flux_pipeline(repos, variant):
     cfg = dict(negative_prompt="blurry, low quality", true_cfg_scale=2.5) if variant == "dev" else {}
     ours = pipe(PROMPT, width=64, height=48, num_steps=4, guidance=3.5, seed=7, num_images=2, output="tensor", **cfg)
     expected = reference(
-        PROMPT, width=64, height=48, num_inference_steps=4, guidance_scale=3.5, num_images_per_prompt=2,
-        generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)], output_type="np",
-        max_sequence_length=pipe.t5.tokenizer.max_length, **cfg,
-    ).images  # fmt: skip
+        PROMPT,
+        width=64,
+        height=48,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)],
+        output_type="np",
+        max_sequence_length=pipe.t5.tokenizer.max_length,
+        **cfg,
+    ).images
     err = compare(ours, expected)
     print(f"{variant}: max |Δ| = {err:.2e} in [0, 1] pixels")
     assert err <= 1e-3
@@ -152,12 +205,27 @@ def test_fill_matches_diffusers_flux_fill_pipeline(repos, tmp_path):
 
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
     assert pipe.task == "fill"
-    ours = pipe(PROMPT, image=tmp_path / "image.png", mask=tmp_path / "mask.png", num_steps=4, guidance=30.0, seed=3,
-                output="tensor")  # fmt: skip
+    ours = pipe(
+        PROMPT,
+        image=tmp_path / "image.png",
+        mask=tmp_path / "mask.png",
+        num_steps=4,
+        guidance=30.0,
+        seed=3,
+        output="tensor",
+    )
     expected = reference(
-        PROMPT, image=image, mask_image=mask, width=64, height=48, num_inference_steps=4, guidance_scale=30.0,
-        latents=pack(get_noise(1, 48, 64, seed=3)), generator=torch.Generator().manual_seed(0), output_type="np",
-    ).images  # fmt: skip
+        PROMPT,
+        image=image,
+        mask_image=mask,
+        width=64,
+        height=48,
+        num_inference_steps=4,
+        guidance_scale=30.0,
+        latents=pack(get_noise(1, 48, 64, seed=3)),
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     err = compare(ours, expected)
     print(f"fill: max |Δ| = {err:.2e} in [0, 1] pixels")
     assert err <= 1e-3
@@ -182,15 +250,30 @@ def test_kontext_matches_diffusers_flux_kontext_pipeline(repos):
     ref_image = Image.fromarray((torch.rand(832, 1248, 3, generator=g) * 255).to(torch.uint8).numpy())  # a trained size
     ours = pipe(PROMPT, image=ref_image, width=64, height=48, num_steps=3, guidance=2.5, seed=2, output="tensor")
     expected = reference(
-        image=ref_image, prompt=PROMPT, width=64, height=48, max_area=64 * 48, num_inference_steps=3,
-        guidance_scale=2.5, generator=[torch.Generator().manual_seed(2)], output_type="np",
-    ).images  # fmt: skip
+        image=ref_image,
+        prompt=PROMPT,
+        width=64,
+        height=48,
+        max_area=64 * 48,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        generator=[torch.Generator().manual_seed(2)],
+        output_type="np",
+    ).images
     err = compare(ours, expected)
     print(f"kontext: max |Δ| = {err:.2e} in [0, 1] pixels")
     assert err <= 1e-3
     # the reference matters: another reference image, another result (by far more than the parity error)
-    other = pipe(PROMPT, image=ref_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), width=64, height=48,
-                 num_steps=3, guidance=2.5, seed=2, output="tensor")  # fmt: skip
+    other = pipe(
+        PROMPT,
+        image=ref_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        width=64,
+        height=48,
+        num_steps=3,
+        guidance=2.5,
+        seed=2,
+        output="tensor",
+    )
     assert (other - ours).abs().max() > 1e-3
 
 
@@ -235,18 +318,34 @@ def test_a_seed_gives_the_same_image_alone_or_in_a_batch(repos):
 def test_png_text_chunks_hold_the_settings_and_reproduce_the_image(repos, tmp_path):
     root, _ = repos["dev"]
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
-    image = pipe(PROMPT, width=40, height=33, num_steps=3, guidance=2.0, seed=4, negative_prompt="ugly",
-                 true_cfg_scale=1.5)[0]  # fmt: skip
-    assert image.size == (32, 32) and pipe.notes == ["width 40 → 32 (a multiple of 16)",
-                                                     "height 33 → 32 (a multiple of 16)"]  # fmt: skip
+    image = pipe(
+        PROMPT, width=40, height=33, num_steps=3, guidance=2.0, seed=4, negative_prompt="ugly", true_cfg_scale=1.5
+    )[0]
+    assert image.size == (32, 32) and pipe.notes == [
+        "width 40 → 32 (a multiple of 16)",
+        "height 33 → 32 (a multiple of 16)",
+    ]
     save_image(image, tmp_path / "a.png")
     s = read_settings(tmp_path / "a.png")
     assert (s["prompt"], s["seed"], s["steps"], s["guidance"]) == (PROMPT, 4, 3, 2.0)
     assert (s["width"], s["height"], s["negative_prompt"], s["true_cfg_scale"]) == (32, 32, "ugly", 1.5)
-    assert (s["t5_max_length"], s["dtype"], s["device"], s["variant"]) == (512, "fp32", "cpu", "custom")  # tiny shapes: no preset
+    assert (s["t5_max_length"], s["dtype"], s["device"], s["variant"]) == (
+        512,
+        "fp32",
+        "cpu",
+        "custom",
+    )  # tiny shapes: no preset
     assert s["weights"]["flux"] == str((root / "transformer").resolve())
-    again = pipe(s["prompt"], width=s["width"], height=s["height"], num_steps=s["steps"], guidance=s["guidance"],
-                 seed=s["seed"], negative_prompt=s["negative_prompt"], true_cfg_scale=s["true_cfg_scale"])[0]  # fmt: skip
+    again = pipe(
+        s["prompt"],
+        width=s["width"],
+        height=s["height"],
+        num_steps=s["steps"],
+        guidance=s["guidance"],
+        seed=s["seed"],
+        negative_prompt=s["negative_prompt"],
+        true_cfg_scale=s["true_cfg_scale"],
+    )[0]
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(tmp_path / "a.png")))
 
 
@@ -258,8 +357,16 @@ def test_png_parameters_chunk_reads_in_a1111_and_collides_with_no_tool(repos, tm
     pipe = FluxPipeline.from_files(repo=root, device="cpu")
     pipe.load_lora(lora, 0.7)
     prompt = 'a cat: "Tom", on a chair, 2 m tall\nsecond line, ünïcode ∞'
-    image = pipe(prompt, width=48, height=32, num_steps=2, guidance=3.5, seed=12, negative_prompt="blurry, dark",
-                 true_cfg_scale=1.5)[0]  # fmt: skip
+    image = pipe(
+        prompt,
+        width=48,
+        height=32,
+        num_steps=2,
+        guidance=3.5,
+        seed=12,
+        negative_prompt="blurry, dark",
+        true_cfg_scale=1.5,
+    )[0]
     save_image(image, tmp_path / "a.png")
     text = Image.open(tmp_path / "a.png").text
     assert set(text) == {"parameters", "minflux", "Software"} and text["Software"] == "minflux"
@@ -267,8 +374,13 @@ def test_png_parameters_chunk_reads_in_a1111_and_collides_with_no_tool(repos, tm
     p = a1111_parse_parameters(text["parameters"])
     assert p["Prompt"] == prompt + f" <lora:{lora.stem}:0.7>"  # A1111 carries a LoRA and its scale in the prompt
     assert p["Negative prompt"] == "blurry, dark"
-    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Distilled CFG Scale"], p["Seed"]) == ("2", "Euler", "1.5",
-                                                                                               "3.5", "12")  # fmt: skip
+    assert (p["Steps"], p["Sampler"], p["CFG scale"], p["Distilled CFG Scale"], p["Seed"]) == (
+        "2",
+        "Euler",
+        "1.5",
+        "3.5",
+        "12",
+    )
     assert (p["Size-1"], p["Size-2"], p["Model"], p["Version"]) == ("48", "32", "custom", "minflux")
     assert p["Lora hashes"] == f"{lora.stem}: {read_settings(tmp_path / 'a.png')['loras'][0]['sha256'][:12]}"
 
@@ -280,8 +392,15 @@ def test_png_parameters_chunk_reads_in_a1111_and_collides_with_no_tool(repos, tm
 def test_read_settings_reads_pngs_of_an_earlier_minflux_and_nothing_from_other_pngs(tmp_path):
     from minflux.files.images import save_png
 
-    old = {"software": "minflux", "prompt": "p", "seed": "4", "guidance": "none", "loras": "a.safetensors:0.5, b:1",
-           "image": "photo.png", "mask": "PIL image"}  # one chunk per setting, as minflux wrote them before  # fmt: skip
+    old = {
+        "software": "minflux",
+        "prompt": "p",
+        "seed": "4",
+        "guidance": "none",
+        "loras": "a.safetensors:0.5, b:1",
+        "image": "photo.png",
+        "mask": "PIL image",
+    }  # one chunk per setting, as minflux wrote them before
     save_png(Image.new("RGB", (16, 16)), tmp_path / "old.png", text=old)
     s = read_settings(tmp_path / "old.png")
     assert (s["prompt"], s["seed"], s["image"], s["mask"]) == ("p", "4", {"path": "photo.png"}, {"in_memory": "Image"})
@@ -304,8 +423,11 @@ def test_snap_rounds_down_to_a_multiple_of_16_as_the_official_cli_with_a_note():
     notes = []
     sizes = [snap(1000, "width", notes), snap(1024, "height", notes), snap(5, "width", notes), snap(1023, "w", notes)]
     assert sizes == [992, 1024, 16, 1008]  # BFL's cli.py: 16 * (width // 16); diffusers: the same floor
-    assert notes == ["width 1000 → 992 (a multiple of 16)", "width 5 → 16 (a multiple of 16)",
-                     "w 1023 → 1008 (a multiple of 16)"]  # fmt: skip
+    assert notes == [
+        "width 1000 → 992 (a multiple of 16)",
+        "width 5 → 16 (a multiple of 16)",
+        "w 1023 → 1008 (a multiple of 16)",
+    ]
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
@@ -353,8 +475,26 @@ def test_sample_py_writes_pngs_with_settings_and_reproduces_one_from_them(repos,
 
     root, _ = repos["dev"]
     lora = random_lora(root, tmp_path)
-    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "56", "--height", "32", "--steps", "3",
-            "--seed", "5", "--num-images", "2", "--lora", f"{lora}:0.7", "--device", "cpu"]  # fmt: skip
+    argv = [
+        "--repo",
+        str(root),
+        "--prompt",
+        PROMPT,
+        "--width",
+        "56",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--num-images",
+        "2",
+        "--lora",
+        f"{lora}:0.7",
+        "--device",
+        "cpu",
+    ]
     assert sample.main([*argv, "--output-dir", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == str(tmp_path / "a" / "img_0001.png") and out[-2] == str(tmp_path / "a" / "img_0000.png")
@@ -391,8 +531,7 @@ def test_several_loras_stack_with_their_scales(repos, tmp_path):
 
 
 @pytest.mark.slow
-def test_from_is_self_contained_from_another_folder_and_says_when_a_lora_changed(repos, tmp_path, capsys,
-                                                                                 monkeypatch):  # fmt: skip
+def test_from_is_self_contained_from_another_folder_and_says_when_a_lora_changed(repos, tmp_path, capsys, monkeypatch):
     import shutil
 
     import sample
@@ -402,8 +541,24 @@ def test_from_is_self_contained_from_another_folder_and_says_when_a_lora_changed
     work.mkdir(), elsewhere.mkdir()
     shutil.copy(random_lora(root, tmp_path), work / "style.safetensors")
     monkeypatch.chdir(work)  # relative paths, as typed by hand
-    argv = ["--repo", str(root), "--prompt", PROMPT, "--width", "32", "--height", "32", "--steps", "2",
-            "--lora", "style.safetensors:0.7", "--max-length", "16", "--output-dir", "out"]  # fmt: skip
+    argv = [
+        "--repo",
+        str(root),
+        "--prompt",
+        PROMPT,
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--lora",
+        "style.safetensors:0.7",
+        "--max-length",
+        "16",
+        "--output-dir",
+        "out",
+    ]
     assert sample.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     made = work / out[-1]
@@ -430,14 +585,31 @@ def test_sample_py_takes_bfl_spellings_and_num_with_official_weights(repos, tmp_
     import sample
 
     root, _ = repos["schnell"]
-    argv = ["--repo", str(root), "--prompt", "x", "--width", "32", "--height", "32", "--num_steps", "1",
-            "--output_dir", str(tmp_path / "o"), "--num", "2", "--seed", "9"]  # fmt: skip
+    argv = [
+        "--repo",
+        str(root),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--num_steps",
+        "1",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--num",
+        "2",
+        "--seed",
+        "9",
+    ]
     assert sample.main(argv) == 0
     written = sorted((tmp_path / "o").glob("*.png"))
     assert len(written) == 2  # --num is --num-images: not ignored with --repo
     assert [(read_settings(p)["seed"], read_settings(p)["steps"]) for p in written] == [(9, 1), (10, 1)]
-    args = sample.parse_args(["--name", "flux-dev-kontext", "--max_length=77", "--negative_prompt", "snake_case",
-                              "--out", "imgs"])  # fmt: skip
+    args = sample.parse_args(
+        ["--name", "flux-dev-kontext", "--max_length=77", "--negative_prompt", "snake_case", "--out", "imgs"]
+    )
     assert (args.variant, args.max_length, args.negative_prompt) == ("flux-dev-kontext", 77, "snake_case")
     assert args.output_dir == Path("imgs")
 
@@ -450,8 +622,20 @@ def test_sample_py_bad_input_exits_non_zero_and_writes_nothing(repos, tmp_path, 
     root, _ = repos["fill"]
     Image.new("RGB", (32, 32)).save(tmp_path / "image.png")
     Image.new("L", (32, 32)).save(tmp_path / "mask.png")
-    args = ["--repo", str(root), "--prompt", "x", "--image", str(tmp_path / "image.png"), "--mask",
-            str(tmp_path / "mask.png"), "--steps", "1", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    args = [
+        "--repo",
+        str(root),
+        "--prompt",
+        "x",
+        "--image",
+        str(tmp_path / "image.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--steps",
+        "1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     if case == "missing weights":
         args += ["--flux", str(tmp_path / "flux1-dev.safetensors")]
         expected = "flux1-dev.safetensors"
@@ -462,8 +646,10 @@ def test_sample_py_bad_input_exits_non_zero_and_writes_nothing(repos, tmp_path, 
         Image.new("L", (32, 16)).save(tmp_path / "mask.png")
         expected = "mask.png: the mask is 32×16, the image 32×32"
     else:  # an SDXL LoRA: its keys name no layer of a FLUX transformer
-        sdxl = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
-                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}  # fmt: skip
+        sdxl = {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        }
         save_file(sdxl, tmp_path / "sdxl.safetensors")
         args += ["--lora", str(tmp_path / "sdxl.safetensors")]
         expected = "sdxl.safetensors: no key names a linear layer of this model: a LoRA for another architecture?"
@@ -479,9 +665,19 @@ def test_sample_py_exit_code_of_a_bad_input_in_a_process(tmp_path):
     from pathlib import Path
 
     out = subprocess.run(
-        [sys.executable, "sample.py", "--flux", str(tmp_path / "nowhere.safetensors"), "--prompt", "x",
-         "--output-dir", str(tmp_path / "out")],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "sample.py",
+            "--flux",
+            str(tmp_path / "nowhere.safetensors"),
+            "--prompt",
+            "x",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "nowhere.safetensors" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()

@@ -28,12 +28,21 @@ from tests.flux_helpers import TINY, tiny_flux
 from tests.test_train import TINY as TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALLEST = replace(TINY, hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, context_in_dim=16, vec_in_dim=8,
-                   guidance_embed=False)  # fmt: skip
+SMALLEST = replace(
+    TINY,
+    hidden_size=64,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    context_in_dim=16,
+    vec_in_dim=8,
+    guidance_embed=False,
+)
 
 
 class TinyTask:
-    """train.py's task interface on a 1+1-block FLUX of width 64 and random latents. `fail` makes setup fail; the environment
+    """train.py's task interface on a 1+1-block FLUX of width 64 and random latents. `fail` makes setup fail; the
+    environment
     variable TINY_TASK_SLOW_FINISH makes finish stop after its first file, as a long evaluation would, and
     TINY_TASK_SLOW_ENCODE makes encoding last, as a large data set's would."""
 
@@ -58,8 +67,13 @@ class TinyTask:
 
     def draw(self, gen):
         B = self.cfg.batch_size
-        inputs = Inputs(None, prepare_img_ids(B, 4, 4), torch.randn(B, 4, 16, generator=gen), prepare_txt_ids(B, 4),
-                        torch.randn(B, 8, generator=gen))  # fmt: skip
+        inputs = Inputs(
+            None,
+            prepare_img_ids(B, 4, 4),
+            torch.randn(B, 4, 16, generator=gen),
+            prepare_txt_ids(B, 4),
+            torch.randn(B, 8, generator=gen),
+        )
         x0, noise = torch.randn(B, 16, 64, generator=gen), torch.randn(B, 16, 64, generator=gen)
         return Batch(x0, noise, torch.rand(B, generator=gen), torch.zeros(B), inputs)
 
@@ -75,8 +89,10 @@ class TinyTask:
 
 
 FAST = ["--batch-size", "2", "--lr-warmup-steps", "1", "--checkpoint-every", "2"]
-RUNNER = ("import runpy, sys; from minflux.tasks import TASKS; from tests.test_runs import TinyTask; "
-          "TASKS['vis2ir'] = TinyTask; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')")  # fmt: skip
+RUNNER = (
+    "import runpy, sys; from minflux.tasks import TASKS; from tests.test_runs import TinyTask; "
+    "TASKS['vis2ir'] = TinyTask; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
+)
 
 
 @pytest.fixture
@@ -89,8 +105,15 @@ def tiny(monkeypatch, tmp_path):
 def train_script(*args, env=None, **kwargs):
     """train.py as its own process on TinyTask (for signals and exit codes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-c", RUNNER, *FAST, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *FAST, *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kwargs,
+    )
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -101,7 +124,7 @@ def log_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-# --- 1. a new run never writes into an existing run folder -----------------------------------------------------------
+# --- 1. a new run never writes into an existing run folder ------------------------------------------------------------
 
 
 def test_a_second_run_of_a_name_gets_a_fresh_numbered_folder_and_leaves_the_first_untouched(tiny, tmp_path, capsys):
@@ -130,8 +153,11 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
     (tmp_path / "runs" / "userproj" / "config.toml").write_text("steps = 1\n")
     (tmp_path / "runs" / "userproj" / "important.txt").write_text("precious")
     for name in ("photos", "userproj"):
-        with pytest.raises(ValueError, match=rf"{name} is not a run folder made by train\.py \(no \.minflux-run in it\); "
-                                             "left as it is"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"{name} is not a run folder made by train\.py \(no \.minflux-run in it\); "
+            "left as it is",
+        ):
             tiny("--steps", "1", "--name", name, "--overwrite")
     assert (tmp_path / "runs" / "photos" / "holiday.jpg").read_bytes() == b"precious"
     assert files(tmp_path / "runs" / "userproj") == {"config.toml": b"steps = 1\n", "important.txt": b"precious"}
@@ -197,8 +223,12 @@ def test_a_given_path_that_names_nothing_is_refused_before_any_work(tmp_path, ca
 
 
 def test_sizes_no_machine_can_hold_are_refused(tiny, tmp_path, capsys):
-    for flag, value in (("--panel-size", "65536"), ("--resolution", "65536"), ("--t5-max-length", "100000000"),
-                        ("--sample-steps", "1000000000000")):  # fmt: skip
+    for flag, value in (
+        ("--panel-size", "65536"),
+        ("--resolution", "65536"),
+        ("--t5-max-length", "100000000"),
+        ("--sample-steps", "1000000000000"),
+    ):
         with pytest.raises(SystemExit) as e:
             train.parse([flag, value])
         assert e.value.code == 2 and f"{flag} {value}: expected" in capsys.readouterr().err
@@ -218,8 +248,10 @@ def test_a_device_this_machine_lacks_is_refused(capsys):
 def test_config_files_with_a_date_or_bytes_that_are_not_utf8_are_named(tmp_path, capsys):
     (tmp_path / "date.toml").write_text("guidance = 2024-01-01\n")
     (tmp_path / "latin1.toml").write_bytes('name = "café"\n'.encode("latin-1"))
-    for name, message in (("date.toml", "guidance = 2024-01-01 (a date): expected a finite number"),
-                          ("latin1.toml", "cannot read the config: not UTF-8 text (byte 0xe9")):  # fmt: skip
+    for name, message in (
+        ("date.toml", "guidance = 2024-01-01 (a date): expected a finite number"),
+        ("latin1.toml", "cannot read the config: not UTF-8 text (byte 0xe9"),
+    ):
         with pytest.raises(SystemExit) as e:
             train.parse(["--config", str(tmp_path / name)])
         assert e.value.code == 2 and f"{tmp_path / name}: " in (err := capsys.readouterr().err) and message in err
@@ -229,8 +261,10 @@ def test_resume_refuses_a_change_of_model_or_data_before_any_work(tiny, tmp_path
     run = tmp_path / "runs" / "r"
     assert tiny("--steps", "4", "--stop-at", "2", "--name", "r") == 0
     (tmp_path / "none.toml").write_text(f'resume = "{run}"\nsemantic = "none"\n')
-    for how, named in ((["--resume", str(run), "--semantic", "none"], "--semantic none: "),
-                       (["--config", str(tmp_path / "none.toml")], "none.toml: semantic = 'none': ")):  # fmt: skip
+    for how, named in (
+        (["--resume", str(run), "--semantic", "none"], "--semantic none: "),
+        (["--config", str(tmp_path / "none.toml")], "none.toml: semantic = 'none': "),
+    ):
         with pytest.raises(SystemExit) as e:
             train.parse(how)
         err = capsys.readouterr().err
@@ -253,7 +287,10 @@ def test_resume_names_a_damaged_checkpoint_and_removes_nothing(tiny, tmp_path):
 
 
 def test_runs_started_at_once_never_share_a_folder(tmp_path):
-    made, threads = [], [threading.Thread(target=lambda: made.append(make_run_folder(tmp_path, "run"))) for _ in range(8)]
+    made, threads = (
+        [],
+        [threading.Thread(target=lambda: made.append(make_run_folder(tmp_path, "run"))) for _ in range(8)],
+    )
     for t in threads:
         t.start()
     for t in threads:
@@ -263,8 +300,9 @@ def test_runs_started_at_once_never_share_a_folder(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_encoding_removes_the_new_run_whatever_the_signal(tmp_path, sig):
-    proc = train_script("--out", str(tmp_path / "runs"), "--name", "enc", "--steps", "3",
-                        env={"TINY_TASK_SLOW_ENCODE": "1"})  # fmt: skip
+    proc = train_script(
+        "--out", str(tmp_path / "runs"), "--name", "enc", "--steps", "3", env={"TINY_TASK_SLOW_ENCODE": "1"}
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -305,11 +343,15 @@ def test_resume_removes_stale_temporaries_orphan_checkpoints_and_log_lines_past_
 
     assert train.main(["--resume", str(run)]) == 0
     out = capsys.readouterr().out
-    assert (f"resuming {run}: removed 3 temporary file(s) of unfinished writes; the unfinished checkpoint(s) "
-            "step-000006; 3 line(s) of log.jsonl after step 4") in out  # fmt: skip
+    assert (
+        f"resuming {run}: removed 3 temporary file(s) of unfinished writes; the unfinished checkpoint(s) "
+        "step-000006; 3 line(s) of log.jsonl after step 4"
+    ) in out
     assert log_steps(run) == [1, 2, 3, 4, 5, 6]  # each step once
     assert not list(run.rglob("*.tmp")) and sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "latest", "step-000006"]  # fmt: skip
+        "latest",
+        "step-000006",
+    ]
     a = read_state_dict(runs / "straight" / "transformer.safetensors")
     b = read_state_dict(run / "transformer.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # and the resumed run is still the uninterrupted one
@@ -323,24 +365,31 @@ def test_a_run_killed_in_its_first_checkpoint_says_there_is_nothing_to_resume(ti
     (run / "checkpoints" / "step-000002" / "state.pt").rename(run / "checkpoints" / "step-000002" / ".state.pt.ab.tmp")
     out = subprocess.run([sys.executable, "train.py", "--resume", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert (f"train.py: {run}: nothing to resume: the run stopped before its first checkpoint was complete (removed: "
-            "1 temporary file(s) of unfinished writes; the unfinished checkpoint(s) step-000002). Start it again: "
-            f"python train.py --config {run / 'config.toml'} --out {run.parent} --name early --overwrite") in out.stderr
+    assert (
+        f"train.py: {run}: nothing to resume: the run stopped before its first checkpoint was complete (removed: "
+        "1 temporary file(s) of unfinished writes; the unfinished checkpoint(s) step-000002). Start it again: "
+        f"python train.py --config {run / 'config.toml'} --out {run.parent} --name early --overwrite"
+    ) in out.stderr
     assert not (run / "checkpoints" / "step-000002").exists()  # a full-size one would be 24 GB
 
 
 def test_after_sigkill_mid_run_the_resumed_log_holds_each_step_once(tmp_path):
     run = tmp_path / "runs" / "killed"
-    proc = train_script("--out", str(tmp_path / "runs"), "--name", "killed", "--steps", "100000",
-                        "--checkpoint-every", "3")  # fmt: skip
+    proc = train_script(
+        "--out", str(tmp_path / "runs"), "--name", "killed", "--steps", "100000", "--checkpoint-every", "3"
+    )
     deadline = time.time() + 120
     while time.time() < deadline and (not (run / "log.jsonl").exists() or len(log_steps(run)) < 8):
         time.sleep(0.05)
     proc.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
     proc.communicate(timeout=60)
     logged = len((run / "log.jsonl").read_text().splitlines())
-    resumed = subprocess.run([sys.executable, "-c", RUNNER, "--resume", str(run), "--steps", str(logged + 2)],
-                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-c", RUNNER, "--resume", str(run), "--steps", str(logged + 2)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     assert log_steps(run) == list(range(1, logged + 3))
     assert not list(run.rglob("*.tmp"))
@@ -352,8 +401,9 @@ def test_after_sigkill_mid_run_the_resumed_log_holds_each_step_once(tmp_path):
 def test_a_signal_during_the_final_writes_stops_keeps_the_checkpoint_and_says_what_is_not_written(tmp_path):
     sig = signal.SIGTERM  # a job's time limit; Ctrl-C (SIGINT) is the slow test's below
     run = tmp_path / "runs" / "final"
-    proc = train_script("--out", str(tmp_path / "runs"), "--name", "final", "--steps", "3",
-                        env={"TINY_TASK_SLOW_FINISH": "1"})  # fmt: skip
+    proc = train_script(
+        "--out", str(tmp_path / "runs"), "--name", "final", "--steps", "3", env={"TINY_TASK_SLOW_FINISH": "1"}
+    )
     lines = []
     for line in proc.stdout:  # until finish has written its first file and is evaluating
         lines.append(line)
@@ -362,16 +412,19 @@ def test_a_signal_during_the_final_writes_stops_keeps_the_checkpoint_and_says_wh
     proc.send_signal(sig)
     out = "".join(lines) + proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + sig, out
-    assert (f"stopped by signal {sig} during the final evaluation and writes; not written: metrics.json. The "
-            f"checkpoint of step 3 is kept; write them with: python train.py --resume {run}") in out
+    assert (
+        f"stopped by signal {sig} during the final evaluation and writes; not written: metrics.json. The "
+        f"checkpoint of step 3 is kept; write them with: python train.py --resume {run}"
+    ) in out
     assert "Traceback" not in out and not (run / "metrics.json").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step-000003"
-    resumed = subprocess.run([sys.executable, "-c", RUNNER, "--resume", str(run)], cwd=ROOT, capture_output=True,
-                             text=True)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "-c", RUNNER, "--resume", str(run)], cwd=ROOT, capture_output=True, text=True
+    )
     assert resumed.returncode == 0 and json.loads((run / "metrics.json").read_text()) == {"steps": 3}
 
 
-# --- 7. every setting checked when it is read, before any work -------------------------------------------------------
+# --- 7. every setting checked when it is read, before any work --------------------------------------------------------
 
 BAD_FLAGS = [
     (["--steps", "0"], "--steps 0: expected an integer ≥ 1"),
@@ -424,8 +477,20 @@ def test_bad_toml_values_are_refused_naming_the_file_and_the_key(line, message, 
 
 def test_a_bad_value_stops_train_py_with_exit_2_before_any_folder_is_made(tmp_path):
     (tmp_path / "c.toml").write_text('steps = "ten"\n')
-    out = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--out", str(tmp_path / "runs"), "--config",
-                          str(tmp_path / "c.toml")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *TINY_FLAGS,
+            "--out",
+            str(tmp_path / "runs"),
+            "--config",
+            str(tmp_path / "c.toml"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and 'steps = "ten": expected an integer ≥ 1' in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
 
@@ -439,7 +504,7 @@ def test_a_resumed_runs_config_is_checked_too(tiny, tmp_path, capsys):
     assert e.value.code == 2 and f"{config}: steps = -2: expected an integer ≥ 1" in capsys.readouterr().err
 
 
-# --- 2, 4. small and uncaptioned triptych folders -----------------------------------------------------------------------
+# --- 2, 4. small and uncaptioned triptych folders ---------------------------------------------------------------------
 
 
 def triptych_folder(folder: Path, n: int, captions: bool) -> Path:
@@ -480,8 +545,21 @@ def test_a_small_uncaptioned_folder_trains_and_a_signal_in_the_final_writes_keep
     evaluation stops it promptly, names the files not written, and --resume writes them from the checkpoint."""
     data = triptych_folder(tmp_path / "data", 5, captions=False)
     run = tmp_path / "runs" / "small"
-    cmd = [sys.executable, "train.py", *TINY_FLAGS, "--out", str(tmp_path / "runs"), "--name", "small", "--data",
-           str(data), "--steps", "2", "--sample-steps", "10000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        *TINY_FLAGS,
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "small",
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--sample-steps",
+        "10000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "latest").exists() and proc.poll() is None:
@@ -492,15 +570,21 @@ def test_a_small_uncaptioned_folder_trains_and_a_signal_in_the_final_writes_keep
     assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
     assert "data: no triptych has a caption (a .txt beside it): every one trains with the empty caption" in out
     assert "data: 4 train, 1 held-out" in out
-    assert ("not written: transformer.safetensors, adapter.safetensors, loss.png, samples.png, metrics.json. The "
-            "checkpoint of step 2 is kept") in out  # fmt: skip
-    resumed = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--sample-steps", "2"], cwd=ROOT,
-                             capture_output=True, text=True)  # fmt: skip
+    assert (
+        "not written: transformer.safetensors, adapter.safetensors, loss.png, samples.png, metrics.json. The "
+        "checkpoint of step 2 is kept"
+    ) in out
+    resumed = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(run), "--sample-steps", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 2 and (run / "samples.png").is_file()
 
 
-# --- 8. a full disk or a read-only one: a message, the last checkpoint whole, nothing half-written -------------------
+# --- 8. a full disk or a read-only one: a message, the last checkpoint whole, nothing half-written --------------------
 
 
 @pytest.fixture
@@ -510,8 +594,11 @@ def small_disk(tmp_path):
     where.mkdir()
 
     def mount(size: str, *options: str) -> Path:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
-                              capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a small filesystem here: {done.stderr.strip()}")
         return where

@@ -67,8 +67,18 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     for i, (visible, _, semantic) in enumerate(panels):
         to_pil(visible[0]).resize((96, 96)).save(tmp_path / f"visible{i}.png")
         to_pil(semantic[0]).resize((96, 96), Image.Resampling.NEAREST).save(tmp_path / f"semantic{i}.png")
-    argv = ["--run", str(tmp_path / "tiny"), "--visible", str(tmp_path / "visible0.png"), "--semantic-map",
-            str(tmp_path / "semantic0.png"), "--steps", "2", "--output-dir", str(tmp_path / "ir")]  # fmt: skip
+    argv = [
+        "--run",
+        str(tmp_path / "tiny"),
+        "--visible",
+        str(tmp_path / "visible0.png"),
+        "--semantic-map",
+        str(tmp_path / "semantic0.png"),
+        "--steps",
+        "2",
+        "--output-dir",
+        str(tmp_path / "ir"),
+    ]
     assert sample.main(argv) == 0
     written = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert written == tmp_path / "ir" / "img_0000.png"
@@ -87,21 +97,26 @@ def test_sample_uses_the_latest_run_and_writes_a_reproducible_grid(tmp_path, cap
     # --trace and --params: one line per stage, in the walk-through's notation; a parameter table
     assert sample.main(["--runs", str(tmp_path), "--num", "1", "--steps", "1", "--trace", "--params"]) == 0
     out = capsys.readouterr().out
-    assert "prepare_vis2ir" in out and re.search(r"^\s+fill_condition\s+.*image \[1, 3, 64, 128\], mask \[1, 1, 64, 128\] "
-                                                   r"→ \[1, 32, 320\]$", out, re.M)  # the diptych's Fill condition
+    assert "prepare_vis2ir" in out and re.search(
+        r"^\s+fill_condition\s+.*image \[1, 3, 64, 128\], mask \[1, 1, 64, 128\] "
+        r"→ \[1, 32, 320\]$",
+        out,
+        re.M,
+    )  # the diptych's Fill condition
     assert re.search(r"^\s+unpack\s+tokens \[1, 32, 64\] → \[1, 16, 8, 16\]$", out, re.M)  # inside generate
     assert "flux (Flux)" in out and "double_blocks (2 × DoubleStreamBlock)" in out and "\ntotal " in out
 
 
 def test_sample_without_a_run_says_which_command_to_run_first(tmp_path):
-    out = subprocess.run([sys.executable, "sample.py", "--runs", str(tmp_path / "none")], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--runs", str(tmp_path / "none")], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "train one first with:  python train.py" in out.stderr
     assert not list(tmp_path.glob("**/*.png"))
 
 
-# --- bad input: a clear message and exit 2 before any weights are loaded -----------------------------------------------
+# --- bad input: a clear message and exit 2 before any weights are loaded ----------------------------------------------
 
 
 @pytest.fixture
@@ -134,7 +149,10 @@ def bad_inputs(tmp):
         (["--lora", f"{tmp / 'style.safetensors'}:1e-3"], f"--lora {tmp / 'style.safetensors'}:1e-3: no such file "
                                                           f"{tmp / 'style.safetensors'}"),
         (["--image", str(tmp / "absent.png")], f"--image {tmp / 'absent.png'}: no such file"),
-        (["--output-dir", str(tmp / "a_file")], f"--output-dir {tmp / 'a_file'}: a file is in the way; expected a folder"),
+        (
+            ["--output-dir", str(tmp / "a_file")],
+            f"--output-dir {tmp / 'a_file'}: a file is in the way; expected a folder",
+        ),
         (["--output-dir", str(tmp / "a_file" / "sub")], f"--output-dir {tmp / 'a_file' / 'sub'}: cannot write there"),
         (["--from", str(tmp / "empty.png")], f"{tmp / 'empty.png'}: cannot be read as a PNG"),
         (["--from", str(tmp / "corrupt.png")], f"{tmp / 'corrupt.png'}: cannot be read as a PNG"),
@@ -145,8 +163,9 @@ def bad_inputs(tmp):
 
 def test_bad_sampling_input_is_refused_with_exit_2_before_loading(tmp_path, capsys, no_loading):
     for argv, message in bad_inputs(tmp_path):
-        code = sample.main(["--repo", str(tmp_path / "repo"), "--prompt", "a fox", "--output-dir", str(tmp_path / "out"),
-                            *argv])  # fmt: skip
+        code = sample.main(
+            ["--repo", str(tmp_path / "repo"), "--prompt", "a fox", "--output-dir", str(tmp_path / "out"), *argv]
+        )
         err = capsys.readouterr().err
         assert code == 2 and message in err, (argv, err)
     assert not (tmp_path / "out").exists()  # nothing written, not even the folder
@@ -168,8 +187,12 @@ def test_a_read_only_output_folder_is_refused_before_loading(tmp_path, capsys, n
 
 
 def test_a_bad_input_exits_2_from_the_command_line(tmp_path):
-    out = subprocess.run([sys.executable, "sample.py", "--repo", "r", "--prompt", "p", "--steps", "-3"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--repo", "r", "--prompt", "p", "--steps", "-3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "--steps -3: expected an integer ≥ 1" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -190,8 +213,10 @@ def test_image_names_are_taken_exclusively(tmp_path, monkeypatch):
     assert (tmp_path / "img_0000.png").read_bytes() == b"an earlier image"  # never replaced
 
     taken = []
-    threads = [threading.Thread(target=lambda: taken.extend(sample.write_images([Image.new("RGB", (8, 8))] * 3,
-                                                                                  tmp_path))) for _ in range(4)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: taken.extend(sample.write_images([Image.new("RGB", (8, 8))] * 3, tmp_path)))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

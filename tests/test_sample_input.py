@@ -97,8 +97,19 @@ def test_output_is_refused_with_output_dir_and_outside_the_held_out_grid(tmp_pat
     assert f"--output {grid}: names the held-out grid only" in err and "--output-dir" in err
     for name in ("v.png", "s.png"):
         Image.new("RGB", (16, 16)).save(tmp_path / name)
-    err = refused(["--run", str(tmp_path), "--visible", str(tmp_path / "v.png"), "--semantic-map",
-                   str(tmp_path / "s.png"), "--output", str(grid)], capsys)  # fmt: skip
+    err = refused(
+        [
+            "--run",
+            str(tmp_path),
+            "--visible",
+            str(tmp_path / "v.png"),
+            "--semantic-map",
+            str(tmp_path / "s.png"),
+            "--output",
+            str(grid),
+        ],
+        capsys,
+    )
     assert f"--output {grid}: names the held-out grid only" in err
     assert not grid.exists() and not (tmp_path / "x").exists() and not (tmp_path / "outputs").exists()
 
@@ -180,15 +191,28 @@ def test_a_tampered_settings_chunk_is_refused_naming_the_png_and_the_field(tmp_p
 
 def test_a_tampered_settings_chunk_exits_2_from_the_command_line_without_a_traceback(tmp_path):
     png = png_with(tmp_path / "made.png", minflux='{"seed": "abc"}')
-    out = subprocess.run([sys.executable, "sample.py", "--from", str(png), "--runs", str(tmp_path / "none")], cwd=ROOT,
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--from", str(png), "--runs", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 2 and f'{png}: its "minflux" text chunk holds "seed": "abc"' in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_settings_of_an_earlier_minflux_one_chunk_each_still_apply(tmp_path, capsys):
-    png = png_with(tmp_path / "old.png", software="minflux", prompt="p", seed="4", steps="3", guidance="none",
-                   width="48", loras="a.safetensors:0.5, b:1")  # fmt: skip
+    png = png_with(
+        tmp_path / "old.png",
+        software="minflux",
+        prompt="p",
+        seed="4",
+        steps="3",
+        guidance="none",
+        width="48",
+        loras="a.safetensors:0.5, b:1",
+    )
     args = sample.parse_args(["--from", str(png)])
     sample.apply_settings(args)
     assert (args.prompt, args.seed, args.steps, args.guidance, args.width) == ("p", 4, 3, None, 48)

@@ -1,4 +1,4 @@
-"""The SemanticCrossAttention adapter of the vis2ir notes: identity at init, shapes, parameters, positions."""
+"""The SemanticCrossAttention adapter of the vis2ir design: identity at init, shapes, parameters, positions."""
 
 import torch
 
@@ -32,7 +32,7 @@ def test_adapter_maps_2048_queries_over_1024_semantic_keys_to_the_query_shape():
     assert not torch.allclose(out, x)
 
 
-def test_parameter_count_is_16897_per_layer_not_the_notes_arithmetic():
+def test_parameter_count_is_16897_per_layer_not_the_designs_arithmetic():
     assert sum(p.numel() for p in SemanticCrossAttention(64, 8).parameters()) == 16_897
     assert sum(p.numel() for p in SemanticConditioningAdapter(64, num_layers=3).parameters()) == 3 * 16_897
 

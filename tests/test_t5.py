@@ -259,8 +259,16 @@ def test_t5_xxl_has_the_official_keys_shapes_and_parameter_count():
     24 × (4 · 4096² attention + 3 · 4096 · 10240 MLP + 2 · 4096 norms) + 32128 · 4096 embedding
     + 32 · 64 position buckets + 4096 final norm.
     """
-    config = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6)  # google/t5-v1_1-xxl
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+    )  # google/t5-v1_1-xxl
     with torch.device("meta"):
         ours, ref = T5Encoder(T5_XXL), T5EncoderModel(config)
     ours_sd, ref_sd = ours.state_dict(), ref.state_dict()
@@ -394,7 +402,6 @@ def test_wrong_files_are_named(tmp_path):
     save_file({"text_model.final_layer_norm.weight": torch.ones(8)}, str(tmp_path / "clip.safetensors"))
     with pytest.raises(WeightsError, match=r"clip\.safetensors: not a T5 encoder"):
         load_t5(tmp_path / "clip.safetensors")
-
 
 
 def test_config_of_another_model_is_named(tmp_path, reference):

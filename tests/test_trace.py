@@ -1,4 +1,5 @@
-"""Shape traces and parameter tables (minflux/study/), checked against the walk-through's and the vis2ir design's numbers.
+"""Shape traces and parameter tables (minflux/study/), checked against the walk-through's and the vis2ir design's
+numbers.
 
 The full-size traces run on the meta device: FLUX.1-dev, its VAE, CLIP-L and T5-XXL with no weights.
 """
@@ -50,10 +51,20 @@ def test_kontext_trace_reproduces_the_walk_through_shapes(kontext):
 
 def test_kontext_trace_is_in_data_flow_order_with_blocks_folded(kontext):
     labels = [s.label for s in kontext.stages]
-    order = ["clip", "t5", "AutoEncoder.encode", "denoise", "transformer (Flux)", "transformer.img_in",
-             "transformer.double_blocks.* (DoubleStreamBlock)", "transformer.single_blocks.* (SingleStreamBlock)",
-             "transformer.final_layer", "unpack", "AutoEncoder.decode"]  # fmt: skip
-    positions = [next(i for i, l in enumerate(labels) if l.startswith(o)) for o in order]
+    order = [
+        "clip",
+        "t5",
+        "AutoEncoder.encode",
+        "denoise",
+        "transformer (Flux)",
+        "transformer.img_in",
+        "transformer.double_blocks.* (DoubleStreamBlock)",
+        "transformer.single_blocks.* (SingleStreamBlock)",
+        "transformer.final_layer",
+        "unpack",
+        "AutoEncoder.decode",
+    ]
+    positions = [next(i for i, line in enumerate(labels) if line.startswith(o)) for o in order]
     assert positions == sorted(positions)
     assert line(kontext, "double_blocks.* (DoubleStreamBlock)").calls == 19
     assert line(kontext, "single_blocks.* (SingleStreamBlock)").calls == 38
@@ -70,14 +81,14 @@ def test_kontext_trace_command_prints_the_walk_through(capsys):
 
 
 @pytest.mark.parametrize("layout", ["panel", "diptych"])
-def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys, layout):
+def test_vis2ir_trace_command_prints_the_designs_debug_shapes(capsys, layout):
     """`python -m minflux.study.trace vis2ir --batch 4`: the vis2ir design's DEBUG lines, read from the printed output;
     with --semantic-layout diptych every one of them, the design's [4, 2048, 64] semantic tokens included."""
     from minflux.study.trace import main
 
     assert main(["vis2ir", "--batch", "4", "--semantic-layout", layout]) == 0
     lines = capsys.readouterr().out.splitlines()
-    debug = dict(l[len("[DEBUG] ") :].split(": ", 1) for l in lines if l.startswith("[DEBUG]"))
+    debug = dict(line[len("[DEBUG] ") :].split(": ", 1) for line in lines if line.startswith("[DEBUG]"))
     assert debug["triptych"] == "[4, 3, 512, 1536]"
     assert debug["visible_img, target_img, semantic_img"] == "3 × [4, 3, 512, 512]"
     assert debug["diptych"] == "[4, 3, 512, 1024]"
@@ -88,7 +99,7 @@ def test_vis2ir_trace_command_prints_the_notes_debug_shapes(capsys, layout):
     assert debug["semantic_tokens"] == {"panel": "[4, 1024, 64]", "diptych": "[4, 2048, 64]"}[layout]
     assert debug["x_t"] == debug["x_t_enhanced"] == "[4, 2048, 64]"
     assert debug["hidden_states (final)"] == "[4, 2048, 384]"
-    assert any(re.search(r"Vis2IR\.adapter \(SemanticConditioningAdapter\)", l) for l in lines)
+    assert any(re.search(r"Vis2IR\.adapter \(SemanticConditioningAdapter\)", line) for line in lines)
 
 
 def test_parameter_table_gives_the_official_counts():
@@ -98,14 +109,14 @@ def test_parameter_table_gives_the_official_counts():
     assert "double_blocks (19 × DoubleStreamBlock)" in table and "single_blocks (38 × SingleStreamBlock)" in table
 
 
-def test_vis2ir_params_count_the_adapter_not_the_notes_number(capsys):
+def test_vis2ir_params_count_the_adapter_not_the_designs_number(capsys):
     from minflux.study.trace import main
 
     main(["vis2ir", "--params"])
     out = capsys.readouterr().out
-    adapter = next(l for l in out.splitlines() if l.startswith("adapter"))
+    adapter = next(line for line in out.splitlines() if line.startswith("adapter"))
     assert re.split(r"\s{2,}", adapter)[1:4] == ["16,897", "16,897", "0"]  # parameters, trainable, frozen
-    total = next(l for l in out.splitlines() if l.startswith("total"))
+    total = next(line for line in out.splitlines() if line.startswith("total"))
     assert re.split(r"\s{2,}", total)[2] == "16,897"  # only the adapter trains
     assert "33,088" not in out
 
@@ -117,7 +128,14 @@ def test_shape_trace_of_a_real_model_matches_its_output_and_cleans_up():
     params = minflux.configs["flux-small"].params
     model = minflux.Flux(params)
     img, txt = torch.randn(2, 16, 64), torch.randn(2, 5, params.context_in_dim)
-    args = (img, sampling.prepare_img_ids(2, 4, 4), txt, sampling.prepare_txt_ids(2, 5), torch.rand(2), torch.randn(2, 64))
+    args = (
+        img,
+        sampling.prepare_img_ids(2, 4, 4),
+        txt,
+        sampling.prepare_txt_ids(2, 5),
+        torch.rand(2),
+        torch.randn(2, 64),
+    )
     with shape_trace(quiet=True) as trace:
         out = model(*args)
         model(*args)

@@ -32,9 +32,20 @@ def test_default_pipeline_writes_a_complete_run_folder(tmp_path, capsys):
     assert run_train(tmp_path, "--steps", "6", "--name", "smoke", "--semantic", "xattn_rope") == 0
     run = tmp_path / "smoke"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run)  # the last line is the run folder
-    for name in ("transformer.safetensors", "adapter.safetensors", "ae.safetensors", "config.toml", "metrics.json",
-                 "loss.png", "samples.png", "log.jsonl", "text_encoder/model.safetensors", "tokenizer/vocab.json",
-                 "text_encoder_2/model.safetensors", "tokenizer_2/spiece.model"):  # fmt: skip
+    for name in (
+        "transformer.safetensors",
+        "adapter.safetensors",
+        "ae.safetensors",
+        "config.toml",
+        "metrics.json",
+        "loss.png",
+        "samples.png",
+        "log.jsonl",
+        "text_encoder/model.safetensors",
+        "tokenizer/vocab.json",
+        "text_encoder_2/model.safetensors",
+        "tokenizer_2/spiece.model",
+    ):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["heldout_mse"] > 0 and metrics["train_seconds"] > 0
@@ -88,8 +99,19 @@ def test_plan_c_adapters_train_resume_exactly_plot_their_gates_and_sample(tmp_pa
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
-    cmd = [sys.executable, "train.py", *TINY, "--out", str(tmp_path), "--name", "sig", "--steps", "100000",
-           "--checkpoint-every", "100000"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "train.py",
+        *TINY,
+        "--out",
+        str(tmp_path),
+        "--name",
+        "sig",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "100000",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "sig" / "log.jsonl"
     deadline = time.time() + 120
@@ -119,16 +141,31 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = [*TINY, "--out", str(tmp_path), "--steps", "3", "--device", "cpu"]
-    one = subprocess.run([sys.executable, "train.py", *common, "--name", "one"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "train.py", *common, "--name", "one"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
-         *common, "--name", "two"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29531",
+            "train.py",
+            *common,
+            "--name",
+            "two",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    encode = [[line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("encode ")] for r in (one, two)]
+    encode = [
+        [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("encode ")] for r in (one, two)
+    ]
     assert encode[1] == encode[0] == ["encode 16/16"]  # printed once, not once per process
     a = read_state_dict(tmp_path / "one" / "transformer.safetensors")
     b = read_state_dict(tmp_path / "two" / "transformer.safetensors")
@@ -138,9 +175,10 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
 
 
 def test_unknown_config_key_is_an_error_listing_the_valid_keys(tmp_path):
-    (tmp_path / "bad.toml").write_text('steps = 3\nlearning_rate = 0.1\n')
-    out = subprocess.run([sys.executable, "train.py", "--config", str(tmp_path / "bad.toml")], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
+    (tmp_path / "bad.toml").write_text("steps = 3\nlearning_rate = 0.1\n")
+    out = subprocess.run(
+        [sys.executable, "train.py", "--config", str(tmp_path / "bad.toml")], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 2
     assert "unknown key(s) learning_rate" in out.stderr and "valid keys: semantic" in out.stderr
 
@@ -177,12 +215,21 @@ def test_config_toml_round_trips_every_field_type_with_unicode_inf_and_nan(tmp_p
         for i, f in enumerate(dataclasses.fields(train.TrainConfig)):
             kind = field_type(f)
             kinds.setdefault(kind, []).append(f.name)
-            values[f.name] = {str: f"{TRICKY} {i}", int: 2**40 + i, float: floats[i % 3],
-                              bool: not (f.default is True)}[kind]  # fmt: skip
+            values[f.name] = {
+                str: f"{TRICKY} {i}",
+                int: 2**40 + i,
+                float: floats[i % 3],
+                bool: f.default is not True,
+            }[kind]
         cfg = train.TrainConfig(**values)
         (tmp_path / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-        back = tomllib.loads((tmp_path / "config.toml").read_text(encoding="utf-8"))  # valid TOML, by the standard reader
-        for name, value in values.items():  # (the values are not the accepted ones: read_toml's checks are tested apart)
+        back = tomllib.loads(
+            (tmp_path / "config.toml").read_text(encoding="utf-8")
+        )  # valid TOML, by the standard reader
+        for (
+            name,
+            value,
+        ) in values.items():  # (the values are not the accepted ones: read_toml's checks are tested apart)
             got = back[name]
             assert got == value or (math.isnan(value) and math.isnan(got)), (name, value, got)
             assert type(got) is type(value), name
@@ -216,7 +263,7 @@ def test_output_dir_is_the_flag_out_and_bfl_underscores_are_aliases_and_old_conf
 def test_a_batch_the_processes_do_not_divide_is_refused_and_progress_prints_once(monkeypatch, capsys):
     import io
 
-    from minflux.tasks import runs
+    from minflux.tasks import progress
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, before the process group starts
     assert train.parse(["--batch-size", "4"]).batch_size == 4
@@ -227,9 +274,9 @@ def test_a_batch_the_processes_do_not_divide_is_refused_and_progress_prints_once
 
     lines = {}
     for r in (0, 1):
-        monkeypatch.setattr(runs, "rank", lambda r=r: r)
+        monkeypatch.setattr(progress, "rank", lambda r=r: r)
         stream = io.StringIO()
-        runs.Progress(4, label="encode ", stream=stream).update(4)
+        progress.Progress(4, label="encode ", stream=stream).update(4)
         lines[r] = stream.getvalue()
     assert lines[0].startswith("encode 4/4") and lines[1] == ""
 
@@ -245,8 +292,9 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     """The official-weights path on CPU: a finished small run's files are loaded like the official ones."""
     assert run_train(tmp_path, "--steps", "2", "--name", "base", "--semantic", "xattn") == 0
     base = tmp_path / "base"
-    code = run_train(tmp_path, "--steps", "2", "--name", "lora", "--semantic", "xattn", "--finetune", str(base),
-                     "--lora-rank", "4")  # fmt: skip
+    code = run_train(
+        tmp_path, "--steps", "2", "--name", "lora", "--semantic", "xattn", "--finetune", str(base), "--lora-rank", "4"
+    )
     assert code == 0
     run = tmp_path / "lora"
     assert (run / "lora.safetensors").is_file() and not (run / "transformer.safetensors").exists()
@@ -255,8 +303,22 @@ def test_finetune_a_finished_run_with_lora_and_sample_it(tmp_path, capsys):
     lora = read_state_dict(run / "lora.safetensors")
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())  # trained
     # bf16 maths on the fp32 LoRA and adapter: the encoding (an fp32 mask) and the evaluation (autocast) as trained
-    assert run_train(tmp_path, "--steps", "1", "--name", "bf16", "--semantic", "xattn", "--finetune", str(base),
-                     "--dtype", "bf16") == 0  # fmt: skip
+    assert (
+        run_train(
+            tmp_path,
+            "--steps",
+            "1",
+            "--name",
+            "bf16",
+            "--semantic",
+            "xattn",
+            "--finetune",
+            str(base),
+            "--dtype",
+            "bf16",
+        )
+        == 0
+    )
     assert {v.dtype for v in read_state_dict(tmp_path / "bf16" / "lora.safetensors").values()} == {torch.float32}
     import sample
 

@@ -33,12 +33,27 @@ from tests.flux_helpers import diffusers_flux, random_image, resume_matches_stra
 diffusers = pytest.importorskip("diffusers")
 
 # Kontext has dev's shapes (64 input channels, a guidance embedding); the variant in the header tells them apart.
-TINY = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1,
-               guidance_embed=True)  # fmt: skip
+TINY = replace(
+    FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1, guidance_embed=True
+)
 TINY_FILL = replace(TINY, in_channels=384)
 INSTRUCTIONS = ["make the square red", "turn the circle blue", "add a green stripe", "remove the yellow dot"]
-ARGS = ["--resolution", "32", "--batch-size", "2", "--lora-rank", "4", "--lr", "1e-2", "--t5-max-length", "8",
-        "--sample-steps", "2", "--gradient-checkpointing", "false"]  # fmt: skip
+ARGS = [
+    "--resolution",
+    "32",
+    "--batch-size",
+    "2",
+    "--lora-rank",
+    "4",
+    "--lr",
+    "1e-2",
+    "--t5-max-length",
+    "8",
+    "--sample-steps",
+    "2",
+    "--gradient-checkpointing",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +83,22 @@ def pairs(tmp_path):
 
 
 def weight_args(weights, model="kontext") -> list[str]:
-    return ["--flux", str(weights[model]), "--ae", str(weights["ae"]), "--clip", str(weights["clip"]),
-            "--t5", str(weights["t5"])]  # fmt: skip
+    return [
+        "--flux",
+        str(weights[model]),
+        "--ae",
+        str(weights["ae"]),
+        "--clip",
+        str(weights["clip"]),
+        "--t5",
+        str(weights["t5"]),
+    ]
 
 
 def run_kontext(tmp_path, weights, data, *args) -> int:
-    return train.main(["--task", "kontext", "--data", str(data), *weight_args(weights), "--out",
-                       str(tmp_path / "runs"), *ARGS, *args])  # fmt: skip
+    return train.main(
+        ["--task", "kontext", "--data", str(data), *weight_args(weights), "--out", str(tmp_path / "runs"), *ARGS, *args]
+    )
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,8 +127,16 @@ def diffusers_loss(ref, z, noise, t, guidance, txt, y, cond=None, cond_axis0=1.0
         cond_ids[..., 0] = cond_axis0
         hidden = torch.cat((hidden, P._pack_latents(cond, B, C, cond.shape[2], cond.shape[3])), dim=1)
         ids = torch.cat((ids, cond_ids), dim=0)
-    pred = ref(hidden_states=hidden, timestep=t, guidance=guidance, pooled_projections=y, encoder_hidden_states=txt,
-               txt_ids=torch.zeros(txt.shape[1], 3), img_ids=ids, return_dict=False)[0]  # fmt: skip
+    pred = ref(
+        hidden_states=hidden,
+        timestep=t,
+        guidance=guidance,
+        pooled_projections=y,
+        encoder_hidden_states=txt,
+        txt_ids=torch.zeros(txt.shape[1], 3),
+        img_ids=ids,
+        return_dict=False,
+    )[0]
     pred = P._unpack_latents(pred[:, :target_len], h * 8, w * 8, 8)  # [B, 16, h, w]
     return ((pred.float() - (noise - z).float()) ** 2).reshape(B, -1).mean(1).mean()
 
@@ -112,8 +144,19 @@ def diffusers_loss(ref, z, noise, t, guidance, txt, y, cond=None, cond_axis0=1.0
 def task_batch(task_cls, weights, data, tmp_path, model, *args):
     """A task built as train.py builds it, its frozen parts encoded, its model (the transformer with a LoRA that
     starts as the identity), and one drawn batch (3 of its items)."""
-    cfg = train.parse(["--task", "kontext" if task_cls is KontextTask else "t2i", "--data", str(data),
-                       *weight_args(weights, model), *ARGS, "--batch-size", "3", *args])  # fmt: skip
+    cfg = train.parse(
+        [
+            "--task",
+            "kontext" if task_cls is KontextTask else "t2i",
+            "--data",
+            str(data),
+            *weight_args(weights, model),
+            *ARGS,
+            "--batch-size",
+            "3",
+            *args,
+        ]
+    )
     task = task_cls(cfg, tmp_path, torch.device("cpu"), torch.float32)
     task.encode()
     flux, _ = task.build_model()
@@ -141,16 +184,18 @@ def test_kontext_loss_matches_diffusers_dreambooth_kontext_script(weights, pairs
     beside a 48×48 target)."""
     for i in range(len(INSTRUCTIONS)):
         random_image(100 + i, size=(66, 48)).save(pairs / "control" / f"{i:02d}.png")  # 11:8, within 1.5× of square
-    task, model, batch = task_batch(KontextTask, weights, pairs, tmp_path, "kontext", "--resolution", "48",
-                             "--control-size", control_size)  # fmt: skip
+    task, model, batch = task_batch(
+        KontextTask, weights, pairs, tmp_path, "kontext", "--resolution", "48", "--control-size", control_size
+    )
     rows, own = items_of(task, batch)
     assert len(set(rows)) >= 2  # the rows are different pairs
     assert batch.inputs.img_cond_seq.shape[1] == (9 if control_size == "target" else 12)  # 48×48, or 64×48 (own)
     base = load_flux(weights["kontext"])
     ref = diffusers_flux(base.params, base.state_dict())
     with torch.no_grad():
-        ours = flow_matching_loss(model, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
-                                  **batch.inputs)  # fmt: skip
+        ours = flow_matching_loss(
+            model, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask, **batch.inputs
+        )
         z, cond = (torch.cat([own[i][k] for i in rows]) for k in (0, 1))  # [3, 16, 6, 6], [3, 16, h', w']
         noise = diffusers.FluxKontextPipeline._unpack_latents(batch.noise, 48, 48, 8)  # [3, 16, 6, 6]
         captions = [task.data.caption(i) for i in rows]
@@ -170,8 +215,9 @@ def test_t2i_loss_matches_diffusers_dreambooth_flux_script(weights, pairs, tmp_p
     base = load_flux(weights["dev"])
     ref = diffusers_flux(base.params, base.state_dict())
     with torch.no_grad():
-        ours = flow_matching_loss(model, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask,
-                                  **batch.inputs)  # fmt: skip
+        ours = flow_matching_loss(
+            model, batch.x0, batch.noise, batch.t, batch.guidance, batch.loss_mask, **batch.inputs
+        )
         z = torch.cat([own[i][0] for i in rows])
         noise = diffusers.FluxKontextPipeline._unpack_latents(batch.noise, 32, 32, 8)
         captions = [task.data.caption(i) for i in rows]
@@ -200,13 +246,24 @@ def test_fill_loss_matches_diffusers_fill_inputs(weights):
         guidance, txt = torch.tensor([30.0, 30.0]), torch.randn(B, 8, 64, generator=g)
         y = torch.randn(B, 64, generator=g)
         img_cond = fill_condition(ae, image, mask)  # [2, 6, 320]
-        ours = flow_matching_loss(model, pack(z), pack(noise), t, guidance, img_ids=latent_ids(z), txt=txt,
-                                  txt_ids=prepare_txt_ids(B, 8), y=y, img_cond=img_cond)  # fmt: skip
+        ours = flow_matching_loss(
+            model,
+            pack(z),
+            pack(noise),
+            t,
+            guidance,
+            img_ids=latent_ids(z),
+            txt=txt,
+            txt_ids=prepare_txt_ids(B, 8),
+            y=y,
+            img_cond=img_cond,
+        )
         vae = SimpleNamespace(config=SimpleNamespace(shift_factor=0.0, scaling_factor=1.0))  # ae.encode has scaled it
         stub = SimpleNamespace(vae=vae, vae_scale_factor=8, _pack_latents=diffusers.FluxFillPipeline._pack_latents)
         masked = ae.encode(image * (1 - mask), sample=False)  # as FluxFillPipeline: init_image * (1 − mask_image)
         packed_mask, packed_masked = diffusers.FluxFillPipeline.prepare_mask_latents(
-            stub, mask, masked, B, 16, 1, H, W, torch.float32, "cpu", None)  # fmt: skip
+            stub, mask, masked, B, 16, 1, H, W, torch.float32, "cpu", None
+        )
         cond = torch.cat((packed_masked, packed_mask), dim=-1)  # [2, 6, 320]
         theirs = diffusers_loss(ref, z, noise, t, guidance, txt, y, cond)
     err = abs(ours - theirs).item() / theirs.item()
@@ -224,8 +281,18 @@ def kontext_output(model, control_tokens: torch.Tensor, seed: int = 0) -> torch.
     y = torch.randn(1, 64, generator=g)
     ids = latent_ids(torch.zeros(1, 16, 4, 4))
     with torch.no_grad():
-        return velocity(model, img, torch.tensor([0.5]), torch.tensor([1.0]), ids, txt, prepare_txt_ids(1, 8), y,
-                        img_cond_seq=control_tokens, img_cond_seq_ids=latent_ids(torch.zeros(1, 16, 4, 4), 1.0))
+        return velocity(
+            model,
+            img,
+            torch.tensor([0.5]),
+            torch.tensor([1.0]),
+            ids,
+            txt,
+            prepare_txt_ids(1, 8),
+            y,
+            img_cond_seq=control_tokens,
+            img_cond_seq_ids=latent_ids(torch.zeros(1, 16, 4, 4), 1.0),
+        )
 
 
 def test_kontext_lora_trains_from_a_folder_of_pairs(tmp_path, weights, pairs, capsys):
@@ -256,8 +323,10 @@ def test_kontext_lora_trains_from_a_folder_of_pairs(tmp_path, weights, pairs, ca
 def test_kontext_resume_continues_exactly(tmp_path, weights, pairs):
     common = ["--steps", "4", "--sample-steps", "0", "--caption-dropout", "0.5"]
     assert run_kontext(tmp_path, weights, pairs, *common, "--name", "straight") == 0
-    assert run_kontext(tmp_path, weights, pairs, *common, "--stop-at", "2", "--checkpoint-every", "2",
-                       "--name", "halves") == 0  # fmt: skip
+    assert (
+        run_kontext(tmp_path, weights, pairs, *common, "--stop-at", "2", "--checkpoint-every", "2", "--name", "halves")
+        == 0
+    )
     resume_matches_straight(tmp_path / "runs")
 
 
@@ -267,8 +336,23 @@ def test_kontext_resume_continues_exactly(tmp_path, weights, pairs):
 def test_kontext_lora_samples_in_sample_py(tmp_path, weights, pairs, capsys):
     assert run_kontext(tmp_path, weights, pairs, "--steps", "2", "--sample-steps", "0", "--name", "s") == 0
     lora = tmp_path / "runs" / "s" / "lora.safetensors"
-    argv = [*weight_args(weights), "--image", str(pairs / "control" / "00.png"), "--prompt", INSTRUCTIONS[0],
-            "--steps", "1", "--seed", "0", "--width", "32", "--height", "32", "--max-length", "8"]  # fmt: skip
+    argv = [
+        *weight_args(weights),
+        "--image",
+        str(pairs / "control" / "00.png"),
+        "--prompt",
+        INSTRUCTIONS[0],
+        "--steps",
+        "1",
+        "--seed",
+        "0",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--max-length",
+        "8",
+    ]
     assert sample.main([*argv, "--lora", str(lora), "--output-dir", str(tmp_path / "with")]) == 0
     out = capsys.readouterr().out
     assert f"LoRA {lora} (scale 1): 13 layers" in out and "flux-dev-kontext (kontext)" in out
@@ -286,13 +370,35 @@ def test_kontext_lora_loads_in_diffusers_kontext_pipeline_to_the_same_output(tmp
     from peft.utils import get_peft_model_state_dict
 
     targets = ["--lora-targets", "attn,mlp,mod,single_blocks.*.linear2"] if fmt == "kohya" else []
-    assert run_kontext(tmp_path, weights, pairs, "--steps", "2", "--sample-steps", "0", "--lora-format", fmt,
-                       *targets, "--name", fmt) == 0  # fmt: skip
+    assert (
+        run_kontext(
+            tmp_path,
+            weights,
+            pairs,
+            "--steps",
+            "2",
+            "--sample-steps",
+            "0",
+            "--lora-format",
+            fmt,
+            *targets,
+            "--name",
+            fmt,
+        )
+        == 0
+    )
     path = tmp_path / "runs" / fmt / "lora.safetensors"
     model = load_flux(weights["kontext"])
     ref = diffusers_flux(model.params, model.state_dict())
-    pipe = diffusers.FluxKontextPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
-                                         text_encoder_2=None, tokenizer_2=None, transformer=ref)  # fmt: skip
+    pipe = diffusers.FluxKontextPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=ref,
+    )
     base = {k: v.clone() for k, v in ref.state_dict().items()}
     pipe.load_lora_weights(str(path), adapter_name="edit")
     loaded = get_peft_model_state_dict(ref, adapter_name="edit")
@@ -311,15 +417,39 @@ def test_kontext_lora_loads_in_diffusers_kontext_pipeline_to_the_same_output(tmp
     txt, y, t = torch.randn(1, 8, 64, generator=g), torch.randn(1, 64, generator=g), torch.tensor([0.5])
     ids, control_ids = latent_ids(torch.zeros(1, 16, 4, 4)), latent_ids(torch.zeros(1, 16, 4, 4), 1.0)
     with torch.no_grad():
-        ours = velocity(model, img, t, torch.tensor([2.5]), ids, txt, prepare_txt_ids(1, 8), y, img_cond_seq=control,
-                        img_cond_seq_ids=control_ids)  # fmt: skip
-        theirs = ref(hidden_states=torch.cat((img, control), 1), encoder_hidden_states=txt, pooled_projections=y,
-                     timestep=t, img_ids=torch.cat((ids, control_ids), 1)[0], txt_ids=torch.zeros(8, 3),
-                     guidance=torch.tensor([2.5]), return_dict=False)[0][:, :4]  # fmt: skip
+        ours = velocity(
+            model,
+            img,
+            t,
+            torch.tensor([2.5]),
+            ids,
+            txt,
+            prepare_txt_ids(1, 8),
+            y,
+            img_cond_seq=control,
+            img_cond_seq_ids=control_ids,
+        )
+        theirs = ref(
+            hidden_states=torch.cat((img, control), 1),
+            encoder_hidden_states=txt,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=torch.cat((ids, control_ids), 1)[0],
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([2.5]),
+            return_dict=False,
+        )[0][:, :4]
         pipe.set_adapters(["edit"], [0.0])
-        without = ref(hidden_states=torch.cat((img, control), 1), encoder_hidden_states=txt, pooled_projections=y,
-                      timestep=t, img_ids=torch.cat((ids, control_ids), 1)[0], txt_ids=torch.zeros(8, 3),
-                      guidance=torch.tensor([2.5]), return_dict=False)[0][:, :4]  # fmt: skip
+        without = ref(
+            hidden_states=torch.cat((img, control), 1),
+            encoder_hidden_states=txt,
+            pooled_projections=y,
+            timestep=t,
+            img_ids=torch.cat((ids, control_ids), 1)[0],
+            txt_ids=torch.zeros(8, 3),
+            guidance=torch.tensor([2.5]),
+            return_dict=False,
+        )[0][:, :4]
     err = rel(ours, theirs)
     print(f"{fmt} LoRA in diffusers: rel max |Δ| {err:.1e}; the LoRA moves the output by {rel(without, theirs):.1e}")
     assert err <= 1e-5 and rel(without, theirs) > 100 * max(err, 1e-7)  # the LoRA is what the comparison is about
@@ -332,8 +462,9 @@ def no_run_folder(tmp_path) -> bool:
     return not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
-@pytest.mark.parametrize("case", ["target without control", "control without target", "unreadable control",
-                                  "aspect", "not utf-8"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["target without control", "control without target", "unreadable control", "aspect", "not utf-8"]
+)
 def test_a_bad_pair_is_skipped_and_counted_or_stops_naming_the_file(tmp_path, weights, pairs, capsys, case):
     if case == "target without control":
         random_image(7).save(pairs / "lonely.png")
@@ -370,9 +501,27 @@ def test_train_py_exits_2_naming_the_pair_and_leaves_no_run_folder(tmp_path, wei
     from pathlib import Path
 
     (pairs / "control" / "01.png").unlink()
-    out = subprocess.run([sys.executable, "train.py", "--task", "kontext", "--data", str(pairs), *weight_args(weights),
-                          "--out", str(tmp_path / "runs"), *ARGS, "--steps", "1", "--on-error", "stop"],
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--task",
+            "kontext",
+            "--data",
+            str(pairs),
+            *weight_args(weights),
+            "--out",
+            str(tmp_path / "runs"),
+            *ARGS,
+            "--steps",
+            "1",
+            "--on-error",
+            "stop",
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{pairs / '01.png'}: a target without its control: no {pairs / 'control'}/01.* image" in out.stderr
     assert no_run_folder(tmp_path)
@@ -394,9 +543,25 @@ def test_a_kontext_lora_is_refused_by_a_fill_model_naming_the_file(tmp_path, wei
     assert not lora_layers(fill)  # refused before any layer was changed
     mask = tmp_path / "mask.png"
     Image.new("L", (40, 40), 255).save(mask)
-    code = sample.main([*weight_args(weights, "fill"), "--lora", str(lora), "--image", str(pairs / "00.png"),
-                        "--mask", str(mask), "--prompt", "x", "--steps", "1", "--max-length", "8",
-                        "--output-dir", str(tmp_path / "out")])  # fmt: skip
+    code = sample.main(
+        [
+            *weight_args(weights, "fill"),
+            "--lora",
+            str(lora),
+            "--image",
+            str(pairs / "00.png"),
+            "--mask",
+            str(mask),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--max-length",
+            "8",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(lora) in err and "384" in err and "64" in err
     assert not (tmp_path / "out").exists()

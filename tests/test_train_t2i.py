@@ -28,8 +28,9 @@ from tests.flux_helpers import random_image, resume_matches_straight, save_froze
 from tests.other_tools import comfyui_apply, comfyui_key_map, comfyui_load_lora
 
 # dev-like: a guidance embedding; widths match the small CLIP/T5 (64). Tiny, so a step takes milliseconds.
-TINY_DEV = replace(FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1,
-                   guidance_embed=True)  # fmt: skip
+TINY_DEV = replace(
+    FLUX_SMALL, hidden_size=64, num_heads=2, axes_dim=[8, 12, 12], depth=1, depth_single_blocks=1, guidance_embed=True
+)
 TINY_SCHNELL = replace(TINY_DEV, guidance_embed=False)
 CAPTIONS = ["a red square on white", "a blue circle on black", "a green stripe", "a yellow dot"]
 
@@ -69,8 +70,9 @@ def _output(model, seed=0):
     img, txt = torch.randn(1, 4, 64, generator=g), torch.randn(1, 8, 64, generator=g)  # a 32-px image, 8 T5 tokens
     y = torch.randn(1, 64, generator=g)
     with torch.no_grad():
-        return model(img, prepare_img_ids(1, 2, 2), txt, prepare_txt_ids(1, 8), torch.tensor([0.5]), y,
-                     torch.tensor([1.0]))  # fmt: skip
+        return model(
+            img, prepare_img_ids(1, 2, 2), txt, prepare_txt_ids(1, 8), torch.tensor([0.5]), y, torch.tensor([1.0])
+        )
 
 
 def test_dev_lora_trains_saves_and_changes_the_model(tmp_path, weights, folder, capsys):
@@ -114,8 +116,22 @@ def test_resume_continues_exactly(tmp_path, weights, folder):
 def test_schnell_with_buckets_in_kohya_format(tmp_path, weights, folder, capsys):
     random_image(9, size=(80, 40)).save(folder / "wide.png")  # 2:1: at resolution 32 the nearest bucket is 48 × 32
     (folder / "wide.txt").write_text("a wide picture")
-    code = run_t2i(tmp_path, weights, folder, "--steps", "3", "--name", "schnell", "--buckets", "true",
-                   "--lora-format", "kohya", "--t5-max-length", "16", model="schnell")  # fmt: skip
+    code = run_t2i(
+        tmp_path,
+        weights,
+        folder,
+        "--steps",
+        "3",
+        "--name",
+        "schnell",
+        "--buckets",
+        "true",
+        "--lora-format",
+        "kohya",
+        "--t5-max-length",
+        "16",
+        model="schnell",
+    )
     assert code == 0
     run = tmp_path / "runs" / "schnell"
     out = capsys.readouterr().out
@@ -132,8 +148,10 @@ def test_schnell_with_buckets_in_kohya_format(tmp_path, weights, folder, capsys)
 
 def test_bf16_autocast_path_trains_fp32_lora_weights(tmp_path, weights, folder):
     """The CUDA recipe (bf16 base, fp32 LoRA, autocast), run on the CPU."""
-    assert run_t2i(tmp_path, weights, folder, "--steps", "2", "--name", "bf16", "--dtype", "bf16",
-                   "--sample-steps", "0") == 0  # fmt: skip
+    assert (
+        run_t2i(tmp_path, weights, folder, "--steps", "2", "--name", "bf16", "--dtype", "bf16", "--sample-steps", "0")
+        == 0
+    )
     lora = read_state_dict(tmp_path / "runs" / "bf16" / "lora.safetensors")
     assert all(v.dtype == torch.float32 for k, v in lora.items()), {v.dtype for v in lora.values()}
 
@@ -185,18 +203,41 @@ def test_t2i_defaults_apply_unless_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the paths below name files that exist
     for name in ("d", "f", "a", "c", "t"):
         Path(name).touch()
-    cfg = train.parse(["--task", "t2i", "--data", "d", "--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t",
-                       "--t5-max-length", "77", "--lr", "3e-4"])  # fmt: skip
+    cfg = train.parse(
+        [
+            "--task",
+            "t2i",
+            "--data",
+            "d",
+            "--flux",
+            "f",
+            "--ae",
+            "a",
+            "--clip",
+            "c",
+            "--t5",
+            "t",
+            "--t5-max-length",
+            "77",
+            "--lr",
+            "3e-4",
+        ]
+    )
     assert (cfg.lr, cfg.batch_size, cfg.gradient_checkpointing, cfg.t5_max_length) == (3e-4, 4, True, 77)
     # `python train.py` (the embedded vis2ir default) runs with exactly TrainConfig's declared defaults
-    assert train.parse([]) == train.TrainConfig() and (train.TrainConfig().lr, train.TrainConfig().steps) == (3e-3, 1200)
+    assert train.parse([]) == train.TrainConfig() and (train.TrainConfig().lr, train.TrainConfig().steps) == (
+        3e-3,
+        1200,
+    )
     assert train.parse(["--lr", "1e-4"]).lr == 1e-4 and train.parse(["--steps", "1300"]).steps == 1300
     on_weights = train.parse(["--flux", "f", "--ae", "a", "--clip", "c", "--t5", "t"])  # the table's other rows
     assert (on_weights.lr, on_weights.steps) == (1e-3, 1300) == tuple(CASES["vis2ir on given weights"].values())
     assert (train.parse(["--task", "kontext"]).lr, train.parse(["--task", "kontext"]).steps) == (1e-3, 1300)
     help_text = " ".join(train_help().split())  # --help shows each kind of run's default
-    assert "(default: 1200; vis2ir on given weights: 1300; kontext from scratch: 1300; t2i or kontext on given " \
-           "weights: 1000)" in help_text
+    assert (
+        "(default: 1200; vis2ir on given weights: 1300; kontext from scratch: 1300; t2i or kontext on given "
+        "weights: 1000)" in help_text
+    )
 
 
 def test_t5_length_follows_the_variant_as_the_official_pipelines(weights):

@@ -1,4 +1,4 @@
-"""The vis2ir step: shapes at the sizes of the vis2ir notes, the injection modes, the loss."""
+"""The vis2ir step: shapes at the sizes of the vis2ir design, the injection modes, the loss."""
 
 import pytest
 import torch
@@ -22,8 +22,8 @@ class PoolAE(nn.Module):
         return self.proj(nn.functional.avg_pool2d(x, 8))
 
 
-def test_encode_triptych_gives_the_notes_shapes():
-    triptych = torch.randn(4, 3, 512, 1536)  # the vis2ir notes: [B, 3, 512, 1536] = [visible | infrared | semantic]
+def test_encode_triptych_gives_the_designs_shapes():
+    triptych = torch.randn(4, 3, 512, 1536)  # the vis2ir design: [B, 3, 512, 1536] = [visible | infrared | semantic]
     with torch.no_grad():
         out = encode_triptych(PoolAE(), triptych, "xattn_rope")
     assert out.x0.shape == (4, 2048, 64)
@@ -68,7 +68,6 @@ def test_every_injection_mode_is_the_identity_at_initialisation(mode):
     assert torch.equal(x_t, b["x0"]) and torch.equal(x_cond, b["x_cond"])
 
 
-
 @pytest.mark.parametrize("mode", ["xattn", "xattn_rope", "blocks", "adapters"])
 def test_a_non_zero_scale_init_sets_every_gate_and_the_injection_acts_from_the_start(mode):
     model = Vis2IR(small_fill(), mode, scale_init=0.1)
@@ -80,6 +79,7 @@ def test_a_non_zero_scale_init_sets_every_gate_and_the_injection_acts_from_the_s
         x_t, _ = model.inject(b["x0"], b["x_cond"], b["semantic"], b["semantic_ids"], b["img_ids"])
         assert not torch.allclose(x_t, b["x0"], atol=1e-4)
     assert Vis2IR(small_fill(), mode).scales == [0.0] * len(gates)
+
 
 def test_zeroconv_adds_the_semantic_map_to_the_target_half_only():
     model = Vis2IR(small_fill(), "zeroconv")
@@ -121,8 +121,14 @@ def test_block_injection_is_the_identity_until_its_gates_open():
     flux = small_fill()
     model = Vis2IR(flux, "blocks", heads=8)
     b = batch()
-    args = (torch.cat((b["x0"], b["x_cond"]), -1), b["img_ids"], torch.randn(2, 5, 64), prepare_txt_ids(2, 5),
-            torch.tensor([0.3, 0.8]), torch.randn(2, 64))  # fmt: skip
+    args = (
+        torch.cat((b["x0"], b["x_cond"]), -1),
+        b["img_ids"],
+        torch.randn(2, 5, 64),
+        prepare_txt_ids(2, 5),
+        torch.tensor([0.3, 0.8]),
+        torch.randn(2, 64),
+    )
     with torch.no_grad():
         plain = flux(*args)
         assert torch.equal(model(*args, semantic=b["semantic"], semantic_ids=b["semantic_ids"]), plain)
@@ -131,7 +137,10 @@ def test_block_injection_is_the_identity_until_its_gates_open():
         gated = model(*args, semantic=b["semantic"], semantic_ids=b["semantic_ids"])
         assert not torch.allclose(gated, plain, atol=1e-4)
         assert torch.equal(flux(*args), plain)  # outside Vis2IR the hooks pass the blocks' outputs through
-    assert len(model.blocks.double_attn) == flux.params.depth and len(model.blocks.single_attn) == flux.params.depth_single_blocks
+    assert (
+        len(model.blocks.double_attn) == flux.params.depth
+        and len(model.blocks.single_attn) == flux.params.depth_single_blocks
+    )
 
 
 @pytest.mark.parametrize("mode", ["none", "reference", "xattn", "xattn_rope", "blocks", "adapters"])
@@ -171,8 +180,14 @@ def test_adapters_leave_the_fill_transformer_bit_for_bit_until_their_gates_open_
     n_blocks = flux.params.depth + flux.params.depth_single_blocks
     assert len(model.blocks.adapters) == n_blocks // 2 and len(model.scales) == n_blocks // 2
     b = batch()
-    args = (torch.cat((b["x0"], b["x_cond"]), -1), b["img_ids"], torch.randn(2, 5, 64), prepare_txt_ids(2, 5),
-            torch.tensor([0.3, 0.8]), torch.randn(2, 64))  # fmt: skip
+    args = (
+        torch.cat((b["x0"], b["x_cond"]), -1),
+        b["img_ids"],
+        torch.randn(2, 5, 64),
+        prepare_txt_ids(2, 5),
+        torch.tensor([0.3, 0.8]),
+        torch.randn(2, 64),
+    )
     kw = dict(semantic=b["semantic"], semantic_ids=b["semantic_ids"])
     with torch.no_grad():
         plain = flux(*args)
@@ -218,17 +233,28 @@ def test_adapter_attention_is_the_softmax_formula_with_rope_written_out():
     expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vh).reshape(B, Lq, H * D)
     got = multihead(q, k, v, H, (q_ids, k_ids))
     assert (got.double() - expected).abs().max().item() < 1e-5
-    plain = torch.einsum("bhqk,bkhd->bqhd", (torch.einsum("bqhd,bkhd->bhqk", heads(q).double(), heads(k).double())
-                                              / D**0.5).softmax(-1), vh).reshape(B, Lq, H * D)  # fmt: skip
+    plain = torch.einsum(
+        "bhqk,bkhd->bqhd",
+        (torch.einsum("bqhd,bkhd->bhqk", heads(q).double(), heads(k).double()) / D**0.5).softmax(-1),
+        vh,
+    ).reshape(B, Lq, H * D)
     assert (multihead(q, k, v, H).double() - plain).abs().max().item() < 1e-5
     assert (got.double() - plain).abs().max().item() > 1e-2  # the positions matter
 
 
 def test_plan_c_parameter_counts_by_formula_at_the_small_and_the_full_width():
     """An adapter at width W on a transformer of hidden size C: down C·W + W, up W·C + C, the gate, and per layer
-    four LayerNorms, the self- and cross-attention projections and the feed-forward (minflux/tasks/VIS2IR.md quotes these)."""
+    four LayerNorms, the self- and cross-attention projections and the feed-forward (minflux/tasks/VIS2IR.md quotes
+    these)."""
     W = 64
-    layer = (2 * W) * 4 + (W * 3 * W + 3 * W) + 3 * (W * W + W) + (W * 2 * W + 2 * W) + (W * 4 * W + 4 * W) + (4 * W * W + W)
+    layer = (
+        (2 * W) * 4
+        + (W * 3 * W + 3 * W)
+        + 3 * (W * W + W)
+        + (W * 2 * W + 2 * W)
+        + (W * 4 * W + 4 * W)
+        + (4 * W * W + W)
+    )
     assert layer == 66_880  # four LayerNorms, self qkv, self out / cross q / cross out, cross kv, the feed-forward
     for preset, per_adapter, total in (("flux-small-fill", 99_969, 603_974), ("flux-dev-fill", 463_233, 26_408_441)):
         with torch.device("meta"):
@@ -237,7 +263,9 @@ def test_plan_c_parameter_counts_by_formula_at_the_small_and_the_full_width():
         C, blocks = flux.params.hidden_size, flux.params.depth + flux.params.depth_single_blocks
         assert per_adapter == (C * W + W) + (W * C + C) + layer + 1
         assert sum(p.numel() for p in model.blocks.adapters[0].parameters()) == per_adapter
-        assert sum(p.numel() for p in model.injection_state_dict().values()) == total == blocks * per_adapter + 64 * W + W
+        assert (
+            sum(p.numel() for p in model.injection_state_dict().values()) == total == blocks * per_adapter + 64 * W + W
+        )
 
 
 def test_the_vae_bound_is_the_infrared_panel_of_the_reconstruction_encoded_as_the_task_encodes_it():
@@ -268,7 +296,9 @@ def test_the_diptych_layout_gives_a_semantic_token_per_x_t_token_and_zeroconv_ad
     assert torch.equal(left, right) and torch.allclose(right.reshape(2, 16, 64), panel.semantic["semantic"], atol=1e-6)
     model = Vis2IR(small_fill(), "zeroconv")
     nn.init.normal_(model.zero_conv.weight)
-    _, x_cond = model.inject(both.x0, both.x_cond, both.semantic["semantic"], both.semantic["semantic_ids"], both.img_ids)
+    _, x_cond = model.inject(
+        both.x0, both.x_cond, both.semantic["semantic"], both.semantic["semantic_ids"], both.img_ids
+    )
     expected = both.x_cond + both.semantic["semantic"] @ model.zero_conv.weight.T + model.zero_conv.bias
     assert torch.allclose(x_cond, expected, atol=1e-5) and (x_cond != both.x_cond).any(-1).all()
 
@@ -285,6 +315,8 @@ def test_the_embedded_vae_learns_on_the_mixes_of_panels_the_tasks_encode():
     dips, singles = batches[0::3] + batches[2::3], batches[1::3]
     assert all(d.shape == (3, 3, 8, 16) for d in dips) and all(s.shape == (6, 3, 8, 8) for s in singles)
     assert all(any(torch.equal(torch.cat((visible[i], infrared[i]), -1), d) for i in range(5)) for b in dips for d in b)
-    kinds = [[any(torch.equal(p, x) for x in panels) for panels in (visible, infrared, semantic)] for b in singles for p in b]
+    kinds = [
+        [any(torch.equal(p, x) for x in panels) for panels in (visible, infrared, semantic)] for b in singles for p in b
+    ]
     assert all(sum(k) >= 1 for k in kinds)  # every single panel is one of the scenes' panels
     assert all(any(k[j] for k in kinds) for j in range(3))  # and every kind comes up

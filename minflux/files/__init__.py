@@ -1,24 +1,27 @@
 """Reading and writing files: weights and their key tables, LoRA files, tokenizer folders, images and PNGs.
 
-    weights.py      safetensors and sharded folders, lazy reads, atomic writes, WeightsError
-    keys.py         the other tools' key names (diffusers, ComfyUI, kohya, PEFT, BFL, XLabs), as data
-    load.py         load_flux, load_ae, load_clip, load_t5; find_weights (a repo or run folder → the parts)
-    lora_files.py   read_lora, load_lora, save_lora in every common layout
-    tokenizers.py   CLIPTokenizer, T5Tokenizer, and small vocabularies written in their formats
-    images.py       images as tensors, PNGs with their settings, grids and plots
+weights.py      safetensors and sharded folders, lazy reads, atomic writes, WeightsError
+keys.py         the other tools' key names (diffusers, ComfyUI, kohya, PEFT, BFL, XLabs), as data
+load.py         load_flux, load_ae, load_clip, load_t5; find_weights (a repo or run folder → the parts)
+lora_files.py   read_lora, load_lora, save_lora in every common layout
+tokenizers.py   CLIPTokenizer, T5Tokenizer, and small vocabularies written in their formats
+images.py       images as tensors, PNGs with their settings, grids and plots
 """
 
 import sys
 import warnings
 from pathlib import Path
 
-_PACKAGE = str(Path(__file__).resolve().parents[1])
+import torch
+
+# minflux's frames, and torch's (its no_grad decorator wraps minflux's pipelines), are not the user's
+_PACKAGES = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
 
 
 def warn_caller(message: str) -> None:
-    """warnings.warn, pointing at the first line outside minflux that led here (the user's call), not at a @stage
-    wrapper (hooks.py) or another minflux frame in between."""
+    """warnings.warn, pointing at the first line outside minflux (and torch) that led here: the user's call, not a
+    @stage wrapper (hooks.py), a torch.no_grad wrapper or another minflux frame in between."""
     frame, level = sys._getframe(1), 2  # stacklevel 2 is the frame that called this function
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGES):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)

@@ -4,6 +4,7 @@
     deep_to_float, to_8bit                         16-bit and float images scaled by their depth, not clipped
     to_pil                                         [3, H, W] in [-1, 1] → a PIL image
     save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
+    checked_settings                               the settings read back, each checked against what minflux writes
     shown                                          a setting's value as JSON, cut short for a message
     settings_text, a1111_parameters                what the text chunks of a generated image hold
     image_grid, line_plot                          the pictures of a run folder (samples.png, loss.png)
@@ -135,8 +136,11 @@ def read_settings(source) -> dict:
         try:
             settings = json.loads(text["minflux"])
         except (ValueError, RecursionError) as e:
-            raise DataError(name, f'its "minflux" text chunk is not valid JSON ({e}); expected the JSON object of '
-                                  "settings minflux writes") from None  # fmt: skip
+            raise DataError(
+                name,
+                f'its "minflux" text chunk is not valid JSON ({e}); expected the JSON object of '
+                "settings minflux writes",
+            ) from None
         if not isinstance(settings, dict):
             raise DataError(name, f'its "minflux" text chunk holds {shown(settings)}; expected a JSON object')
         return settings
@@ -145,9 +149,69 @@ def read_settings(source) -> dict:
     loras = [spec.rpartition(":") for spec in text.get("loras", "").split(", ") if spec]
     if not all(colon and is_number(scale) for _, colon, scale in loras):
         raise DataError(name, f'its "loras" text chunk is {shown(text["loras"])}; expected PATH:SCALE, ", " between')
-    files = {k: {"path": text[k]} if text[k] != "PIL image" else {"in_memory": "Image"} for k in ("image", "mask")
-             if k in text}  # fmt: skip
+    files = {
+        k: {"path": text[k]} if text[k] != "PIL image" else {"in_memory": "Image"}
+        for k in ("image", "mask")
+        if k in text
+    }
     return {**text, **files, "loras": [{"path": path, "scale": float(scale)} for path, _, scale in loras]}
+
+
+# The settings a minflux image holds, and their types (what `checked_settings` accepts)
+SETTING_TYPES = {
+    "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "width": int, "height": int, "guidance": float,
+    "true_cfg_scale": float, "t5_max_length": int, "dtype": str, "variant": str, "device": str,
+}  # fmt: skip
+PARTS = ("flux", "ae", "clip", "t5")  # the weights it was made with: {part: path}
+EXPECTED = {int: "an integer", float: "a number", str: "a string"}
+
+
+def checked_settings(source) -> dict:
+    """read_settings, every setting checked against what minflux writes: the SETTING_TYPES values typed (an earlier
+    minflux's one chunk per setting holds strings; "none" means absent), "weights" {part: path}, "image" and "mask"
+    {"path", "sha256"} (or {"in_memory"}), "loras" a list of those with a numeric "scale". DataError naming the image
+    and the setting otherwise, or when it holds no settings."""
+    s = read_settings(source)
+    if not s:
+        raise DataError(source, 'holds no minflux settings (no "minflux" PNG text chunk)')
+    older = s.get("software") == "minflux"  # an earlier minflux's one text chunk per setting: each value a string
+
+    def bad(field: str, value, expected: str) -> DataError:
+        where = "its text chunks hold" if older else 'its "minflux" text chunk holds'
+        return DataError(source, f"{where} {field}: {shown(value)}; expected {expected}")
+
+    def typed(key: str, kind: type):
+        value = s[key]
+        if older and isinstance(value, str) and kind is not str:
+            try:
+                value = kind(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise bad(f'"{key}"', value, EXPECTED[kind])
+        return kind(value)
+
+    def file(field: str, record, lora: bool = False) -> dict:
+        ok = isinstance(record, dict) and ("in_memory" in record or isinstance(record.get("path"), str))
+        ok = ok and isinstance(record.get("sha256", ""), str)
+        if lora:
+            ok = ok and isinstance(record.get("scale"), (int, float)) and not isinstance(record["scale"], bool)
+        if not ok:
+            expected = 'an object with the file\'s "path" (a string)' + (' and a numeric "scale"' if lora else "")
+            raise bad(field, record, expected)
+        return record
+
+    out = {key: typed(key, kind) for key, kind in SETTING_TYPES.items() if s.get(key) not in (None, "none")}
+    weights = s.get("weights", {})
+    if not (isinstance(weights, dict) and all(k in PARTS and isinstance(v, str) for k, v in weights.items())):
+        raise bad('"weights"', weights, f"an object of part → path, the parts {', '.join(PARTS)}")
+    out["weights"] = weights
+    out |= {part: file(f'"{part}"', s[part]) for part in ("image", "mask") if s.get(part) is not None}
+    loras = s.get("loras", [])
+    if not isinstance(loras, list):
+        raise bad('"loras"', loras, 'a list of LoRAs, each an object with a "path" and a "scale"')
+    out["loras"] = [file(f'"loras"[{i}]', lora, lora=True) for i, lora in enumerate(loras)]
+    return out
 
 
 def shown(value, limit: int = 60) -> str:
@@ -168,6 +232,7 @@ def a1111_parameters(prompt: str, negative: str | None, fields: dict) -> str:
     """AUTOMATIC1111's infotext: the prompt, "Negative prompt: ..." (when there is one), then one line of
     "Key: value" pairs, a value holding a comma, colon or newline written as a JSON string (A1111's `quote`).
     Fields whose value is None are left out."""
+
     def quote(value) -> str:
         text = f"{value:g}" if isinstance(value, float) else str(value)
         return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text

@@ -21,41 +21,16 @@ from torch import Tensor
 
 from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
-from minflux.files.keys import (
-    ATTENTION_WEIGHTS,
-    CLIP_CONFIG_NAMES,
-    CLIP_PREFIXES,
-    CLIP_TOKEN_EMBEDDING,
-    CLIP_TOWER,
-    FLUX_MARKERS,
-    FLUX_PREFIXES,
-    T5_ANCHOR,
-    block_count,
-    diffusers_to_flux,
-    is_diffusers_layout,
-    official_key,
-    official_state_dict,
-)
+from minflux.files.keys import ATTENTION_WEIGHTS, CLIP_CONFIG_NAMES, CLIP_PREFIXES, CLIP_TOKEN_EMBEDDING, CLIP_TOWER
+from minflux.files.keys import FLUX_MARKERS, FLUX_PREFIXES, T5_ANCHOR, block_count, diffusers_to_flux
+from minflux.files.keys import is_diffusers_layout, official_key, official_state_dict
 from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
-from minflux.files.weights import (
-    WeightsError,
-    is_finite_number,
-    is_sizes,
-    layers_agree,
-    load_into,
-    metadata_json,
-    numbered,
-    read_metadata,
-    read_shapes,
-    read_state_dict,
-    save_atomic,
-    sizes_of,
-    weight_files,
-)
+from minflux.files.weights import WeightsError, is_finite_number, is_sizes, layers_agree, load_into, metadata_json
+from minflux.files.weights import numbered, read_metadata, read_shapes, read_state_dict, save_atomic, sizes_of
+from minflux.files.weights import weight_files
 from minflux.model import Flux, FluxParams
 from minflux.presets import configs
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
-
 
 
 def read_json(file: Path) -> dict:
@@ -225,8 +200,12 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
         if config.get("shift_factor") is not None:
             params.shift_factor = config["shift_factor"]
 
-    stored = metadata_json(read_metadata(path), "minflux.ae_params",  # a VAE trained by minflux: its scale/shift
-                           {"scale_factor": is_finite_number, "shift_factor": is_finite_number}, path)  # fmt: skip
+    stored = metadata_json(
+        read_metadata(path),
+        "minflux.ae_params",  # a VAE trained by minflux: its scale/shift
+        {"scale_factor": is_finite_number, "shift_factor": is_finite_number},
+        path,
+    )
     if stored is not None:
         params.scale_factor, params.shift_factor = stored["scale_factor"], stored["shift_factor"]
         params.norm_groups = stored.get("norm_groups", params.norm_groups)
@@ -250,14 +229,15 @@ def _clip_prefix(path, keys) -> str:
             return prefix
     raise WeightsError(
         f"{path}: no CLIP text model in these weights: no key {CLIP_TOKEN_EMBEDDING!r}, with or without the prefixes "
-        f"{', '.join(repr(p[: -len('text_model.')]) for p in CLIP_PREFIXES[2:])}; found e.g. {', '.join(list(keys)[:3])}"
+        f"{', '.join(repr(p[: -len('text_model.')]) for p in CLIP_PREFIXES[2:])}; "
+        f"found e.g. {', '.join(list(keys)[:3])}"
     )
 
 
 def _official_name(key: str, prefix: str) -> str | None:
     """The official name of a file's key ("text_model.encoder.…"), or None for what is not the text tower: a
     vision tower, the projections, logit_scale, the position_ids buffer of older files, other models' weights."""
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     if key.startswith(prefix) and rest.startswith(CLIP_TOWER) and not rest.endswith("position_ids"):
         return "text_model." + rest
     return None
@@ -494,8 +474,11 @@ class WeightPaths:
                 raise WeightsError(f"{path}: no such file or folder (the {part} weights)")
         for part, names in PART_NAMES.items():
             if getattr(self, part) is None:
-                raise WeightsError(f"{where}: holds none of {', '.join(names)}" if where else
-                                   f"no path for the {part}: give an official repo folder or its file")  # fmt: skip
+                raise WeightsError(
+                    f"{where}: holds none of {', '.join(names)}"
+                    if where
+                    else f"no path for the {part}: give an official repo folder or its file"
+                )
         return self
 
 

@@ -87,7 +87,7 @@ def layer_names(model: nn.Module) -> dict[str, Target]:
 
 
 def _split_key(key: str, names: dict) -> tuple[str, str] | None:
-    """"transformer.transformer_blocks.0.attn.to_q.lora_A.weight" -> ("transformer_blocks.0.attn.to_q", "down")."""
+    """ "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" -> ("transformer_blocks.0.attn.to_q", "down")."""
     for suffix, part in LORA_SUFFIXES.items():
         if key.endswith(suffix):
             name = key[: -len(suffix)]
@@ -183,9 +183,11 @@ def check_in_channels(path, model: nn.Module) -> None:
     if int(trained_on) == ours:
         return
     kind = lambda n: "FLUX.1-Fill" if n == 384 else "dev, schnell or Kontext" if n == 64 else "custom"  # noqa: E731
-    raise WeightsError(f"{path}: a LoRA trained on a transformer with {trained_on} input channels "
-                       f"({kind(int(trained_on))}); this model has {ours} ({kind(ours)}): it belongs to another "
-                       "model, although its block layers have the same shapes")  # fmt: skip
+    raise WeightsError(
+        f"{path}: a LoRA trained on a transformer with {trained_on} input channels "
+        f"({kind(int(trained_on))}); this model has {ours} ({kind(ours)}): it belongs to another "
+        "model, although its block layers have the same shapes"
+    )
 
 
 def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
@@ -238,8 +240,10 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
             raise WeightsError(f"{source}: key {down_key!r} has rank 0 (shape {list(down.shape)}); a LoRA has rank ≥ 1")
         alpha_key, a = parts.get("alpha", (None, torch.tensor(1.0)))
         if a.numel() != 1 or not a.float().isfinite().all():
-            raise WeightsError(f"{source}: key {alpha_key!r} must be one finite number, found "
-                               f"{a.flatten()[:4].tolist()} of shape {list(a.shape)}")  # fmt: skip
+            raise WeightsError(
+                f"{source}: key {alpha_key!r} must be one finite number, found "
+                f"{a.flatten()[:4].tolist()} of shape {list(a.shape)}"
+            )
         rank = down.shape[0]
         if "alpha" in parts:  # kohya, minflux
             alpha = parts["alpha"][1].item()
@@ -249,8 +253,10 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
             alpha = rank
         bias = parts["bias"][1].float() if "bias" in parts else None
         if bias is not None and tuple(bias.shape) != (rows.stop - rows.start,):
-            raise WeightsError(f"{source}: key {parts['bias'][0]!r} has shape {list(bias.shape)}, expected "
-                               f"[{rows.stop - rows.start}] for layer {target.module}")  # fmt: skip
+            raise WeightsError(
+                f"{source}: key {parts['bias'][0]!r} has shape {list(bias.shape)}, expected "
+                f"[{rows.stop - rows.start}] for layer {target.module}"
+            )
         up = up.float()
         if target.swap_halves:
             up, bias = swap_halves(up), None if bias is None else swap_halves(bias)
@@ -258,8 +264,10 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
 
     if unmatched:
         listed = ", ".join(unmatched[:20]) + (f", ... ({len(unmatched) - 20} more)" if len(unmatched) > 20 else "")
-        warn_caller(f"{source}: {len(unmatched)} key(s) not loaded (no linear layer of this model, or no down/up "
-                    f"pair): {listed}")
+        warn_caller(
+            f"{source}: {len(unmatched)} key(s) not loaded (no linear layer of this model, or no down/up "
+            f"pair): {listed}"
+        )
     return {module: _fuse(p, layers[module].out_features) for module, p in pieces.items()}
 
 
@@ -328,10 +336,12 @@ def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
         }
         outside = [name for name in layers if not name.startswith(("double_blocks.", "single_blocks."))]
         if outside:  # diffusers 0.42's _convert_kohya_flux_lora_to_diffusers names them without "transformer."
-            warn_caller(f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
-                        f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
-                        "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
-                        "in the diffusers format for diffusers")
+            warn_caller(
+                f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
+                f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
+                "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
+                "in the diffusers format for diffusers"
+            )
     elif format == "diffusers":
         tensors = _diffusers_tensors(model, layers)
     else:

@@ -103,10 +103,12 @@ class CLIPTokenizer:
         )
         # Keep the pattern's matches, drop what lies between them (the spaces); then map each UTF-8 byte to a
         # printable character (GPT-2's byte-to-unicode table), the alphabet that vocab.json is written in.
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()  # only for the truncation warning
         # A special token written in a prompt is that one token: "<|endoftext|>" is id 49407, not 13 characters.
         # As in transformers this holds for the pad token too, so with SD 2's pad "!", "wow!!" ends in two pad ids.
@@ -123,8 +125,10 @@ class CLIPTokenizer:
             ids = encoding.ids
             if len(ids) > room:
                 dropped = self.tokenizer.decode(ids[room:]).replace("</w>", " ").strip()
-                warn_caller(f"CLIP prompt {i} is {len(ids)} tokens long, the context holds {room}: "
-                            f"{len(ids) - room} tokens dropped: {dropped!r}")
+                warn_caller(
+                    f"CLIP prompt {i} is {len(ids)} tokens long, the context holds {room}: "
+                    f"{len(ids) - room} tokens dropped: {dropped!r}"
+                )
                 ids = ids[:room]
             ids = [self.bos_id, *ids, self.eos_id]
             rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
@@ -184,9 +188,7 @@ def train_clip_bpe(text: str, num_merges: int) -> tuple[dict[str, int], list[tup
     return vocab, merges
 
 
-def write_clip_tokenizer(
-    folder, text: str, num_merges: int = 300, pad_token: str = EOS, configs: bool = True
-) -> Path:
+def write_clip_tokenizer(folder, text: str, num_merges: int = 300, pad_token: str = EOS, configs: bool = True) -> Path:
     """A CLIP tokenizer folder as FLUX.1's tokenizer/ has it, with merges learned on `text`: vocab.json,
     merges.txt, and (with `configs`) tokenizer_config.json + special_tokens_map.json naming the special tokens.
 

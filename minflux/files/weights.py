@@ -77,8 +77,9 @@ def weight_files(path) -> list[Path]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a valid index file (expected a json object with 'weight_map'): {e}")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
-            raise WeightsError(f"{index}: 'weight_map' must map each key to a shard's file name, found "
-                               f"{json.dumps(weight_map)[:80]}")  # fmt: skip
+            raise WeightsError(
+                f"{index}: 'weight_map' must map each key to a shard's file name, found {json.dumps(weight_map)[:80]}"
+            )
         shards = [path / name for name in dict.fromkeys(weight_map.values())]
         missing = [str(s) for s in shards if not s.is_file()]
         if missing:
@@ -117,7 +118,8 @@ def _load_pickle(file: Path) -> dict:
             f"{file}: a torch file in the legacy format (before torch 1.6, not a zip archive). minflux reads torch "
             "files memory-mapped, which needs the zip format. Convert it once to safetensors, in an environment you "
             f"trust: python -c \"import torch, safetensors.torch as st; st.save_file(torch.load('{file}', "
-            f"weights_only=True), '{file.with_suffix('.safetensors')}')\"")  # fmt: skip
+            f"weights_only=True), '{file.with_suffix('.safetensors')}')\""
+        )
     try:
         sd = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for a bad or unsafe pickle
@@ -279,8 +281,10 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source, what:
                 f"{source}: key {key!r} has shape {list(t.shape)}, the {what} expects {list(expected[key].shape)}"
             )
         if expected[key].is_floating_point() and not t.is_floating_point():
-            raise WeightsError(f"{source}: key {key!r} holds {str(t.dtype).removeprefix('torch.')} numbers; the "
-                               f"{what} expects floating point")  # fmt: skip
+            raise WeightsError(
+                f"{source}: key {key!r} holds {str(t.dtype).removeprefix('torch.')} numbers; the "
+                f"{what} expects floating point"
+            )
     model.load_state_dict(sd, strict=True, assign=True)
     return model
 

@@ -203,8 +203,10 @@ def run_case(case: str, cfg: BenchConfig, args, device: torch.device, peaks: dic
     built = build(case, cfg, impls, device)
     fns = built["fns"]
     if args.compile:  # (the compiled case's minflux is compiled already, as the scripts compile it)
-        fns = {name: fn if case == "forward-fp32-compiled" and name == "minflux" else torch.compile(fn)
-               for name, fn in fns.items()}  # fmt: skip
+        fns = {
+            name: fn if case == "forward-fp32-compiled" and name == "minflux" else torch.compile(fn)
+            for name, fn in fns.items()
+        }
     times = time_alternating(fns, args.warmup, args.runs, device, min_seconds=args.min_seconds)
     for name, ts in times.items():
         result[f"{name}_s"] = statistics.median(ts)
@@ -260,8 +262,13 @@ def run_case(case: str, cfg: BenchConfig, args, device: torch.device, peaks: dic
 
 
 def machine(device: torch.device) -> dict:
-    info = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -293,14 +300,25 @@ MET = {True: "✓", False: "✗", None: "~"}  # ~: the interval holds the target
 
 
 def table(report: dict) -> str:
-    columns = ["config", "case", "minflux ms", "reference ms", "ratio [90% CI] (target)", "peak MB minflux / ref",
-               "work MB minflux / ref", "notes"]  # fmt: skip
+    columns = [
+        "config",
+        "case",
+        "minflux ms",
+        "reference ms",
+        "ratio [90% CI] (target)",
+        "peak MB minflux / ref",
+        "work MB minflux / ref",
+        "notes",
+    ]
     rows = ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
     for config, cases in report["results"].items():
         for case, r in cases.items():
             if case == "matmul":
                 shape = lambda d: "×".join(map(str, r[f"{d}_shape"]))  # noqa: E731
-                note = f"peak {r['fp32_tflops']:.3f} TFLOP/s fp32 (at {shape('fp32')}), {r['bf16_tflops']:.3f} bf16 (at {shape('bf16')})"
+                note = (
+                    f"peak {r['fp32_tflops']:.3f} TFLOP/s fp32 (at {shape('fp32')}), "
+                    f"{r['bf16_tflops']:.3f} bf16 (at {shape('bf16')})"
+                )
                 if r.get("bf16_emulated"):
                     note += " (emulated: slower than fp32)"
                 rows.append(f"| {config} | matmul | | | | | | {note} |")
@@ -326,8 +344,10 @@ def table(report: dict) -> str:
                 notes.append(mfu)
             if "compile_s" in r:
                 frozen = ", weights frozen" if r.get("frozen") else ""
-                notes.append(f"compiling took {r['compile_s']:.1f} s (the first call{frozen}); output vs eager "
-                             f"{r['compiled_error']:.1e} of its std")  # fmt: skip
+                notes.append(
+                    f"compiling took {r['compile_s']:.1f} s (the first call{frozen}); output vs eager "
+                    f"{r['compiled_error']:.1e} of its std"
+                )
             if "minflux_bf16_error" in r:
                 notes.append(f"bf16 error vs fp32 {r['minflux_bf16_error']:.3f} (ref {r['reference_bf16_error']:.3f})")
             if "gc_memory_ratio" in r:
@@ -336,8 +356,10 @@ def table(report: dict) -> str:
             if "minflux_peak_mb" in r:
                 peak = f"{_mb(r.get('minflux_peak_mb'))} / {_mb(r.get('reference_peak_mb'))}"
                 work = f"{_mb(r.get('minflux_work_mb'))} / {_mb(r.get('reference_work_mb'))}"
-            rows.append(f"| {config} | {case} | {_ms(r.get('minflux_s'))} | {_ms(r.get('reference_s'))} | {ratio} "
-                        f"| {peak} | {work} | {'; '.join(notes)} |")  # fmt: skip
+            rows.append(
+                f"| {config} | {case} | {_ms(r.get('minflux_s'))} | {_ms(r.get('reference_s'))} | {ratio} "
+                f"| {peak} | {work} | {'; '.join(notes)} |"
+            )
     return "\n".join(rows)
 
 
@@ -392,8 +414,10 @@ def main(argv=None) -> dict:
                     json.dump(report, f, indent=1)
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads"
-    print(f"\nminflux vs reference on {where}, torch {m['torch']}, diffusers {m['diffusers']}, "
-          f"transformers {m['transformers']}, peft {m['peft']}\n")  # fmt: skip
+    print(
+        f"\nminflux vs reference on {where}, torch {m['torch']}, diffusers {m['diffusers']}, "
+        f"transformers {m['transformers']}, peft {m['peft']}\n"
+    )
     print(table(report))
     return report
 

@@ -37,44 +37,100 @@ class BenchConfig:
     targets: dict = field(default_factory=dict)  # case -> the most minflux time / reference time may be
 
 
-ALL_CASES = ["matmul", "forward-fp32", "forward-fp32-compiled", "forward-bf16", "lora-step", "vae-decode", "t5-encode",
-             "clip-encode"]  # fmt: skip
+ALL_CASES = [
+    "matmul",
+    "forward-fp32",
+    "forward-fp32-compiled",
+    "forward-bf16",
+    "lora-step",
+    "vae-decode",
+    "t5-encode",
+    "clip-encode",
+]
 # The targets of the performance issue: minflux time / reference time at most this (on CUDA, full size: 0.9).
-TARGETS = {"forward-fp32": 1.0, "forward-fp32-compiled": 0.95, "forward-bf16": 0.8, "lora-step": 0.9, "vae-decode": 1.0,
-           "t5-encode": 1.0}  # fmt: skip
+TARGETS = {
+    "forward-fp32": 1.0,
+    "forward-fp32-compiled": 0.95,
+    "forward-bf16": 0.8,
+    "lora-step": 0.9,
+    "vae-decode": 1.0,
+    "t5-encode": 1.0,
+}
 
 CONFIGS = {
     # Seconds on a laptop: the smoke test's configuration. Every part of the architecture, tiny widths.
     "tiny": BenchConfig(
         "tiny",
-        FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=128, mlp_ratio=4.0,
-                   num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10_000, qkv_bias=True,
-                   guidance_embed=True),
-        latent=8, txt_tokens=8, lora_rank=4,
-        ae=AutoEncoderParams(resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1,
-                             z_channels=16, scale_factor=0.3611, shift_factor=0.1159),
+        FluxParams(
+            in_channels=64,
+            out_channels=64,
+            vec_in_dim=32,
+            context_in_dim=48,
+            hidden_size=128,
+            mlp_ratio=4.0,
+            num_heads=4,
+            depth=1,
+            depth_single_blocks=1,
+            axes_dim=[8, 12, 12],
+            theta=10_000,
+            qkv_bias=True,
+            guidance_embed=True,
+        ),
+        latent=8,
+        txt_tokens=8,
+        lora_rank=4,
+        ae=AutoEncoderParams(
+            resolution=64,
+            in_channels=3,
+            ch=32,
+            out_ch=3,
+            ch_mult=[1, 2],
+            num_res_blocks=1,
+            z_channels=16,
+            scale_factor=0.3611,
+            shift_factor=0.1159,
+        ),
         ae_latent=8,
-        t5=T5Params(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4), t5_tokens=32,
+        t5=T5Params(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4),
+        t5_tokens=32,
         clip=CLIPParams(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2),
-        matmul_size=256, cases=ALL_CASES, targets=TARGETS,
-    ),  # fmt: skip
+        matmul_size=256,
+        cases=ALL_CASES,
+        targets=TARGETS,
+    ),
     # A few minutes on a 2-core CPU: FLUX's head size and RoPE axes, 6 heads, 2 double + 4 single blocks,
     # 1024 image + 128 text tokens; the official VAE at 256×256, a T5 of t5-base's width, CLIP-L itself.
     "mid": BenchConfig(
         "mid",
         replace(FLUX_DEV, hidden_size=768, num_heads=6, depth=2, depth_single_blocks=4),
-        latent=64, txt_tokens=128, lora_rank=16,
-        ae=AE_PARAMS_FLUX, ae_latent=32,
-        t5=T5Params(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=6, num_heads=12), t5_tokens=512,
-        clip=CLIP_L, matmul_size=2048, cases=ALL_CASES, targets=TARGETS,
-    ),  # fmt: skip
+        latent=64,
+        txt_tokens=128,
+        lora_rank=16,
+        ae=AE_PARAMS_FLUX,
+        ae_latent=32,
+        t5=T5Params(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=6, num_heads=12),
+        t5_tokens=512,
+        clip=CLIP_L,
+        matmul_size=2048,
+        cases=ALL_CASES,
+        targets=TARGETS,
+    ),
     # FLUX.1-dev at 1024×1024 with a 512-token prompt, random weights: CUDA only (24 GB per bf16 copy).
     "full": BenchConfig(
-        "full", FLUX_DEV, latent=128, txt_tokens=512, lora_rank=16, ae=AE_PARAMS_FLUX, ae_latent=128,
-        t5=T5_XXL, t5_tokens=512, clip=CLIP_L, matmul_size=8192,
+        "full",
+        FLUX_DEV,
+        latent=128,
+        txt_tokens=512,
+        lora_rank=16,
+        ae=AE_PARAMS_FLUX,
+        ae_latent=128,
+        t5=T5_XXL,
+        t5_tokens=512,
+        clip=CLIP_L,
+        matmul_size=8192,
         cases=["matmul", "forward-bf16", "vae-decode", "t5-encode", "clip-encode"],
         targets={"forward-bf16": 0.9, "vae-decode": 1.0, "t5-encode": 1.0},
-    ),  # fmt: skip
+    ),
 }
 REFERENCE_LIBS = {
     "forward-fp32": ["diffusers"], "forward-fp32-compiled": ["diffusers"], "forward-bf16": ["diffusers"],
@@ -141,11 +197,18 @@ def diffusers_flux(p: FluxParams, state_dict: dict):
 
     with torch.device("meta"):
         ref = FluxTransformer2DModel(
-            patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.depth,
-            num_single_layers=p.depth_single_blocks, attention_head_dim=p.hidden_size // p.num_heads,
-            num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-            guidance_embeds=p.guidance_embed, axes_dims_rope=tuple(p.axes_dim),
-        )  # fmt: skip
+            patch_size=1,
+            in_channels=p.in_channels,
+            out_channels=p.out_channels,
+            num_layers=p.depth,
+            num_single_layers=p.depth_single_blocks,
+            attention_head_dim=p.hidden_size // p.num_heads,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim,
+            pooled_projection_dim=p.vec_in_dim,
+            guidance_embeds=p.guidance_embed,
+            axes_dims_rope=tuple(p.axes_dim),
+        )
     ref.load_state_dict(flux_to_diffusers(state_dict), strict=True, assign=True)
     return ref.eval()
 
@@ -153,10 +216,15 @@ def diffusers_flux(p: FluxParams, state_dict: dict):
 def diffusers_call(ref, inputs: dict) -> Tensor:
     """diffusers' call for the same inputs: its ids are per sequence ([L, 3]); it scales t and guidance itself."""
     return ref(
-        hidden_states=inputs["img"], encoder_hidden_states=inputs["txt"], pooled_projections=inputs["y"],
-        timestep=inputs["timesteps"], img_ids=inputs["img_ids"][0], txt_ids=inputs["txt_ids"][0],
-        guidance=inputs["guidance"], return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=inputs["img"],
+        encoder_hidden_states=inputs["txt"],
+        pooled_projections=inputs["y"],
+        timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"][0],
+        txt_ids=inputs["txt_ids"][0],
+        guidance=inputs["guidance"],
+        return_dict=False,
+    )[0]
 
 
 @contextmanager
@@ -268,12 +336,20 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
 
             levels = len(cfg.ae.ch_mult)
             config = dict(
-                in_channels=cfg.ae.in_channels, out_channels=cfg.ae.out_ch, latent_channels=cfg.ae.z_channels,
-                down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-                block_out_channels=[cfg.ae.ch * m for m in cfg.ae.ch_mult], layers_per_block=cfg.ae.num_res_blocks,
-                norm_num_groups=32, sample_size=cfg.ae.resolution, scaling_factor=cfg.ae.scale_factor,
-                shift_factor=cfg.ae.shift_factor, use_quant_conv=False, use_post_quant_conv=False,
-            )  # fmt: skip
+                in_channels=cfg.ae.in_channels,
+                out_channels=cfg.ae.out_ch,
+                latent_channels=cfg.ae.z_channels,
+                down_block_types=["DownEncoderBlock2D"] * levels,
+                up_block_types=["UpDecoderBlock2D"] * levels,
+                block_out_channels=[cfg.ae.ch * m for m in cfg.ae.ch_mult],
+                layers_per_block=cfg.ae.num_res_blocks,
+                norm_num_groups=32,
+                sample_size=cfg.ae.resolution,
+                scaling_factor=cfg.ae.scale_factor,
+                shift_factor=cfg.ae.shift_factor,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
             with building_on(device, dtype):
                 ref = diffusers.AutoencoderKL(**config).eval()
             ref.load_state_dict(convert_ldm_vae_checkpoint(ae.state_dict(), config), strict=True)
@@ -293,11 +369,18 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
 
             p = cfg.t5
             config = T5Config(
-                vocab_size=p.vocab_size, d_model=p.d_model, d_kv=p.d_kv, d_ff=p.d_ff, num_layers=p.num_layers,
-                num_heads=p.num_heads, feed_forward_proj="gated-gelu", layer_norm_epsilon=p.layer_norm_epsilon,
+                vocab_size=p.vocab_size,
+                d_model=p.d_model,
+                d_kv=p.d_kv,
+                d_ff=p.d_ff,
+                num_layers=p.num_layers,
+                num_heads=p.num_heads,
+                feed_forward_proj="gated-gelu",
+                layer_norm_epsilon=p.layer_norm_epsilon,
                 relative_attention_num_buckets=p.relative_attention_num_buckets,
-                relative_attention_max_distance=p.relative_attention_max_distance, dropout_rate=0.0,
-            )  # fmt: skip
+                relative_attention_max_distance=p.relative_attention_max_distance,
+                dropout_rate=0.0,
+            )
             with building_on(device, dtype):
                 ref = T5EncoderModel(config).eval()
             ref.load_state_dict(t5.state_dict(), strict=True)
@@ -314,11 +397,18 @@ def build(case: str, cfg: BenchConfig, impls: list[str], device: torch.device, g
 
             p = cfg.clip
             config = transformers.CLIPTextConfig(
-                vocab_size=p.vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
-                num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads,
-                max_position_embeddings=p.max_position_embeddings, layer_norm_eps=p.layer_norm_eps,
-                hidden_act=p.hidden_act, eos_token_id=p.eos_token_id, bos_token_id=0, pad_token_id=1,
-            )  # fmt: skip
+                vocab_size=p.vocab_size,
+                hidden_size=p.hidden_size,
+                intermediate_size=p.intermediate_size,
+                num_hidden_layers=p.num_layers,
+                num_attention_heads=p.num_heads,
+                max_position_embeddings=p.max_position_embeddings,
+                layer_norm_eps=p.layer_norm_eps,
+                hidden_act=p.hidden_act,
+                eos_token_id=p.eos_token_id,
+                bos_token_id=0,
+                pad_token_id=1,
+            )
             with building_on(device, dtype):
                 ref = transformers.CLIPTextModel(config).eval()
             ours = clip.state_dict()

@@ -46,8 +46,13 @@ class CrossAttention(nn.Module):
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # [B, 8, 64, 77]
         weights = scores.softmax(dim=-1)  # each image position's distribution over the 77 text tokens
         out = rearrange(weights @ v, "B H L D -> B L (H D)")  # [B, 64, 512]
-        self.shapes = {"Q": list(q.shape), "K": list(k.shape), "V": list(v.shape), "weights": list(weights.shape),
-                       "out": list(out.shape)}  # fmt: skip
+        self.shapes = {
+            "Q": list(q.shape),
+            "K": list(k.shape),
+            "V": list(v.shape),
+            "weights": list(weights.shape),
+            "out": list(out.shape),
+        }
         return self.to_out(out)
 
 
@@ -133,8 +138,9 @@ class TinyTranslator(nn.Module):
         n = (size // patch) ** 2
         self.embed = nn.Linear(3 * patch * patch, dim)
         self.pos = nn.Parameter(torch.randn(1, n, dim))  # learned; std 1: positions tell tokens apart from the start
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, 4, 2 * dim, 0.0, batch_first=True, norm_first=True)
-                                    for _ in range(2))  # fmt: skip
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, 4, 2 * dim, 0.0, batch_first=True, norm_first=True) for _ in range(2)
+        )
         if condition == "class label":
             self.label = nn.Sequential(nn.Linear(classes, dim), nn.SiLU(), nn.Linear(dim, dim))
         if condition.startswith("cross-attention"):
@@ -179,8 +185,9 @@ def scene_tensors(n: int, split: str, size: int, seed: int = 0) -> dict[str, Ten
     }
 
 
-def class_label_experiment(steps: int = 1500, train: int = 4000, heldout: int = 256, size: int = 32,
-                           batch: int = 32, seed: int = 0, log=print) -> dict[str, dict[str, float]]:  # fmt: skip
+def class_label_experiment(
+    steps: int = 1500, train: int = 4000, heldout: int = 256, size: int = 32, batch: int = 32, seed: int = 0, log=print
+) -> dict[str, dict[str, float]]:
     """Train TinyTranslator under each condition on the same data and steps; held-out MSE (pixel units in
     [0, 1]) over the whole panel and over the objects alone. Returns {condition: {"mse", "objects_mse"}}."""
     start = time.perf_counter()
@@ -212,8 +219,10 @@ def _class_label_runs(steps, train, heldout, size, batch, seed, log, start):
         with torch.no_grad():
             err = (model(held["visible"], held["semantic"], held["label"]) - held["infrared"]).pow(2)[:, 0]  # [N, S, S]
         results[condition] = {"mse": err.mean().item(), "objects_mse": err[held["objects"]].mean().item()}
-        log(f"{condition:<28} held-out MSE {results[condition]['mse']:.5f}, on objects "
-            f"{results[condition]['objects_mse']:.5f}   ({time.perf_counter() - start:.0f} s)")  # fmt: skip
+        log(
+            f"{condition:<28} held-out MSE {results[condition]['mse']:.5f}, on objects "
+            f"{results[condition]['objects_mse']:.5f}   ({time.perf_counter() - start:.0f} s)"
+        )
     return results
 
 
@@ -231,8 +240,10 @@ def main(argv=None) -> int:
     elif args.name == "clip-similarity":
         clip_similarity(args.prompts or DEFAULT_PROMPTS, args.clip)
     else:
-        print(f"class label vs cross-attention: {len(CONDITIONS)} models, {args.steps} steps each, "
-              f"{args.train} scenes of 32 px")  # fmt: skip
+        print(
+            f"class label vs cross-attention: {len(CONDITIONS)} models, {args.steps} steps each, "
+            f"{args.train} scenes of 32 px"
+        )
         results = class_label_experiment(args.steps, args.train, args.heldout)
         none = results["none"]["objects_mse"]
         print("\non the objects, relative to no condition:")

@@ -192,8 +192,9 @@ def text_map_grid(image: Tensor, maps: Tensor, tokens: list[str], cols: int = 6,
     return captioned_grid(cells, cols)
 
 
-def semantic_map_grid(semantic: Tensor, maps: Tensor, queries: list[tuple[int, int]], grid: tuple[int, int],
-                      cols: int = 4, scale: int = 3) -> Image.Image:  # fmt: skip
+def semantic_map_grid(
+    semantic: Tensor, maps: Tensor, queries: list[tuple[int, int]], grid: tuple[int, int], cols: int = 4, scale: int = 3
+) -> Image.Image:
     """For each query token (row, col) of the target panel: its attention over the semantic panel, with the
     query's own place outlined. semantic [3, S, S]; maps [Q, h·w] (one row per query); grid (h, w)."""
     h, w = grid
@@ -219,13 +220,21 @@ def t5_tokens(tokenizer, prompt: str) -> list[str]:
     return [piece(i).replace("▁", "_") for i in ids] + ["</s>"]
 
 
-def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | None = None, blocks=None,
-             map_steps=None, seed: int = 0) -> dict:  # fmt: skip
+def run_maps(
+    run,
+    scenes: list[int],
+    prompt: str | None = None,
+    steps: int | None = None,
+    blocks=None,
+    map_steps=None,
+    seed: int = 0,
+) -> dict:
     """Generate the infrared panels of held-out scenes of a run while recording the attention maps.
 
     Returns dict(recorder, generated [N, 3, S, S], triptychs [N, 3, S, 3S], prompts, tokens, config)."""
     from minflux.tasks.data import triptychs
-    from minflux.tasks.vis2ir import datasets, generate_infrared, in_context_of, load_run, prepare_for_run
+    from minflux.pipeline import load_run
+    from minflux.tasks.vis2ir import datasets, generate_infrared, in_context_of, prepare_for_run
 
     parts = load_run(run)
     cfg, model, ae = parts.run.config, parts.model, parts.ae
@@ -241,7 +250,7 @@ def run_maps(run, scenes: list[int], prompt: str | None = None, steps: int | Non
 
 
 def parse_range(text: str | None) -> list[int] | None:
-    """"0-3,7" → [0, 1, 2, 3, 7]; None → None (all)."""
+    """ "0-3,7" → [0, 1, 2, 3, 7]; None → None (all)."""
     if not text:
         return None
     out = []
@@ -264,8 +273,12 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", default=None, help="text: blocks to average, e.g. 0-1 or 2-5 (default: all)")
     parser.add_argument("--map-steps", default=None, help="sampling steps to average, e.g. 0-3 (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's)")
-    parser.add_argument("--query", default=None, help="semantic: one query, pixel y,x in the target panel "
-                        "(default: every target token, up to 16 spread over the panel)")  # fmt: skip
+    parser.add_argument(
+        "--query",
+        default=None,
+        help="semantic: one query, pixel y,x in the target panel "
+        "(default: every target token, up to 16 spread over the panel)",
+    )
     parser.add_argument("--output", type=Path, default=None, help="the PNG (default: RUN/maps-KIND-SCENE.png)")
     args = parser.parse_args(argv)
 
@@ -282,13 +295,18 @@ def main(argv=None) -> int:
         image = torch.cat((visible, generated), dim=-1)  # [3, 64, 128]
         tokens = out["tokens"][0]
         picture = text_map_grid(image, maps, tokens)
-        print(f"prompt: {out['prompts'][0]!r}, {len(tokens)} tokens; maps {list(maps.shape)} averaged over "
-              f"{rec._text_calls} attention calls")  # fmt: skip
+        print(
+            f"prompt: {out['prompts'][0]!r}, {len(tokens)} tokens; maps {list(maps.shape)} averaged over "
+            f"{rec._text_calls} attention calls"
+        )
     else:
         layers = rec.semantic_maps()
         if not layers:
-            print(f"maps: {run} has no SemanticCrossAttention (its --semantic is {out['config'].semantic!r}); "
-                  "train one with:  python train.py --semantic xattn_rope", file=sys.stderr)  # fmt: skip
+            print(
+                f"maps: {run} has no SemanticCrossAttention (its --semantic is {out['config'].semantic!r}); "
+                "train one with:  python train.py --semantic xattn_rope",
+                file=sys.stderr,
+            )
             return 2
         probs = torch.stack(list(layers.values())).mean(0)  # over the layers (blocks: one a block): [1, Lq, Ls]
         h, w2 = rec.grid()  # query grid: the diptych's tokens, h × 2w
@@ -302,8 +320,10 @@ def main(argv=None) -> int:
             queries = every if len(every) <= 16 else [(r * h // 4, c * w // 4) for r in range(4) for c in range(4)]
         rows = torch.stack([probs[0, r * w2 + w + c] for r, c in queries])  # target-half queries → [Q, h·w]
         picture = semantic_map_grid(semantic, rows, queries, (h, w))
-        print(f"{len(layers)} SemanticCrossAttention layer(s) ({', '.join(layers)}): queries {len(queries)} of the "
-              f"target panel, maps {list(probs.shape)}")  # fmt: skip
+        print(
+            f"{len(layers)} SemanticCrossAttention layer(s) ({', '.join(layers)}): queries {len(queries)} of the "
+            f"target panel, maps {list(probs.shape)}"
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     picture.save(output)
     print(output)

@@ -1,9 +1,9 @@
 """Parameter tables: every component's parameters, trainable and frozen, with its block types folded.
 
-    python -m minflux.study.trace flux-dev --params      the official counts, from presets built on the meta device
+python -m minflux.study.trace flux-dev --params      the official counts, from presets built on the meta device
 
-    from minflux.study.params import parameter_table
-    print(parameter_table({"transformer": flux, "ae": ae}))
+from minflux.study.params import parameter_table
+print(parameter_table({"transformer": flux, "ae": ae}))
 """
 
 import torch

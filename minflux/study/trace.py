@@ -1,7 +1,7 @@
 """Shape traces: every tensor's shape at every stage of a real step, one line per stage.
 
     python -m minflux.study.trace flux-dev-kontext          one 1024×1024 Kontext step: the Kontext walk-through
-    python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the vis2ir design's DEBUG shapes
+    python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the design's DEBUG shapes
     python -m minflux.study.trace flux-dev --params         parameter counts of every component and block type
 
 The presets are built at full size on torch's meta device: tensors there have shapes and dtypes but no
@@ -100,8 +100,9 @@ def fmt_value(x) -> str:
         return ", ".join(f"{k} {fmt_value(v)}" for k, v in x.items() if _tensors(v))
     if dataclasses.is_dataclass(x) and not isinstance(x, type):  # its fields by name; a dict field's own names
         values = [(f.name, getattr(x, f.name)) for f in dataclasses.fields(x)]
-        return ", ".join(fmt_value(v) if isinstance(v, dict) else f"{k} {fmt_value(v)}" for k, v in values
-                         if _tensors(v))  # fmt: skip
+        return ", ".join(
+            fmt_value(v) if isinstance(v, dict) else f"{k} {fmt_value(v)}" for k, v in values if _tensors(v)
+        )
     if isinstance(x, (list, tuple)) and x and all(isinstance(v, str) for v in x):
         return f"[{len(x)} str]"
     if isinstance(x, str):
@@ -324,8 +325,15 @@ def _meta_text_encoder(module: nn.Module, length: int, pooled: bool):
     return encode
 
 
-def trace_preset(preset: str, height: int = 1024, width: int = 1024, batch: int = 1, steps: int = 1,
-                 t5_length: int | None = None, quiet: bool = False) -> ShapeTrace:  # fmt: skip
+def trace_preset(
+    preset: str,
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 1,
+    steps: int = 1,
+    t5_length: int | None = None,
+    quiet: bool = False,
+) -> ShapeTrace:
     """One sampling step of a preset at full size on the meta device, traced through the one recipe (prepare*,
     generate). Text-to-image for dev and schnell, inpainting for Fill (an image and a mask), editing for Kontext
     (a reference image appended to the sequence): the Kontext walk-through for flux-dev-kontext at 1024×1024."""
@@ -354,9 +362,15 @@ def trace_preset(preset: str, height: int = 1024, width: int = 1024, batch: int 
     return trace
 
 
-def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_length: int = 512,
-                 quiet: bool = False, layout: str = "panel") -> ShapeTrace:  # fmt: skip
-    """One vis2ir training step at the size of the vis2ir notes: FLUX.1-Fill-dev, 512-pixel panels."""
+def trace_vis2ir(
+    batch: int = 4,
+    panel: int = 512,
+    semantic: str = "xattn",
+    t5_length: int = 512,
+    quiet: bool = False,
+    layout: str = "panel",
+) -> ShapeTrace:
+    """One vis2ir training step at the size of the vis2ir design: FLUX.1-Fill-dev, 512-pixel panels."""
     from minflux.sampling import Inputs, flow_matching_loss, prepare_txt_ids, sample_t
     from minflux.semantic import Vis2IR
     from minflux.tasks.vis2ir import encode_triptych
@@ -373,8 +387,15 @@ def trace_vis2ir(batch: int = 4, panel: int = 512, semantic: str = "xattn", t5_l
         txt = t5(torch.zeros(batch, t5_length, dtype=torch.long, device=meta))  # [4, 512, 4096]
         t = sample_t(batch, device=meta)  # [4]
         noise = torch.randn(enc.x0.shape, device=meta)  # [4, 2048, 64]
-        inputs = Inputs(None, enc.img_ids, txt, prepare_txt_ids(batch, t5_length, device=meta), y,
-                        img_cond=enc.x_cond, extra=enc.semantic)  # fmt: skip
+        inputs = Inputs(
+            None,
+            enc.img_ids,
+            txt,
+            prepare_txt_ids(batch, t5_length, device=meta),
+            y,
+            img_cond=enc.x_cond,
+            extra=enc.semantic,
+        )
         # x_t, the injection, FLUX-Fill, the loss
         flow_matching_loss(model, enc.x0, noise, t, torch.ones(batch, device=meta), **inputs)
     return trace
@@ -418,12 +439,20 @@ def main(argv=None) -> int:
     parser.add_argument("preset", help=f"vis2ir, or a preset: {', '.join(configs)}")
     parser.add_argument("--height", type=int, default=None, help="image height (default 1024; vis2ir: the panel, 512)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 1024)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the vis2ir design's)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the vis2ir design's)"
+    )
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
-    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the vis2ir design's adapter)")
-    parser.add_argument("--semantic-layout", default="panel", choices=("panel", "diptych"),
-                        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the vis2ir design's)")
+    parser.add_argument(
+        "--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the vis2ir design's adapter)"
+    )
+    parser.add_argument(
+        "--semantic-layout",
+        default="panel",
+        choices=("panel", "diptych"),
+        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the vis2ir design's)",
+    )
     parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
     args = parser.parse_args(argv)
     if args.preset != "vis2ir" and args.preset not in configs:
@@ -437,7 +466,9 @@ def main(argv=None) -> int:
             with torch.device("meta"):
                 model = Vis2IR(parts["transformer"], args.semantic)
             for m in parts.values():
-                m.requires_grad_(False)  # the vis2ir design's setup: FLUX, VAE and text encoders frozen, the adapter trained
+                m.requires_grad_(
+                    False
+                )  # the vis2ir design's setup: FLUX, VAE and text encoders frozen, the adapter trained
             injection = {k: v for k, v in model.named_children() if k != "flux"}  # the adapter
             parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
         else:
@@ -451,13 +482,15 @@ def main(argv=None) -> int:
     if args.preset == "vis2ir":
         panel = args.height or 512
         batch = args.batch or 4
-        print(f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
-              f"--semantic {args.semantic}, --semantic-layout {args.semantic_layout}")  # fmt: skip
+        print(
+            f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
+            f"--semantic {args.semantic}, --semantic-layout {args.semantic_layout}"
+        )
         try:
             trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512, layout=args.semantic_layout)
         except ValueError as e:
             parser.error(str(e))
-        print("\nthe DEBUG lines of the vis2ir notes, from this trace:")
+        print("\nthe DEBUG lines of the vis2ir design, from this trace:")
         for line in vis2ir_debug_lines(trace):
             print(f"[DEBUG] {line}")
     else:

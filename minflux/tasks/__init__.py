@@ -1,6 +1,8 @@
 """The training tasks that train.py runs, and what they need: data, the embedded default's parts, the run folder.
 
-    runs.py       TrainConfig (flags, TOML, config.toml: one dataclass), read_run, progress, processes
+    runs.py       TrainConfig (flags, TOML, config.toml: one dataclass), read_run
+    folders.py    the run folder: made, replaced on --overwrite, resumed; checkpoints
+    progress.py   which process this is under torchrun, the progress line
     common.py     Batch (what a task hands the loop), TextCache, the official frozen parts
     vis2ir.py     visible → infrared with FLUX.1-Fill and a semantic map (the default task)
     t2i.py        text-to-image LoRAs on FLUX.1 dev or schnell

@@ -36,13 +36,20 @@ class Batch:
 
     def to(self, device, dtype) -> "Batch":
         """On `device`, the floating tensors in `dtype` (the ids and the mask as they are)."""
-        return self._map(lambda name, t: t.to(device, dtype if t.is_floating_point() and not name.endswith("_ids")
-                                              else None))  # fmt: skip
+        return self._map(
+            lambda name, t: t.to(device, dtype if t.is_floating_point() and not name.endswith("_ids") else None)
+        )
 
     def _map(self, fn) -> "Batch":
         mask = None if self.loss_mask is None else fn("loss_mask", self.loss_mask)
-        return Batch(fn("x0", self.x0), fn("noise", self.noise), fn("t", self.t), fn("guidance", self.guidance),
-                     self.inputs.map(fn), mask)  # fmt: skip
+        return Batch(
+            fn("x0", self.x0),
+            fn("noise", self.noise),
+            fn("t", self.t),
+            fn("guidance", self.guidance),
+            self.inputs.map(fn),
+            mask,
+        )
 
 
 @dataclass

@@ -138,8 +138,13 @@ class _Folder(Dataset):
             if len(twins) > 1:
                 names = ", ".join(p.name for p in twins[:-1]) + f" and {twins[-1].name}"
                 for path in twins:
-                    self._reject(DataError(path, f"{names} differ only in their extension and would share "
-                                                 f"{shares(stem)}; rename or remove one"))  # fmt: skip
+                    self._reject(
+                        DataError(
+                            path,
+                            f"{names} differ only in their extension and would share "
+                            f"{shares(stem)}; rename or remove one",
+                        )
+                    )
         ambiguous = {stem for stem, twins in groups.items() if len(twins) > 1}
         return {stem: twins[0] for stem, twins in groups.items() if stem not in ambiguous}, ambiguous
 
@@ -156,8 +161,10 @@ class _Folder(Dataset):
         raise DataError(self.root, f"every one of the {len(candidates)} {what} failed to decode")
 
     def _all_skipped(self) -> DataError:
-        return DataError(self.root, f"all {len(self.skipped)} images were skipped; the first: "
-                                    f"{self.skipped[0][0]}: {self.skipped[0][1]}")  # fmt: skip
+        return DataError(
+            self.root,
+            f"all {len(self.skipped)} images were skipped; the first: {self.skipped[0][0]}: {self.skipped[0][1]}",
+        )
 
 
 class TriptychFolder(_Folder):
@@ -192,8 +199,11 @@ class TriptychFolder(_Folder):
         folders = [p for p in PANELS if (self.root / p).is_dir()]
         if folders and len(folders) < 3:
             missing = ", ".join(f"{p}/" for p in PANELS if p not in folders)
-            raise DataError(self.root, f"has {', '.join(f'{p}/' for p in folders)} but no {missing}; "
-                                       "the three-folder layout needs visible/, infrared/ and semantic/")
+            raise DataError(
+                self.root,
+                f"has {', '.join(f'{p}/' for p in folders)} but no {missing}; "
+                "the three-folder layout needs visible/, infrared/ and semantic/",
+            )
         self.layout = "folders" if folders else "triptychs"
         if folders:
             candidates = self._match_folders()
@@ -211,8 +221,11 @@ class TriptychFolder(_Folder):
                 self._reject(e)
         if not self.items:
             if not self.skipped:
-                raise DataError(self.root, "no images found; expected triptych images (width = 3 × height) "
-                                           "or folders visible/, infrared/ and semantic/")
+                raise DataError(
+                    self.root,
+                    "no images found; expected triptych images (width = 3 × height) "
+                    "or folders visible/, infrared/ and semantic/",
+                )
             raise self._all_skipped()
 
     def _match_folders(self) -> list[tuple[Path, Path, Path]]:
@@ -220,8 +233,10 @@ class TriptychFolder(_Folder):
         so are two panels of one stem in one folder (their partners are then left out unnamed)."""
         found, ambiguous = {}, set()  # panel -> {stem: path}; stems held twice in a folder
         for panel in PANELS:
-            shares = lambda stem, panel=panel: "the panels " + " and ".join(  # noqa: E731
-                f"{p}/{stem}.*" for p in PANELS if p != panel)
+
+            def shares(stem: str, panel: str = panel) -> str:
+                return "the panels " + " and ".join(f"{p}/{stem}.*" for p in PANELS if p != panel)
+
             found[panel], twice = self._by_stem(_images(self.root / panel), shares)
             ambiguous |= twice
         matched = []
@@ -245,8 +260,11 @@ class TriptychFolder(_Folder):
             return
         for f, s in zip(files[1:], sizes[1:]):
             if s != sizes[0]:
-                raise DataError(f, f"is {s[0]}×{s[1]} pixels but {files[0].name} is {sizes[0][0]}×{sizes[0][1]}; "
-                                   "the three panels must be aligned, of one size")
+                raise DataError(
+                    f,
+                    f"is {s[0]}×{s[1]} pixels but {files[0].name} is {sizes[0][0]}×{sizes[0][1]}; "
+                    "the three panels must be aligned, of one size",
+                )
         if min(sizes[0]) < 16:
             raise DataError(files[0], f"is {sizes[0][0]}×{sizes[0][1]} pixels; panels must be at least 16 pixels")
 
@@ -260,8 +278,9 @@ class TriptychFolder(_Folder):
         if len(images) == 1:  # cut the triptych into its panels
             h = images[0].height
             images = [images[0].crop((k * h, 0, (k + 1) * h, h)) for k in range(3)]
-        panels = [_rgb(np.asarray(fit_panel(im, self.size, semantic=k == 2), np.float32) / 255)
-                  for k, im in enumerate(images)]  # fmt: skip
+        panels = [
+            _rgb(np.asarray(fit_panel(im, self.size, semantic=k == 2), np.float32) / 255) for k, im in enumerate(images)
+        ]
         caption = _caption_text(files[0].with_suffix(".txt"), default="")
         return dict(triptych=to_tensor(panels), caption=caption)  # triptych [3, S, 3S]
 
@@ -271,8 +290,10 @@ class TriptychFolder(_Folder):
         return self._first_good([(i + k) % len(self) for k in range(len(self))], "images")  # i, then the next good one
 
     def __repr__(self) -> str:
-        return (f"TriptychFolder({str(self.root)!r}, {len(self)} triptychs, layout={self.layout}, "
-                f"size={self.size}, {self.n_skipped} skipped)")
+        return (
+            f"TriptychFolder({str(self.root)!r}, {len(self)} triptychs, layout={self.layout}, "
+            f"size={self.size}, {self.n_skipped} skipped)"
+        )
 
 
 # --- text-to-image data: images with same-named captions ----------------------------------------------------
@@ -320,8 +341,14 @@ class CaptionFolder(_Folder):
     Each sample: dict(image=[3, H, W] float in [-1, 1], caption=str).
     """
 
-    def __init__(self, root, resolution: int = 512, default_caption: str | None = None, on_error: str = "skip",
-                 buckets: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        root,
+        resolution: int = 512,
+        default_caption: str | None = None,
+        on_error: str = "skip",
+        buckets: bool = False,
+    ):
         super().__init__(root, on_error)
         if resolution % 16 or resolution < 16:
             raise ValueError(f"resolution must be a multiple of 16 (VAE ×8, then 2×2 packing), got {resolution}")
@@ -330,15 +357,21 @@ class CaptionFolder(_Folder):
             raise DataError(self.root, "no such folder")
         files = _images(self.root)
         if not files:
-            raise DataError(self.root, f"no images found; expected image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
-                                       " each with a same-named .txt caption")
+            raise DataError(
+                self.root,
+                f"no images found; expected image files ({', '.join(sorted(IMAGE_SUFFIXES))})"
+                " each with a same-named .txt caption",
+            )
         files = sorted(self._by_stem(files, self._shared)[0].values())
         uncaptioned = [f for f in files if not f.with_suffix(".txt").is_file()]
         if uncaptioned and default_caption is None:
             names = ", ".join(f.name for f in uncaptioned[:3]) + (" ..." if len(uncaptioned) > 3 else "")
-            raise DataError(uncaptioned[0], f"no caption file {uncaptioned[0].with_suffix('.txt').name} "
-                                            f"({len(uncaptioned)} of {len(files)} images have none: {names}); "
-                                            "write one per image, or pass a default caption (--default-caption)")
+            raise DataError(
+                uncaptioned[0],
+                f"no caption file {uncaptioned[0].with_suffix('.txt').name} "
+                f"({len(uncaptioned)} of {len(files)} images have none: {names}); "
+                "write one per image, or pass a default caption (--default-caption)",
+            )
         self.default_caption = default_caption
         self.n_default_captions = len(uncaptioned)
         choices = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
@@ -386,8 +419,10 @@ class CaptionFolder(_Folder):
         return len(self.items)
 
     def __repr__(self) -> str:
-        return (f"CaptionFolder({str(self.root)!r}, {len(self)} images, resolution={self.resolution}, "
-                f"{len(set(self.sizes))} size(s), {self.n_skipped} skipped)")
+        return (
+            f"CaptionFolder({str(self.root)!r}, {len(self)} images, resolution={self.resolution}, "
+            f"{len(set(self.sizes))} size(s), {self.n_skipped} skipped)"
+        )
 
 
 # --- image-editing pairs: a target with its instruction, and the control it is made from ---------------------------
@@ -417,8 +452,16 @@ class KontextFolder(CaptionFolder):
 
     MAX_ASPECT_CHANGE = 1.5
 
-    def __init__(self, root, control=None, resolution: int = 512, default_caption: str | None = None,
-                 on_error: str = "skip", buckets: bool = False, control_size: str = "target"):  # fmt: skip
+    def __init__(
+        self,
+        root,
+        control=None,
+        resolution: int = 512,
+        default_caption: str | None = None,
+        on_error: str = "skip",
+        buckets: bool = False,
+        control_size: str = "target",
+    ):
         if control_size not in ("target", "own"):
             raise ValueError(f"control_size must be 'target' or 'own', got {control_size!r}")
         self.control_dir = Path(control) if control else Path(root) / "control"  # named by CaptionFolder's checks
@@ -441,9 +484,12 @@ class KontextFolder(CaptionFolder):
                 if control_size == "target":
                     change = max(w / h, size[0] / size[1]) / min(w / h, size[0] / size[1])
                     if change > self.MAX_ASPECT_CHANGE:
-                        raise DataError(controls[path.stem], f"is {w}×{h}, its target {path.name} is {size[0]}×{size[1]}:"
-                                        f" an aspect {change:.1f}× apart would be distorted; crop it, or keep its "
-                                        "own size with --control-size own")  # fmt: skip
+                        raise DataError(
+                            controls[path.stem],
+                            f"is {w}×{h}, its target {path.name} is {size[0]}×{size[1]}:"
+                            f" an aspect {change:.1f}× apart would be distorted; crop it, or keep its "
+                            "own size with --control-size own",
+                        )
             except DataError as e:
                 self._reject(e)
                 continue

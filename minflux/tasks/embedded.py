@@ -34,7 +34,8 @@ from minflux.files.weights import read_metadata, save_atomic
 from minflux.presets import configs
 from minflux.t5 import T5Encoder, T5Params
 from minflux.tasks.data import captions, triptychs
-from minflux.tasks.runs import Progress, TrainConfig, log, rank
+from minflux.tasks.progress import Progress, log, rank
+from minflux.tasks.runs import TrainConfig
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 
 # The small text encoders: the official architectures at a width a CPU trains around in seconds.
@@ -57,16 +58,23 @@ def embedded_parts(cfg, train_set, run: Path, device):
     ae_path = SHIPPED_VAE if shipped else Path(cfg.output_dir) / "cache" / f"ae-{recipe}.safetensors"
     if rank() == 0:
         if shipped:
-            log(f"vae: the default's, shipped with minflux ({ae_path.name}; python -m minflux.tasks.embedded trains it)")
+            log(
+                f"vae: the default's, shipped with minflux ({ae_path.name}; python -m minflux.tasks.embedded trains it)"
+            )
         elif ae_path.exists():
             log(f"vae: cached {ae_path}")
         else:
-            differ = [f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in SHIPPED_SETTINGS
-                      if getattr(cfg, k) != SHIPPED_SETTINGS[k]] or ["--data"]  # fmt: skip
+            differ = [
+                f"--{k.replace('_', '-')} {getattr(cfg, k)}"
+                for k in SHIPPED_SETTINGS
+                if getattr(cfg, k) != SHIPPED_SETTINGS[k]
+            ] or ["--data"]
             shipped_with = ", ".join(f"{k} {v}" for k, v in SHIPPED_SETTINGS.items())
-            log(f"vae: {', '.join(differ)}: not the shipped VAE's recipe ({shipped_with}, generated scenes); training "
+            log(
+                f"vae: {', '.join(differ)}: not the shipped VAE's recipe ({shipped_with}, generated scenes); training "
                 f"this run's own for {cfg.vae_steps} steps first (tens of minutes on a CPU for thousands of steps; the "
-                f"progress line shows the ETA), cached as {ae_path}")
+                f"progress line shows the ETA), cached as {ae_path}"
+            )
             train_autoencoder(spec.ae_params, scenes, cfg.vae_steps, ae_path, seed=cfg.seed, log=log)
         texts = captions(train_set)
         if not any(text.strip() for text in texts):
@@ -76,7 +84,9 @@ def embedded_parts(cfg, train_set, run: Path, device):
         dist.barrier()
     ae = load_ae(ae_path)
     if rank() == 0:
-        save_atomic(ae.state_dict(), run / "ae.safetensors", metadata={"minflux.ae_params": json.dumps(asdict(ae.params))})
+        save_atomic(
+            ae.state_dict(), run / "ae.safetensors", metadata={"minflux.ae_params": json.dumps(asdict(ae.params))}
+        )
     clip, t5 = load_clip(run / "text_encoder"), load_t5(run / "text_encoder_2", max_length=cfg.t5_max_length)
     return ae.to(device), clip, t5
 
@@ -94,17 +104,24 @@ def write_text_encoders(folder, captions: list[str], seed: int = 0) -> None:
         write_clip_tokenizer(folder / "tokenizer", text, num_merges=200)
         vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
         clip = CLIPParams(
-            vocab_size=len(vocab), hidden_size=SMALL_CLIP_WIDTH, intermediate_size=4 * SMALL_CLIP_WIDTH,
-            num_layers=2, num_heads=2,
-        )  # fmt: skip
+            vocab_size=len(vocab),
+            hidden_size=SMALL_CLIP_WIDTH,
+            intermediate_size=4 * SMALL_CLIP_WIDTH,
+            num_layers=2,
+            num_heads=2,
+        )
         _save_encoder(CLIPTextModel(clip), folder / "text_encoder", _clip_config(clip))
 
         write_t5_tokenizer(folder / "tokenizer_2", text, vocab_size=160, model_type="bpe")
         pieces = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer_2" / "spiece.model"))
         t5 = T5Params(
-            vocab_size=pieces.get_piece_size(), d_model=SMALL_T5_WIDTH, d_kv=32, d_ff=2 * SMALL_T5_WIDTH,
-            num_layers=2, num_heads=2,
-        )  # fmt: skip
+            vocab_size=pieces.get_piece_size(),
+            d_model=SMALL_T5_WIDTH,
+            d_kv=32,
+            d_ff=2 * SMALL_T5_WIDTH,
+            num_layers=2,
+            num_heads=2,
+        )
         config = {"model_type": "t5", "feed_forward_proj": "gated-gelu", **asdict(t5)}
         _save_encoder(_init_t5(T5Encoder(t5)), folder / "text_encoder_2", config)
 
@@ -143,8 +160,9 @@ def vae_scenes(train_set) -> torch.Tensor:
     return triptychs(train_set, range(min(len(train_set), VAE_SCENES)))
 
 
-def vae_recipe(params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, seed: int = 0, batch_size: int = 4,
-               lr: float = 2e-3) -> str:  # fmt: skip
+def vae_recipe(
+    params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, seed: int = 0, batch_size: int = 4, lr: float = 2e-3
+) -> str:
     """A hash of everything train_autoencoder's result depends on: the settings and the scenes' exact pixels. It
     names the cached VAE files and is stored in each trained file (metadata minflux.vae_recipe)."""
     pixels = hashlib.sha256(triptychs.float().contiguous().numpy().tobytes()).hexdigest()
@@ -174,9 +192,15 @@ def vae_batch(triptychs: torch.Tensor, step: int, batch_size: int, g: torch.Gene
 
 
 def train_autoencoder(
-    params: AutoEncoderParams, triptychs: torch.Tensor, steps: int, path: Path, batch_size: int = 4,
-    lr: float = 2e-3, seed: int = 0, log=print,
-) -> Path:  # fmt: skip
+    params: AutoEncoderParams,
+    triptychs: torch.Tensor,
+    steps: int,
+    path: Path,
+    batch_size: int = 4,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log=print,
+) -> Path:
     """A FLUX-architecture VAE trained on the scenes' panels (`triptychs` [N, 3, S, 3S]), written to `path`.
 
     Loss: L1 + MSE reconstruction and a small KL term, the latent sampled as the official VAE was trained. The
@@ -208,7 +232,9 @@ def train_autoencoder(
     with torch.no_grad():  # measure the latent statistics, as FLUX's scale and shift were measured
         mean = torch.cat([ae.encoder(vae_batch(triptychs, k, 32, g)).chunk(2, dim=1)[0].flatten() for k in (1, 2, 3)])
         # the latent means of the three kinds, pooled
-    params = AutoEncoderParams(**{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()})
+    params = AutoEncoderParams(
+        **{**asdict(params), "shift_factor": mean.mean().item(), "scale_factor": 1 / mean.std().item()}
+    )
     trained = AutoEncoder(params)
     trained.load_state_dict(ae.state_dict())
     metadata = {
@@ -224,11 +250,20 @@ def train_autoencoder(
 def main(argv=None) -> int:
     """python -m minflux.tasks.embedded --out FILE: the default's VAE, trained as the shipped one was."""
     parser = argparse.ArgumentParser(prog="python -m minflux.tasks.embedded", description=main.__doc__)
-    parser.add_argument("--out", required=True, help=f"the file to write (the shipped one: {SHIPPED_VAE.name} in "
-                                                     "minflux/tasks/); an existing file is kept unless --overwrite")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        required=True,
+        help=f"the file to write (the shipped one: {SHIPPED_VAE.name} in "
+        "minflux/tasks/); an existing file is kept unless --overwrite",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--steps", type=int, default=TrainConfig.vae_steps, help="training steps (default: the "
-                        "default's, %(default)s); another number is another recipe, which the default run does not read")  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=TrainConfig.vae_steps,
+        help="training steps (default: the "
+        "default's, %(default)s); another number is another recipe, which the default run does not read",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -1,10 +1,10 @@
 """A flat dataclass as command-line flags and as TOML: one flag per field, a TOML file with the same keys.
 
-    add_config_flags   one --flag per field (its type, its default in the help)
-    config_from_args   defaults, then a TOML file (--config), then the flags given
-    read_toml          a TOML file → the dataclass's fields, unknown keys and (cls.expected) bad values refused
-    to_toml            the dataclass → TOML text (strings, integers, floats with inf/nan, booleans)
-    dashed             BFL's underscore spellings of flags accepted (--num_steps → --num-steps)
+add_config_flags   one --flag per field (its type, its default in the help)
+config_from_args   defaults, then a TOML file (--config), then the flags given
+read_toml          a TOML file → the dataclass's fields, unknown keys and (cls.expected) bad values refused
+to_toml            the dataclass → TOML text (strings, integers, floats with inf/nan, booleans)
+dashed             BFL's underscore spellings of flags accepted (--num_steps → --num-steps)
 """
 
 import argparse
@@ -55,7 +55,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def others(cases: dict[str, dict], name: str) -> str:
-    """"; CASE: VALUE" for each case that sets the field `name` (for --help)."""
+    """ "; CASE: VALUE" for each case that sets the field `name` (for --help)."""
     return "".join(f"; {case}: {values[name]}" for case, values in cases.items() if name in values)
 
 
@@ -88,8 +88,10 @@ def read_toml(path, cls) -> dict:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8, whatever the locale
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: cannot read the config: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}); TOML files are UTF-8") from None
+        raise ValueError(
+            f"{path}: cannot read the config: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start}); TOML files are UTF-8"
+        ) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ValueError(f"{path}: cannot read the config: {e}") from None
     data = {getattr(cls, "RENAMED", {}).get(k, k): v for k, v in data.items()}
@@ -114,8 +116,9 @@ def written(value) -> str:
 
 def to_toml(config) -> str:
     """A flat dataclass as TOML, UTF-8 (None values are left out: absent means default)."""
-    return "".join(f"{key} = {toml_value(value, key)}\n" for key, value in dataclasses.asdict(config).items()
-                   if value is not None)  # fmt: skip
+    return "".join(
+        f"{key} = {toml_value(value, key)}\n" for key, value in dataclasses.asdict(config).items() if value is not None
+    )
 
 
 # TOML basic strings escape ", \\ and the control characters (U+0000-U+001F, U+007F); any other character is itself.

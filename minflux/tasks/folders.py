@@ -1,10 +1,11 @@
 """The run folder: made new (never over another run), replaced on --overwrite only once the new run is set up, or
-cleaned and checked when a run resumes.
+cleaned and checked when a run resumes; and the checkpoints in it.
 
     make_run_folder, replace_run       a new folder (NAME, NAME-2, ...), or one that takes NAME's place
     removed_unless_checkpointed        a new run that fails before its first checkpoint leaves no folder
     resume_folder, check_checkpoint    what a crash left removed, the checkpoint found whole, before any work
     finished, checkpoint_step          what the folder says of the run: finished, or its newest checkpoint
+    save_checkpoint, load_checkpoint   checkpoints/step-N/ (the trained weights, the optimiser, the generator)
     latest_run                         the newest finished run under a folder (sample.py's default)
 """
 
@@ -19,8 +20,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from minflux.files.weights import DiskFull, WeightsError, is_disk_full, read_shapes, write_text_atomic
-from minflux.tasks.runs import log, rank
+import torch
+import torch.distributed as dist
+
+from minflux.files.weights import DiskFull, WeightsError, is_disk_full, read_shapes, read_state_dict, save_atomic
+from minflux.files.weights import save_torch, write_text_atomic
+from minflux.tasks.parallel import load_sharded, save_sharded
+from minflux.tasks.progress import log, rank
 
 # Every run folder train.py makes holds this file: --overwrite replaces only a folder that has it (or an empty one).
 RUN_MARKER = ".minflux-run"
@@ -40,8 +46,10 @@ def make_run_folder(out, name: str, overwrite: bool = False) -> Path:
     try:
         if overwrite and folder.exists():
             if not folder.is_dir() or (any(folder.iterdir()) and not is_run_folder(folder)):
-                raise ValueError(f"--overwrite: {folder} is not a run folder made by train.py (no {RUN_MARKER} in "
-                                 "it); left as it is: remove it yourself, or choose another --name")  # fmt: skip
+                raise ValueError(
+                    f"--overwrite: {folder} is not a run folder made by train.py (no {RUN_MARKER} in "
+                    "it); left as it is: remove it yourself, or choose another --name"
+                )
             new = Path(out) / f".{name}.new-{secrets.token_hex(4)}"
             new.mkdir()
         else:
@@ -71,8 +79,9 @@ def replace_run(new: Path, folder: Path) -> Path:
     aside = folder.parent / f".{folder.name}.replaced-{secrets.token_hex(4)}"
     if folder.exists():
         if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):  # made meanwhile by someone else
-            raise ValueError(f"--overwrite: {folder} is no longer a run folder made by train.py; left as it is, this "
-                             f"run is in {new}")  # fmt: skip
+            raise ValueError(
+                f"--overwrite: {folder} is no longer a run folder made by train.py; left as it is, this run is in {new}"
+            )
         os.rename(folder, aside)
     os.rename(new, folder)
     shutil.rmtree(aside, ignore_errors=True)
@@ -110,9 +119,11 @@ def finished(run: Path, steps: int) -> str | None:
     step = checkpoint_step(run)
     if step is None or step < steps or not (run / "metrics.json").is_file():
         return None
-    return (f"{run} is finished (step {step} of {steps}, metrics.json written): nothing to resume, nothing changed. "
-            f"Train it further with --resume {run} --steps N (N above {step}); sample from it with: python sample.py "
-            f"--run {run}")  # fmt: skip
+    return (
+        f"{run} is finished (step {step} of {steps}, metrics.json written): nothing to resume, nothing changed. "
+        f"Train it further with --resume {run} --steps N (N above {step}); sample from it with: python sample.py "
+        f"--run {run}"
+    )
 
 
 # safetensors writes through a temporary file of its own, .tmpXXXXXX beside its target, left behind by a SIGKILL
@@ -128,14 +139,17 @@ def resume_folder(run: Path) -> Path:
         with tempfile.TemporaryFile(dir=run):  # resuming writes checkpoints and logs here
             pass
     except OSError as e:
-        raise ValueError(f"--resume {run}: cannot write into the run folder ({e.strerror or e}); resuming writes its "
-                         "checkpoints and log there") from None  # fmt: skip
+        raise ValueError(
+            f"--resume {run}: cannot write into the run folder ({e.strerror or e}); resuming writes its "
+            "checkpoints and log there"
+        ) from None
     pointer = run / "checkpoints" / "latest"
     latest = pointer.read_text().strip() if pointer.is_file() else None
     if latest is not None:
         check_checkpoint(run / "checkpoints" / latest)
-    temporaries = [p for p in run.rglob(".*") if p.is_file() and (p.name.endswith(".tmp") or
-                                                                  SAFETENSORS_TMP.fullmatch(p.name))]  # fmt: skip
+    temporaries = [
+        p for p in run.rglob(".*") if p.is_file() and (p.name.endswith(".tmp") or SAFETENSORS_TMP.fullmatch(p.name))
+    ]
     orphans = [p for p in (run / "checkpoints").glob("step-*") if p.name != latest]
     for p in temporaries:
         p.unlink()
@@ -144,9 +158,11 @@ def resume_folder(run: Path) -> Path:
     removed = [f"{len(temporaries)} temporary file(s) of unfinished writes"] if temporaries else []
     removed += [f"the unfinished checkpoint(s) {', '.join(p.name for p in orphans)}"] if orphans else []
     if latest is None:
-        raise ValueError(f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
-                         f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
-                         f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite")  # fmt: skip
+        raise ValueError(
+            f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
+            f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
+            f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite"
+        )
     dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
     removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
     if removed:
@@ -159,8 +175,10 @@ def check_checkpoint(folder: Path) -> None:
     state.pt, neither truncated."""
     run = folder.parents[1]
     if not re.fullmatch(r"step-\d+", folder.name) or not folder.is_dir():
-        raise ValueError(f"{run / 'checkpoints' / 'latest'}: names {folder.name!r}, which is not a checkpoint folder of "
-                         f"{run / 'checkpoints'}")  # fmt: skip
+        raise ValueError(
+            f"{run / 'checkpoints' / 'latest'}: names {folder.name!r}, which is not a checkpoint folder of "
+            f"{run / 'checkpoints'}"
+        )
     damaged = "is damaged (truncated or overwritten?), and the checkpoint before it was replaced by it: this run cannot"
     damaged += f" be resumed; start it again: python train.py --config {run / 'config.toml'} --out {run.parent} --name"
     damaged += f" {run.name} --overwrite"
@@ -193,3 +211,74 @@ def step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: every parameter being trained, and the LoRA alphas (buffers)."""
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trained or k.endswith(".alpha")}
+
+
+def save_checkpoint(run: Path, model, opt, step: int, gen: torch.Generator, losses: list, sharded: bool) -> None:
+    """checkpoints/step-N/{weights.safetensors, state.pt}, then the pointer checkpoints/latest: a crash at any
+    point leaves the previous checkpoint whole and pointed to. FSDP: every process writes its shards of the weights
+    and the optimizer (torch.distributed.checkpoint: *.distcp and .metadata) in place of the first two."""
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    try:
+        if sharded:
+            save_sharded(model, opt, folder)
+            dist.barrier()
+        if rank() == 0:
+            if not sharded:
+                save_atomic(trained_state(model), folder / "weights.safetensors")
+            state = {
+                "step": step,
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "losses": torch.tensor(losses),
+                **({} if sharded else {"optimizer": opt.state_dict()}),
+            }
+            save_torch(state, folder / "state.pt")
+            latest = run / "checkpoints" / "latest"
+            previous = latest.read_text().strip() if latest.exists() else None
+            write_text_atomic(latest, folder.name)
+    except Exception as e:  # a full disk, say: the unfinished folder goes, the previous checkpoint stays pointed to
+        if checkpoint_step(run) != step:
+            shutil.rmtree(folder, ignore_errors=True)
+        if is_disk_full(e) and not isinstance(e, DiskFull):  # FSDP's writer says it in words of its own
+            raise DiskFull(folder) from e
+        raise
+    if rank() == 0 and previous and previous != folder.name:  # keep the newest only
+        shutil.rmtree(run / "checkpoints" / previous)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(run: Path, model, opt, gen: torch.Generator, sharded: bool) -> tuple[int, list]:
+    pointer = run / "checkpoints" / "latest"
+    if not pointer.exists():
+        raise WeightsError(f"{run}: no checkpoint to resume from (expected {pointer})")
+    folder = run / "checkpoints" / pointer.read_text().strip()
+    if sharded != (folder / ".metadata").is_file():
+        raise WeightsError(
+            f"{folder}: a {'sharded (FSDP)' if not sharded else 'whole'} checkpoint; resume it with "
+            f"--parallel {'fsdp' if not sharded else 'ddp'}"
+        )
+    state = torch.load(folder / "state.pt", weights_only=True)
+    if sharded:
+        load_sharded(model, opt, folder)
+    else:
+        sd = read_state_dict(folder / "weights.safetensors")
+        missing = set(trained_state(model)) - set(sd)
+        if missing:
+            raise WeightsError(
+                f"{folder / 'weights.safetensors'}: missing {len(missing)} key(s), e.g. {sorted(missing)[:3]}"
+            )
+        model.load_state_dict(sd, strict=False)
+        opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["losses"].tolist()

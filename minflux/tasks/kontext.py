@@ -41,8 +41,9 @@ class KontextTask(T2ITask):
         return [i for i in items if self.data.group(i) == self.data.group(items[0])][:4]
 
     def dataset(self, cfg):
-        return KontextFolder(cfg.data, cfg.control, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets,
-                             cfg.control_size)  # fmt: skip
+        return KontextFolder(
+            cfg.data, cfg.control, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets, cfg.control_size
+        )
 
 
 def kontext_task(cfg, run, device, dtype):

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from minflux.files.weights import whole
-from minflux.tasks.runs import world
+from minflux.tasks.progress import world
 
 GB = 2**30
 # A Linear on [B, L, C] returns a view of its 2-D product, which FSDP2 warns about in case it is written in place;
@@ -92,15 +92,21 @@ def load_sharded(model: nn.Module, opt: torch.optim.Optimizer, folder) -> None:
     model_state, optim_state = get_state_dict(model, opt, options=OPTIONS)
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen base: as loaded
+    set_state_dict(
+        model,
+        opt,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),
+    )  # the frozen base: as loaded
 
 
 # --- what each process needs ---------------------------------------------------------------------------------
 
 
-def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype,
-                    processes: int = 1) -> str:
+def memory_estimate(
+    model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype, processes: int = 1
+) -> str:
     """A rough budget per process, printed before the first step, for DDP and for FSDP over `processes`: weights
     (as stored; FSDP: 1/K of them, plus the largest block gathered in `dtype`), what training adds per trained
     parameter (its gradient and AdamW's two fp32 moments; FSDP: 1/K), and activations (about 30 hidden-size
@@ -115,10 +121,12 @@ def memory_estimate(model: nn.Module, batch: int, seq: int, checkpointing: bool,
     ddp = weights + trained + acts
     fsdp = (weights + trained) / processes + 2 * block + acts
     gb = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
-    return (f"memory estimate per process: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations "
-            f"~{gb(acts)} (batch {batch} × {seq} tokens); DDP {gb(ddp)}, FSDP over {processes} process(es) "
-            f"{gb(fsdp)} (1/{processes} of the weights and optimizer + two blocks gathered), FSDP + --cpu-offload "
-            f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory")  # fmt: skip
+    return (
+        f"memory estimate per process: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations "
+        f"~{gb(acts)} (batch {batch} × {seq} tokens); DDP {gb(ddp)}, FSDP over {processes} process(es) "
+        f"{gb(fsdp)} (1/{processes} of the weights and optimizer + two blocks gathered), FSDP + --cpu-offload "
+        f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory"
+    )
 
 
 def activation_bytes(model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype) -> int:
@@ -156,9 +164,11 @@ def check_fits(batch_size: int, activations: int, device: torch.device) -> None:
     (the estimate is rough, so only a batch far too large is refused; a smaller excess meets the allocator)."""
     total = device_memory(device)
     if activations > total:
-        raise ValueError(f"--batch-size {batch_size}: one step's activations need about {activations / GB:,.0f} GB "
-                         f"(memory estimate), more than the {total / GB:,.0f} GB of {device}; lower --batch-size (the "
-                         "global batch), the image size (--panel-size, --resolution), or use --gradient-checkpointing")
+        raise ValueError(
+            f"--batch-size {batch_size}: one step's activations need about {activations / GB:,.0f} GB "
+            f"(memory estimate), more than the {total / GB:,.0f} GB of {device}; lower --batch-size (the "
+            "global batch), the image size (--panel-size, --resolution), or use --gradient-checkpointing"
+        )
 
 
 def describe(model: nn.Module, device: torch.device) -> str:

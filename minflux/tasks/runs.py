@@ -1,15 +1,13 @@
 """The run: its typed config (flags, TOML, the run folder's config.toml, all one dataclass; the generic
-flag and TOML code is flags.py), processes, progress.
+flag and TOML code is flags.py).
 
     TrainConfig               every setting of `python train.py`; its fields are the flags one to one
                               (`batch_size` is `--batch-size`) and the keys of a TOML file given with --config
     parse_train_args          the command line → a TrainConfig, checked (flags win over a TOML file; --resume
                               starts from the run's own config.toml)
     read_run                  a run folder → Run: its TrainConfig, read here alone, and the paths of its weights
-    rank, world, log          which process this is under torchrun; print once
-    Progress                  one progress line
 
-How the run folder is made, replaced and resumed is folders.py.
+How the run folder is made, replaced and resumed is folders.py; the processes and the progress line progress.py.
 """
 
 import argparse
@@ -18,73 +16,14 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import torch.distributed as dist
 
 from minflux.files.load import WeightPaths, find_weights
 from minflux.tasks.flags import field_type, add_config_flags, config_from_args, dashed, read_toml
 from minflux.files.weights import read_shapes
 from minflux.presets import configs
 from minflux.semantic import SEMANTIC_MODES
-
-# --- processes ----------------------------------------------------------------------------------------------
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def log(*args):
-    """print, on the first process only."""
-    if rank() == 0:
-        print(*args, flush=True)
-
-
-# --- progress -----------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """One line, rewritten in place on a terminal: step, rate, ETA, and whatever the caller adds."""
-
-    def __init__(self, total: int, label: str = "", stream=None):
-        self.total, self.label, self.stream = total, label, stream or sys.stdout
-        self.start = time.perf_counter()
-        self.tty = self.stream.isatty()
-
-    def update(self, step: int, **fields) -> None:
-        if rank() != 0:  # under torchrun every process counts the same steps: one line is enough
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = step / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
-        parts = [f"{self.label}{step}/{self.total}", f"{rate:.2f} it/s", f"eta {format_seconds(eta)}"]
-        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        line = " | ".join(parts)
-        if self.tty:
-            self.stream.write("\r" + line + " " * 4 + ("\n" if step >= self.total else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def smooth(xs: list[float], k: int = 20) -> list[float]:
-    """The running mean over the last k values (for the loss curve)."""
-    return [sum(xs[max(0, i - k + 1) : i + 1]) / len(xs[max(0, i - k + 1) : i + 1]) for i in range(len(xs))]
-
-
-def format_seconds(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
 
 # --- the config ---------------------------------------------------------------------------------------------
 
@@ -110,9 +49,11 @@ CASES = {
 def cases(cfg) -> list[str]:
     """The rows of CASES that apply to a run (TrainConfig's own defaults apply to every run)."""
     weights = bool(cfg.repo or cfg.flux or cfg.finetune)
-    rows = {"vis2ir": "vis2ir on given weights" if weights else None,
-            "kontext": "t2i or kontext on given weights" if weights else "kontext from scratch",
-            "t2i": "t2i or kontext on given weights"}  # fmt: skip
+    rows = {
+        "vis2ir": "vis2ir on given weights" if weights else None,
+        "kontext": "t2i or kontext on given weights" if weights else "kontext from scratch",
+        "t2i": "t2i or kontext on given weights",
+    }
     return [r for r in (rows.get(cfg.task), "--full-finetune" if cfg.full_finetune else None) if r]
 
 
@@ -199,7 +140,8 @@ class TrainConfig:
         "adapter_every": "adapters: an adapter after every this-many-th block (1: after each block)",
         "adapter_scale_init": "the injection's residual scales/gates at initialisation (0: the identity at the start)",
         "semantic_layout": "the semantic tokens: 'panel' (the map alone, 1024 tokens at a 512-px panel, at the target "
-        "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the vis2ir design's layout)",
+        "half's positions) or 'diptych' (the map beside itself, 2048 tokens, one per x_t token: the vis2ir design's "
+        "layout)",
         "data": "vis2ir: a folder of triptychs, or of visible/ infrared/ semantic/ folders (none = generated "
         "scenes); t2i: a folder of images, each with a same-named .txt caption; kontext: the edited targets, each "
         "with a .txt instruction, and control/ with the images they are made from, of the same names",
@@ -240,7 +182,7 @@ class TrainConfig:
         "guidance": "guidance value fed in training to guidance-distilled models (dev, official Fill)",
         "t5_max_length": "T5 tokens per prompt (512 for the official dev models, 256 for schnell)",
         "vae_steps": "training steps of the embedded default's VAE: the default's VAE ships with minflux, another "
-                     "number trains one (cached)",
+        "number trains one (cached)",
         "seed": "seed of everything random",
         "sample_steps": "Euler steps of the held-out evaluation (t2i: of samples.png; 0 writes none)",
         "sample_every": "write samples/step-N.png every this many steps (0: only samples.png at the end)",
@@ -297,15 +239,20 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "adapter_every": _at_least(1),
     "semantic_layout": _one_of("panel", "diptych"),
     "on_error": _one_of("skip", "stop"),
-    "panel_size": ("a multiple of 16 from 16 to 1024 (the diptych is 1024 × 2048 pixels then: 2 megapixels, the most "
-                   "FLUX.1 was trained at)", lambda v: 16 <= v <= 1024 and v % 16 == 0),
+    "panel_size": (
+        "a multiple of 16 from 16 to 1024 (the diptych is 1024 × 2048 pixels then: 2 megapixels, the most "
+        "FLUX.1 was trained at)",
+        lambda v: 16 <= v <= 1024 and v % 16 == 0,
+    ),
     "train_samples": _at_least(1),
     "heldout_samples": _at_least(1),
     "task": _one_of("vis2ir", "t2i", "kontext"),
     "control_size": _one_of("target", "own"),
     "sample_every": _at_least(0),
-    "resolution": ("a multiple of 16 from 16 to 4096 (VAE ×8, then 2×2 packing; FLUX.1 was trained up to about 2 "
-                   "megapixels)", lambda v: 16 <= v <= 4096 and v % 16 == 0),
+    "resolution": (
+        "a multiple of 16 from 16 to 4096 (VAE ×8, then 2×2 packing; FLUX.1 was trained up to about 2 megapixels)",
+        lambda v: 16 <= v <= 4096 and v % 16 == 0,
+    ),
     "caption_dropout": ("a probability in [0, 1)", lambda v: 0 <= v < 1),
     "preset": ("a small preset (" + ", ".join(SMALL_PRESETS) + ")", lambda v: v in SMALL_PRESETS),
     "lora_rank": _at_least(1),
@@ -320,15 +267,21 @@ ACCEPTED = {  # field: (the accepted values in words, the check after the type's
     "t_sampling": _one_of("logit_normal", "uniform"),
     "max_grad_norm": ("a number > 0 (inf: no clipping)", lambda v: v > 0),
     "guidance": ("a finite number ≥ 0", lambda v: v >= 0),
-    "t5_max_length": ("an integer from 1 to 512 (T5 tokens; the official models take at most 512)",
-                      lambda v: 1 <= v <= 512),
+    "t5_max_length": (
+        "an integer from 1 to 512 (T5 tokens; the official models take at most 512)",
+        lambda v: 1 <= v <= 512,
+    ),
     "vae_steps": _at_least(1),
     "seed": ("an integer from 0 to 2^63 - 1", lambda v: 0 <= v < 2**63),
-    "sample_steps": ("an integer from 0 to 10000 (each step is a forward of the transformer; FLUX.1 samples in 4 "
-                     "to 50)", lambda v: 0 <= v <= 10_000),
+    "sample_steps": (
+        "an integer from 0 to 10000 (each step is a forward of the transformer; FLUX.1 samples in 4 to 50)",
+        lambda v: 0 <= v <= 10_000,
+    ),
     "output_dir": ("a folder", lambda v: v != ""),
-    "name": ("a folder name (no / and not . or ..; the parent folder is --out)",
-             lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v),
+    "name": (
+        "a folder name (no / and not . or ..; the parent folder is --out)",
+        lambda v: v not in ("", ".", "..") and "/" not in v and os.sep not in v,
+    ),
     "checkpoint_every": _at_least(1),
     "stop_at": _at_least(1),
     "device": ("auto, cpu, cuda, cuda:N or mps", lambda v: DEVICE.fullmatch(v) is not None),
@@ -377,10 +330,12 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
             for key, value in changes.items():
                 if key in FIXED_ON_RESUME and not same_value(key, value, getattr(run, key)):
                     flag = f"--{key.replace('_', '-')} {value}" if key in given else f"{args.config}: {key} = {value!r}"
-                    parser.error(f"{flag}: {resume} was trained with {key} = {getattr(run, key)!r}, and a resumed run "
-                                 "keeps its model and data. Start a new run with it instead (--config "
-                                 f"{Path(resume) / 'config.toml'} --{key.replace('_', '-')} {value}), or fine-tune "
-                                 f"the finished run (--finetune {resume})")  # fmt: skip
+                    parser.error(
+                        f"{flag}: {resume} was trained with {key} = {getattr(run, key)!r}, and a resumed run "
+                        "keeps its model and data. Start a new run with it instead (--config "
+                        f"{Path(resume) / 'config.toml'} --{key.replace('_', '-')} {value}), or fine-tune "
+                        f"the finished run (--finetune {resume})"
+                    )
             cfg = replace(run, **{"stop_at": None, **changes})
         else:
             cfg = config_from_args(TrainConfig, args)
@@ -397,59 +352,107 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         parser.error(f"--device {cfg.device}: {problem}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
     if cfg.batch_size % processes:
-        parser.error(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the {processes} "
-                     f"processes (a multiple of {processes}, e.g. {cfg.batch_size // processes * processes or processes})")  # fmt: skip
+        parser.error(
+            f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the {processes} "
+            f"processes (a multiple of {processes}, e.g. {cfg.batch_size // processes * processes or processes})"
+        )
     if cfg.task == "vis2ir" and cfg.sample_steps < 1:
         parser.error(f"--sample-steps {cfg.sample_steps}: the held-out evaluation of vis2ir needs at least 1 step")
-    channels = 64 if cfg.task == "kontext" else 384  # Kontext's reference is in the sequence, Fill's image on the channels
+    channels = (
+        64 if cfg.task == "kontext" else 384
+    )  # Kontext's reference is in the sequence, Fill's image on the channels
     lora_on_weights = cfg.task in ("t2i", "kontext") and bool(cfg.repo or cfg.flux)  # no preset, no semantic map
     if not lora_on_weights and configs[cfg.preset].params.in_channels != channels:
         fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
-        parser.error(f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset "
-                     f"({', '.join(fits)})")  # fmt: skip
-    if (cfg.semantic == "reference") != (cfg.task == "kontext") and cfg.semantic in ("reference", "zeroconv") and \
-            not lora_on_weights:
+        parser.error(
+            f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset ({', '.join(fits)})"
+        )
+    if (
+        (cfg.semantic == "reference") != (cfg.task == "kontext")
+        and cfg.semantic in ("reference", "zeroconv")
+        and not lora_on_weights
+    ):
         parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
     if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
     if cfg.full_finetune and not cfg.flux:
-        parser.error("--full-finetune trains every weight of given weights (--repo, --flux or --finetune); the "
-                     "embedded default trains every weight already")  # fmt: skip
+        parser.error(
+            "--full-finetune trains every weight of given weights (--repo, --flux or --finetune); the "
+            "embedded default trains every weight already"
+        )
     if cfg.cpu_offload and cfg.parallel != "fsdp":
         parser.error("--cpu-offload offloads FSDP's shards: use it with --parallel fsdp")
     if cfg.compile and cfg.parallel == "fsdp":
-        parser.error("--compile is not supported with --parallel fsdp yet (the blocks are sharded after they are "
-                     "built): use one of the two")  # fmt: skip
+        parser.error(
+            "--compile is not supported with --parallel fsdp yet (the blocks are sharded after they are "
+            "built): use one of the two"
+        )
     if cfg.semantic_layout == "diptych" and cfg.task != "vis2ir":
-        parser.error("--semantic-layout diptych: the semantic map beside itself aligns with vis2ir's Fill diptych; "
-                     f"--task {cfg.task} generates the infrared panel alone")  # fmt: skip
+        parser.error(
+            "--semantic-layout diptych: the semantic map beside itself aligns with vis2ir's Fill diptych; "
+            f"--task {cfg.task} generates the infrared panel alone"
+        )
     hidden = 3072 if cfg.flux else configs[cfg.preset].params.hidden_size  # FLUX.1's width, or the small preset's
     width = {"xattn": 64, "xattn_rope": 64, "blocks": hidden, "adapters": cfg.adapter_width}.get(cfg.semantic)
     if width and (width % cfg.adapter_heads or width // cfg.adapter_heads % 4):
-        parser.error(f"--adapter-heads {cfg.adapter_heads}: --semantic {cfg.semantic} attends at width {width}, which "
-                     "must split into heads of a multiple of 4 channels (RoPE turns channel pairs on two axes)")
+        parser.error(
+            f"--adapter-heads {cfg.adapter_heads}: --semantic {cfg.semantic} attends at width {width}, which "
+            "must split into heads of a multiple of 4 channels (RoPE turns channel pairs on two axes)"
+        )
     if cfg.task == "kontext" and bool(cfg.data) != bool(cfg.flux):
-        parser.error("--task kontext trains on edit pairs (--data FOLDER: targets with .txt instructions, and "
-                     "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "
-                     "with neither, the embedded default on generated scenes")  # fmt: skip
+        parser.error(
+            "--task kontext trains on edit pairs (--data FOLDER: targets with .txt instructions, and "
+            "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "
+            "with neither, the embedded default on generated scenes"
+        )
     if cfg.task == "t2i":
         if not cfg.data:
             parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
         if not cfg.flux:
-            parser.error("--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
-                         "or --flux, --ae, --clip and --t5")  # fmt: skip
+            parser.error(
+                "--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
+                "or --flux, --ae, --clip and --t5"
+            )
     if cfg.task in ("t2i", "kontext") and cfg.flux and "t5_max_length" not in given and not args.resume:
         cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)  # dev 512, schnell 256
     return cfg
 
 
 # What a resumed run cannot change: its model's shape and its data (the checkpoint holds the rest of the state).
-FIXED_ON_RESUME = ("task", "semantic", "adapter_layers", "adapter_heads", "adapter_width", "adapter_every",
-                   "adapter_scale_init", "semantic_layout", "data", "panel_size", "train_samples", "heldout_samples",
-                   "resolution", "buckets", "control", "control_size", "preset", "repo", "flux", "ae", "clip", "t5",
-                   "finetune", "lora_rank", "lora_alpha", "lora_targets", "full_finetune", "t5_max_length",
-                   "vae_steps", "seed", "parallel")  # fmt: skip
+FIXED_ON_RESUME = (
+    "task",
+    "semantic",
+    "adapter_layers",
+    "adapter_heads",
+    "adapter_width",
+    "adapter_every",
+    "adapter_scale_init",
+    "semantic_layout",
+    "data",
+    "panel_size",
+    "train_samples",
+    "heldout_samples",
+    "resolution",
+    "buckets",
+    "control",
+    "control_size",
+    "preset",
+    "repo",
+    "flux",
+    "ae",
+    "clip",
+    "t5",
+    "finetune",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "full_finetune",
+    "t5_max_length",
+    "vae_steps",
+    "seed",
+    "parallel",
+)
 PATH_FIELDS = ("data", "control", "repo", "flux", "ae", "clip", "t5", "finetune", "resume")
 
 
@@ -467,8 +470,10 @@ def missing_path(cfg: TrainConfig) -> str | None:
         if value is not None and not Path(value).exists():
             return f"--{key.replace('_', '-')} {value}: no such file or folder"
     if cfg.finetune and not (Path(cfg.finetune) / "transformer.safetensors").is_file():
-        return (f"--finetune {cfg.finetune}: expected a finished run folder of train.py's embedded default (its "
-                "transformer.safetensors); it holds none")  # fmt: skip
+        return (
+            f"--finetune {cfg.finetune}: expected a finished run folder of train.py's embedded default (its "
+            "transformer.safetensors); it holds none"
+        )
     return None
 
 

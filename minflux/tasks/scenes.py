@@ -1,6 +1,6 @@
 """Generated vis2ir scenes: triptychs [visible | infrared | semantic] drawn by a procedural generator.
 
-The task (the vis2ir notes): from a visible image and its semantic map, generate the infrared view. Each example
+The task (the vis2ir design): from a visible image and its semantic map, generate the infrared view. Each example
 is one image of three square panels side by side, which the trainer splits along the width:
 
     triptych [3, S, 3S] = [ visible | infrared (the target) | semantic ]
@@ -76,10 +76,26 @@ TEMPERATURES = np.array([c.temperature for c in CLASSES], np.float32)  # [6]
 
 # The visible colours: one palette for every region of every class, twelve well-separated hues. A scene draws
 # its regions' colours from it without replacement, so neighbouring regions never share a colour.
-PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
-], np.float32) / 255  # [12, 3]
+PALETTE = (
+    np.array(
+        [
+            (230, 25, 75),
+            (60, 180, 75),
+            (255, 225, 25),
+            (0, 130, 200),
+            (245, 130, 48),
+            (145, 30, 180),
+            (70, 240, 240),
+            (240, 50, 230),
+            (210, 245, 60),
+            (250, 190, 212),
+            (0, 128, 128),
+            (170, 110, 40),
+        ],
+        np.float32,
+    )
+    / 255
+)  # [12, 3]
 
 SHAPES = ("rectangle", "ellipse", "triangle")
 MAX_OBJECTS = 4

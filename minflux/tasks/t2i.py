@@ -42,7 +42,7 @@ from minflux.sampling import (
 )
 from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer
 from minflux.tasks.data import CaptionFolder
-from minflux.tasks.runs import Progress, log, smooth
+from minflux.tasks.progress import Progress, log, smooth
 
 
 @dataclass
@@ -86,7 +86,9 @@ class T2ITask:
             members = [i for i in self.train_items if data.group(i) == group]
             latents, refs, captions = [], [], []
             for start in range(0, len(members), chunk):
-                samples = [data[i] for i in members[start : start + chunk]]  # a bad file: the next good one of its group
+                samples = [
+                    data[i] for i in members[start : start + chunk]
+                ]  # a bad file: the next good one of its group
                 latents.append(encode(torch.stack([s["image"] for s in samples])).to("cpu", self.dtype))
                 if "control" in samples[0]:  # edit pairs: the control, to append to the sequence
                     refs.append(encode(torch.stack([s["control"] for s in samples])).to("cpu", self.dtype))
@@ -114,8 +116,11 @@ class T2ITask:
         if data.n_default_captions:
             log(f"data: {data.n_default_captions} image(s) without a .txt caption get {self.cfg.default_caption!r}")
         sizes = ", ".join(f"{g.size[0]}×{g.size[1]} ({len(g.x0)})" for g in groups)
-        log(f"data: {len(self.train_items)} {self.what.split(',')[0]}, {len(self.texts.texts) - 1} distinct captions; sizes "
-            f"{sizes}; text {list(self.texts.txt.shape[1:])}")  # fmt: skip
+        log(
+            f"data: {len(self.train_items)} {self.what.split(',')[0]}, {len(self.texts.texts) - 1} distinct captions; "
+            f"sizes "
+            f"{sizes}; text {list(self.texts.txt.shape[1:])}"
+        )
 
     def build_model(self, device=None):
         """The frozen transformer with LoRA (fp32 LoRA weights, bf16 maths under autocast), or every weight trained
@@ -123,14 +128,18 @@ class T2ITask:
         cfg = self.cfg
         flux = lora_transformer(cfg, device or self.device, self.dtype)
         if flux.params.in_channels != 64:
-            raise WeightsError(f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
-                               f"({flux.variant or 'custom'}); --task {cfg.task} trains FLUX.1 dev, schnell or "
-                               "Kontext (64)")  # fmt: skip
+            raise WeightsError(
+                f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
+                f"({flux.variant or 'custom'}); --task {cfg.task} trains FLUX.1 dev, schnell or "
+                "Kontext (64)"
+            )
         self.shift = spec_for(flux).shift  # dev's training times are shifted like its schedule, schnell's are not
         trained = [p for p in flux.parameters() if p.requires_grad]
-        log(f"model: {flux.variant or 'custom'}, {sum(p.numel() for p in flux.parameters()):,} parameters, "
+        log(
+            f"model: {flux.variant or 'custom'}, {sum(p.numel() for p in flux.parameters()):,} parameters, "
             f"{sum(p.numel() for p in trained):,} trained "
-            f"({'every weight' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'})")  # fmt: skip
+            f"({'every weight' if cfg.full_finetune else f'LoRA rank {cfg.lora_rank}'})"
+        )
         return flux, [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
 
     def draw(self, gen: torch.Generator) -> Batch:
@@ -150,8 +159,13 @@ class T2ITask:
         noise = torch.randn(x0.shape, generator=gen)
         width, height = g.size
         txt = self.texts.txt[text]  # [B, 512, 4096]
-        inputs = Inputs(None, prepare_img_ids(B, height // 16, width // 16), txt, prepare_txt_ids(B, txt.shape[1]),
-                        self.texts.y[text])  # fmt: skip
+        inputs = Inputs(
+            None,
+            prepare_img_ids(B, height // 16, width // 16),
+            txt,
+            prepare_txt_ids(B, txt.shape[1]),
+            self.texts.y[text],
+        )
         if g.refs is not None:
             inputs.img_cond_seq, inputs.img_cond_seq_ids = g.refs[idx], g.ref_ids.expand(B, -1, -1)  # [B, 1024, 64]
         return Batch(x0, noise, t, torch.full((B,), cfg.guidance), inputs)  # guidance: dev's; schnell ignores it
@@ -165,9 +179,14 @@ class T2ITask:
             save_flux(model, run / "transformer.safetensors")
         else:
             save_lora(model, run / "lora.safetensors", format=cfg.lora_format)
-        metrics = {"task": cfg.task, "train_seconds": train_seconds, "steps": steps,
-                   "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1), "images": len(self.data),
-                   "lora_format": cfg.lora_format}  # fmt: skip
+        metrics = {
+            "task": cfg.task,
+            "train_seconds": train_seconds,
+            "steps": steps,
+            "final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1),
+            "images": len(self.data),
+            "lora_format": cfg.lora_format,
+        }
         save_png(line_plot({"loss": smooth(losses)}, f"training loss ({cfg.task})"), run / "loss.png")
         if cfg.sample_steps > 0:
             self.samples(model, run / "samples.png")
@@ -202,9 +221,16 @@ class T2ITask:
                     inp = prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, control)
                 else:
                     inp = prepare(self.texts.t5, self.texts.clip, noise, sample["caption"])
-                image = generate(model, self.ae, inp.to(self.device, self.dtype), cfg.sample_steps, spec.guidance,
-                                 spec.shift)[0].float().cpu()  # [3, H, W]; fmt: skip
-            rows.append([sample["control"], image, sample["image"]] if "control" in sample else [sample["image"], image])
+                image = (
+                    generate(
+                        model, self.ae, inp.to(self.device, self.dtype), cfg.sample_steps, spec.guidance, spec.shift
+                    )[0]
+                    .float()
+                    .cpu()
+                )  # [3, H, W]
+            rows.append(
+                [sample["control"], image, sample["image"]] if "control" in sample else [sample["image"], image]
+            )
             prompts.append(sample["caption"])
         captions = ["control", "edited", "target"] if len(rows[0]) == 3 else ["training image", "generated"]
         text = {"steps": cfg.sample_steps, "guidance": spec.guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt

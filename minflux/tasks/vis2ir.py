@@ -1,6 +1,6 @@
 """vis2ir: visible → infrared translation as FLUX.1-Fill in-context inpainting, guided by a semantic map.
 
-The training step, with the shapes of the vis2ir notes (512-pixel panels, batch 4):
+The training step, with the shapes of the vis2ir design (512-pixel panels, batch 4):
 
     triptych [B, 3, 512, 1536] = [visible | infrared target | semantic]
     diptych  [B, 3, 512, 1024] = [visible | target];  mask [B, 1, 512, 1024] = 1 on the target half
@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from minflux.files.images import DataError, image_grid, line_plot, save_png
-from minflux.files.load import load_ae, load_clip, load_flux, load_t5, save_flux
-from minflux.files.lora_files import load_lora, save_lora
-from minflux.files.weights import WeightsError, read_state_dict, save_atomic, write_text_atomic
+from minflux.files.load import save_flux
+from minflux.files.lora_files import save_lora
+from minflux.files.weights import save_atomic, write_text_atomic
 from minflux.sampling import (
     Inputs,
     fill_condition,
@@ -52,10 +52,16 @@ from minflux.hooks import stage
 from minflux.semantic import Vis2IR
 from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer, scratch_transformer
 from minflux.tasks.data import TriptychFolder, captions, triptychs
-from minflux.tasks.runs import Progress, Run, log, read_run, smooth
+from minflux.tasks.progress import Progress, log, smooth
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
 
-SEMANTIC_TOKEN_MODES = ("zeroconv", "xattn", "xattn_rope", "blocks", "adapters")  # the modes that read the semantic tokens
+SEMANTIC_TOKEN_MODES = (
+    "zeroconv",
+    "xattn",
+    "xattn_rope",
+    "blocks",
+    "adapters",
+)  # the modes that read the semantic tokens
 
 
 # --- the triptych, encoded --------------------------------------------------------------------------------------
@@ -93,7 +99,9 @@ def panels(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[T
     return visible, infrared, sem_img
 
 
-def semantic_tokens(ae, sem_img: Tensor, semantic: str, in_context: str = "fill", layout: str = "panel") -> dict[str, Tensor]:
+def semantic_tokens(
+    ae, sem_img: Tensor, semantic: str, in_context: str = "fill", layout: str = "panel"
+) -> dict[str, Tensor]:
     """The semantic panel's tokens and their ids, for the modes that read them (else {}). layout "panel": the map
     alone, at the ids of the target's place (the right half of the diptych, Fill) or of the generated image
     (Kontext); "diptych": the map beside itself, [B, 2048, 64] at the diptych's ids, one token per x_t token."""
@@ -123,21 +131,35 @@ class Encoded:
 
     def rows(self, idx) -> "Encoded":
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return Encoded(self.x0[idx], self.img_ids[idx], {k: v[idx] for k, v in self.semantic.items()},
-                       pick(self.x_cond), pick(self.target_tokens), pick(self.refs), pick(self.ref_ids))  # fmt: skip
+        return Encoded(
+            self.x0[idx],
+            self.img_ids[idx],
+            {k: v[idx] for k, v in self.semantic.items()},
+            pick(self.x_cond),
+            pick(self.target_tokens),
+            pick(self.refs),
+            pick(self.ref_ids),
+        )
 
 
 @stage
 @torch.no_grad()
-def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_alpha: float = 0.5,
-                    in_context: str = "fill", layout: str = "panel") -> Encoded:  # fmt: skip
+def encode_triptych(
+    ae,
+    triptych: Tensor,
+    semantic: str = "xattn_rope",
+    pixel_alpha: float = 0.5,
+    in_context: str = "fill",
+    layout: str = "panel",
+) -> Encoded:
     """The frozen-VAE part of the training step: everything the trainable part needs, from a batch of triptychs."""
     if in_context == "kontext":
         visible, infrared, sem_img = panels(triptych, semantic, pixel_alpha)
         z = ae.encode(infrared, sample=False)  # [B, 16, 64, 64]
         refs, ref_ids = kontext_condition(ae, [visible, sem_img] if semantic == "reference" else [visible])
-        return Encoded(pack(z), latent_ids(z), semantic_tokens(ae, sem_img, semantic, in_context), refs=refs,
-                       ref_ids=ref_ids)  # fmt: skip
+        return Encoded(
+            pack(z), latent_ids(z), semantic_tokens(ae, sem_img, semantic, in_context), refs=refs, ref_ids=ref_ids
+        )
     pair, mask, sem_img = diptych(triptych, semantic, pixel_alpha)
     z = ae.encode(pair, sample=False)  # [B, 16, 64, 128]
     return Encoded(
@@ -151,8 +173,17 @@ def encode_triptych(ae, triptych: Tensor, semantic: str = "xattn_rope", pixel_al
 
 @stage
 @torch.no_grad()
-def prepare_vis2ir(t5, clip, noise: Tensor, prompts: list[str], ae, triptych: Tensor, semantic: str,
-                   in_context: str = "fill", layout: str = "panel") -> Inputs:  # fmt: skip
+def prepare_vis2ir(
+    t5,
+    clip,
+    noise: Tensor,
+    prompts: list[str],
+    ae,
+    triptych: Tensor,
+    semantic: str,
+    in_context: str = "fill",
+    layout: str = "panel",
+) -> Inputs:
     """Sampling inputs. Fill: the diptych with its target half to generate (prepare_fill); Kontext: the infrared
     panel to generate, the visible panel (and the semantic map) as references (prepare_kontext). Then the semantic
     tokens. The triptychs' middle (target) panel is not read."""
@@ -191,8 +222,16 @@ def in_context_of(cfg) -> str:
 
 def vis2ir_model(flux, cfg) -> Vis2IR:
     """The transformer with the semantic injection a run's config asks for."""
-    return Vis2IR(flux, cfg.semantic, cfg.adapter_layers, cfg.adapter_heads, in_context_of(cfg), cfg.adapter_width,
-                  cfg.adapter_every, cfg.adapter_scale_init)  # fmt: skip
+    return Vis2IR(
+        flux,
+        cfg.semantic,
+        cfg.adapter_layers,
+        cfg.adapter_heads,
+        in_context_of(cfg),
+        cfg.adapter_width,
+        cfg.adapter_every,
+        cfg.adapter_scale_init,
+    )
 
 
 def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
@@ -210,48 +249,6 @@ def prepare_for_run(cfg, t5, clip, ae, triptych: Tensor, prompts: list[str], see
     return prepare_vis2ir(t5, clip, noise, prompts, ae, triptych, cfg.semantic, in_context, cfg.semantic_layout)
 
 
-# --- a finished run, loaded ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedRun:
-    """A finished vis2ir run, loaded."""
-
-    model: Vis2IR  # the Fill transformer (its LoRA loaded) with the semantic injection
-    ae: object  # AutoEncoder
-    clip: object  # CLIPEmbedder
-    t5: object  # T5Embedder
-    run: Run  # its config and files
-
-
-def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
-    """A finished vis2ir run folder, loaded from its files and the base weights its config names."""
-    run = read_run(folder)
-    if run.weights.flux is None:
-        raise WeightsError(f"{folder}: holds no transformer.safetensors and its config.toml names no --flux")
-    cfg, paths = run.config, run.weights.require(folder)
-    flux = load_flux(paths.flux, device=device, dtype=dtype)
-    if run.lora is not None:
-        load_lora(flux, run.lora)
-    model = vis2ir_model(flux, cfg)
-    injection = model.injection_state_dict()
-    if injection:
-        if run.adapter is None:
-            raise WeightsError(f"{folder}: --semantic {cfg.semantic} needs adapter.safetensors, which is missing")
-        sd = read_state_dict(run.adapter, dtype=dtype)
-        missing = set(injection) - set(sd)
-        if missing:
-            raise WeightsError(f"{run.adapter}: missing key(s) {sorted(missing)[:3]}")
-        model.load_state_dict({**model.state_dict(), **sd})
-    return LoadedRun(
-        model=model.to(device).eval(),
-        ae=load_ae(paths.ae, device=device, dtype=dtype),
-        clip=load_clip(paths.clip, device=device, dtype=dtype),
-        t5=load_t5(paths.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype),
-        run=run,
-    )
-
-
 def datasets(cfg, heldout: int | None = None):
     """(train, held-out): generated scenes (`heldout` of them, or heldout_samples), or a triptych folder whose last
     tenth (at least one, at most heldout_samples) is held out; a folder of fewer than 2 usable triptychs is an error."""
@@ -264,8 +261,11 @@ def datasets(cfg, heldout: int | None = None):
     if folder.n_skipped:
         log(f"data: skipped {folder.n_skipped} unusable file(s), e.g. {folder.skipped[0][0]}: {folder.skipped[0][1]}")
     if len(folder) < 2:
-        raise DataError(folder.root, f"{len(folder)} usable triptych: too few to hold any out for the evaluation; "
-                                     "at least 2 are needed (one to train on, one held out)")  # fmt: skip
+        raise DataError(
+            folder.root,
+            f"{len(folder)} usable triptych: too few to hold any out for the evaluation; "
+            "at least 2 are needed (one to train on, one held out)",
+        )
     n_held = min(cfg.heldout_samples, max(1, len(folder) // 10))
     n_train = len(folder) - n_held
     return torch.utils.data.Subset(folder, range(n_train)), torch.utils.data.Subset(folder, range(n_train, len(folder)))
@@ -302,8 +302,15 @@ class Vis2IRTask:
         parts, progress = [], Progress(len(data), label="encode ")
         for start in range(0, len(data), 32):
             batch = triptychs(data, range(start, min(start + 32, len(data))))
-            parts.append(encode_triptych(self.ae, batch.to(self.device, ae_dtype), cfg.semantic, in_context=self.in_context,
-                                         layout=cfg.semantic_layout))  # fmt: skip
+            parts.append(
+                encode_triptych(
+                    self.ae,
+                    batch.to(self.device, ae_dtype),
+                    cfg.semantic,
+                    in_context=self.in_context,
+                    layout=cfg.semantic_layout,
+                )
+            )
             if start % 256 == 0 or start + 32 >= len(data):
                 progress.update(min(start + 32, len(data)))
 
@@ -314,20 +321,35 @@ class Vis2IRTask:
             return torch.cat(xs).to("cpu", None if keep else self.dtype)
 
         fields = ("x0", "img_ids", "semantic", "x_cond", "target_tokens", "refs", "ref_ids")
-        self.cache = Encoded(*(cat(k, [getattr(p, k) for p in parts]) if k != "semantic" else
-                               {n: cat(n, [p.semantic[n] for p in parts]) for n in parts[0].semantic}
-                               for k in fields))  # fmt: skip
+        self.cache = Encoded(
+            *(
+                cat(k, [getattr(p, k) for p in parts])
+                if k != "semantic"
+                else {n: cat(n, [p.semantic[n] for p in parts]) for n in parts[0].semantic}
+                for k in fields
+            )
+        )
         self.texts = TextCache.encode(self.t5, self.clip, captions(data), self.dtype)
         self.text_index = self.texts.index(captions(data))  # [N]
         self.seq_len = self.cache.x0.shape[1] + self.texts.txt.shape[1]  # image + text tokens
 
         held = triptychs(self.heldout_set)  # [N, 3, S, 3S]
-        self.held = prepare_for_run(cfg, self.t5, self.clip, self.ae, held.to(self.device, ae_dtype),
-                                    captions(self.heldout_set), cfg.seed, self.dtype).to("cpu")  # fmt: skip
+        self.held = prepare_for_run(
+            cfg,
+            self.t5,
+            self.clip,
+            self.ae,
+            held.to(self.device, ae_dtype),
+            captions(self.heldout_set),
+            cfg.seed,
+            self.dtype,
+        ).to("cpu")
         context = self.cache.x_cond if self.cache.x_cond is not None else self.cache.refs
-        log(f"data: {len(data)} train, {len(held)} held-out; x0 {list(self.cache.x0.shape[1:])}, "
+        log(
+            f"data: {len(data)} train, {len(held)} held-out; x0 {list(self.cache.x0.shape[1:])}, "
             f"{'x_cond' if self.in_context == 'fill' else 'references'} {list(context.shape[1:])}, "
-            f"text {list(self.texts.txt.shape[1:])}")  # fmt: skip
+            f"text {list(self.texts.txt.shape[1:])}"
+        )
         del self.clip, self.t5  # done: freed before the transformer trains
         self.frozen = {"ae": self.ae}
 
@@ -344,14 +366,17 @@ class Vis2IRTask:
         groups = [{"params": trained, "lr": cfg.lr, "name": "transformer"}]
         if adapter:
             groups.append({"params": adapter, "lr": cfg.adapter_lr or cfg.lr, "name": "adapter"})
-        log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        log(
+            f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{sum(p.numel() for p in trained + adapter):,} trained{' (LoRA + adapter)' if self.uses_lora else ''}; "
-            f"semantic injection {sum(p.numel() for p in adapter):,}")  # fmt: skip
+            f"semantic injection {sum(p.numel() for p in adapter):,}"
+        )
         return model, groups
 
     @property
     def uses_lora(self) -> bool:
-        """A LoRA on given weights (written as lora.safetensors); else every weight trained (transformer.safetensors)."""
+        """A LoRA on given weights (written as lora.safetensors); else every weight trained
+        (transformer.safetensors)."""
         return bool(self.cfg.flux) and not self.cfg.full_finetune
 
     def draw(self, gen: torch.Generator) -> Batch:
@@ -363,11 +388,20 @@ class Vis2IRTask:
         noise = torch.randn((B, L, 64), generator=gen)
         rows, text = enc.rows(idx), self.text_index[idx]
         txt = self.texts.txt[text]  # [B, 512, 4096]
-        inputs = Inputs(None, rows.img_ids, txt, prepare_txt_ids(B, txt.shape[1]), self.texts.y[text],
-                        img_cond=rows.x_cond, img_cond_seq=rows.refs, img_cond_seq_ids=rows.ref_ids,
-                        extra=rows.semantic)  # fmt: skip
-        return Batch(rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs,
-                     rows.target_tokens if cfg.target_only else None)  # fmt: skip
+        inputs = Inputs(
+            None,
+            rows.img_ids,
+            txt,
+            prepare_txt_ids(B, txt.shape[1]),
+            self.texts.y[text],
+            img_cond=rows.x_cond,
+            img_cond_seq=rows.refs,
+            img_cond_seq_ids=rows.ref_ids,
+            extra=rows.semantic,
+        )
+        return Batch(
+            rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs, rows.target_tokens if cfg.target_only else None
+        )
 
     def final_files(self, model) -> list[str]:
         """What finish writes, in order: metrics.json last, as it marks a finished run."""
@@ -383,8 +417,18 @@ class Vis2IRTask:
         model.eval()
         held = self.held if n is None else self.held.map(lambda name, t: t[:n])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):  # as trained
-            out = generate_infrared(model, self.ae, held.to(self.device, self.dtype), self.cfg.sample_steps,
-                                    self.cfg.guidance, self.in_context).float().cpu()  # fmt: skip
+            out = (
+                generate_infrared(
+                    model,
+                    self.ae,
+                    held.to(self.device, self.dtype),
+                    self.cfg.sample_steps,
+                    self.cfg.guidance,
+                    self.in_context,
+                )
+                .float()
+                .cpu()
+            )
         model.train(was_training)
         return out
 
@@ -392,7 +436,9 @@ class Vis2IRTask:
         """samples.png: [visible | semantic | generated | ground truth] for the first held-out scenes."""
         visible, truth, semantic = split_triptych(triptychs(self.heldout_set, range(min(len(generated), 8))))
         rows = [[visible[i], semantic[i], generated[i], truth[i]] for i in range(len(visible))]
-        return save_png(image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), path, text=text)
+        return save_png(
+            image_grid(rows, captions=["visible", "semantic", "generated", "ground truth"]), path, text=text
+        )
 
     def samples(self, model, path: Path) -> Path:
         """The samples of --sample-every: four held-out scenes, as samples.png shows them."""
@@ -408,8 +454,14 @@ class Vis2IRTask:
         truth = split_triptych(held)[1]
         mse = ((generated.clamp(-1, 1) - truth) / 2).pow(2).mean().item()  # in [0, 1] pixel units
         ae_dtype = self.ae.encoder.conv_in.weight.dtype
-        recon = torch.cat([reconstruct_infrared(self.ae, part.to(self.device, ae_dtype), cfg.semantic, self.in_context)
-                           .float().cpu() for part in held.split(8)])  # fmt: skip
+        recon = torch.cat(
+            [
+                reconstruct_infrared(self.ae, part.to(self.device, ae_dtype), cfg.semantic, self.in_context)
+                .float()
+                .cpu()
+                for part in held.split(8)
+            ]
+        )
         vae_mse = ((recon.clamp(-1, 1) - truth) / 2).pow(2).mean().item()
         metrics = {
             "heldout_mse": mse,
@@ -433,10 +485,15 @@ class Vis2IRTask:
         if model.scales:  # every scale or gate over the steps, from log.jsonl (whole after a resume)
             with open(run / "log.jsonl", encoding="utf-8") as f:
                 history = [json.loads(line)["scales"] for line in f]
-            series = {f"{'scale' if cfg.semantic != 'adapters' else 'gate'} {i}": [h[i] for h in history]
-                      for i in range(len(model.scales))}  # fmt: skip
+            series = {
+                f"{'scale' if cfg.semantic != 'adapters' else 'gate'} {i}": [h[i] for h in history]
+                for i in range(len(model.scales))
+            }
             save_png(line_plot(series, f"injection scales ({cfg.semantic})", log_y=False), run / "scales.png")
         self.grid(generated, run / "samples.png", {"heldout_psnr": f"{metrics['heldout_psnr']:.2f}"})
         write_text_atomic(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: marks a finished run
-        log(f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, {n} scenes);"
-            f" the VAE's reconstruction of them {metrics['vae_psnr']:.2f} dB")
+        log(
+            f"held-out: mse {mse:.5f}, psnr {metrics['heldout_psnr']:.2f} dB ({cfg.sample_steps} Euler steps, "
+            f"{n} scenes);"
+            f" the VAE's reconstruction of them {metrics['vae_psnr']:.2f} dB"
+        )
