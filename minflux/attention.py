@@ -2,7 +2,10 @@
 
 FLUX attends over one joint sequence [txt | img] and tells the tokens apart only by their positions:
 every token has an id (axis0, row, col), and RoPE rotates pairs of query/key channels by angles that
-depend on those ids. With head_dim 128 the channels are split 16 / 56 / 56 across the three axes.
+depend on those ids. With head_dim 128 the channels are split 16 / 56 / 56 across the three axes: 8 + 28 + 28 =
+64 pairs, so the table pe has 64 complex numbers per token, [B, 1, 8704, 64] beside q's [B, 24, 8704, 128]. The
+shapes in the comments are the running example of minflux/model.py: FLUX.1 Kontext at 1024×1024, batch 1, 8704
+tokens (512 text + 4096 target + 4096 reference).
 
 Two attention paths compute the same softmax(Q Kᵀ / √d) V:
 - "sdpa": torch.nn.functional.scaled_dot_product_attention, which picks fused flash / memory-efficient

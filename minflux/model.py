@@ -1,14 +1,18 @@
 """The FLUX.1 transformer: a rectified-flow model over packed image tokens, conditioned on text.
 
-One forward pass, with the shapes of FLUX.1-dev at 1024×1024 and a 512-token prompt:
+The shapes in the comments are those of one running example, the one `python -m minflux.study.trace
+flux-dev-kontext` prints and minflux/study/WALKTHROUGH.md reads: FLUX.1 Kontext [dev] at 1024×1024, batch 1 (B),
+a 512-token prompt. The image tokens are the target's 4096 followed by the reference's 4096: 8192 image tokens,
+and 512 + 8192 = 8704 in the joint sequence [txt | img]. (Text-to-image has no reference: 4096 and 4608.)
 
-    img    [B, 4096, 64]   packed latent tokens  --img_in-->  [B, 4096, 3072]
+    img    [B, 8192, 64]   packed latent tokens  --img_in-->  [B, 8192, 3072]
     txt    [B, 512, 4096]  T5 hidden states      --txt_in-->  [B, 512, 3072]
     vec    [B, 3072]       time + guidance + pooled CLIP, the conditioning of every block
     19 × DoubleStreamBlock: img and txt keep separate weights, attend jointly over [txt | img]
-    concatenate            [B, 4608, 3072]
+    concatenate            [B, 8704, 3072]
     38 × SingleStreamBlock: one stream, attention and MLP in parallel
-    drop the text tokens, final adaptive norm + linear  -->  v [B, 4096, 64]
+    drop the text tokens, final adaptive norm + linear  -->  v [B, 8192, 64]
+    (then sampling.velocity keeps the target's 4096 tokens: v [B, 4096, 64])
 
 Module and parameter names are the keys of the official flux1-*.safetensors files, so those files load
 with `load_state_dict` and no mapping table.
@@ -173,17 +177,17 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = feed_forward(hidden_size, mlp_hidden)
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        # img [B, 4096, 3072], txt [B, 512, 3072], vec [B, 3072], pe [B, 1, 4608, 64] (complex)
+        # img [B, 8192, 3072], txt [B, 512, 3072], vec [B, 3072], pe [B, 1, 8704, 64] (complex)
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(self.img_norm1(img), img_mod1))  # [B, 24, 4096, 128]
+        img_q, img_k, img_v = self.img_attn.split_heads(modulate(self.img_norm1(img), img_mod1))  # [B, 24, 8192, 128]
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(self.txt_norm1(txt), txt_mod1))  # [B, 24, 512, 128]
 
-        q = torch.cat((txt_q, img_q), dim=2)  # [B, 24, 4608, 128]
+        q = torch.cat((txt_q, img_q), dim=2)  # [B, 24, 8704, 128]
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)  # [B, 4608, 3072]
+        attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = gated(img, img_mod1.gate, self.img_attn.proj(img_attn))  # img + gate · proj(attn)
@@ -213,15 +217,15 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        # x [B, 4608, 3072]
+        # x [B, 8704, 3072]
         (mod,) = self.modulation(vec)
         qkv, mlp = torch.split(
             self.linear1(modulate(self.pre_norm(x), mod)), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )  # [B, 4608, 9216], [B, 4608, 12288]
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # [B, 24, 4608, 128] each
+        )  # [B, 8704, 9216], [B, 8704, 12288]
+        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # [B, 24, 8704, 128] each
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)  # [B, 4608, 3072]
-        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, 4608, 15360] -> [B, 4608, 3072]
+        attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
+        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, 8704, 15360] -> [B, 8704, 3072]
         return gated(x, mod.gate, out)  # x + gate · out
 
 
@@ -237,7 +241,7 @@ class LastLayer(nn.Module):
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # 2 × [B, 3072]
         x = torch.addcmul(shift[:, None, :], self.norm_final(x), 1 + scale[:, None, :])  # (1 + scale) · x + shift
-        return self.linear(x)  # [B, 4096, 64]
+        return self.linear(x)  # [B, 8192, 64]
 
 
 class Flux(nn.Module):
@@ -284,7 +288,7 @@ class Flux(nn.Module):
     ) -> Tensor:
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError(f"Flux: img and txt must be [B, L, C], got {list(img.shape)} and {list(txt.shape)}")
-        img = self.img_in(img)  # [B, 4096, 64] -> [B, 4096, 3072]
+        img = self.img_in(img)  # [B, 8192, 64] -> [B, 8192, 3072]
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))  # [B, 3072]
         if self.params.guidance_embed:
             if guidance is None:
@@ -293,16 +297,16 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)  # [B, 512, 4096] -> [B, 512, 3072]
 
-        ids = torch.cat((txt_ids, img_ids), dim=1)  # [B, 4608, 3]
-        pe = embed_ids(ids, self.params.axes_dim, self.params.theta)  # [B, 1, 4608, 64] complex, for all blocks
+        ids = torch.cat((txt_ids, img_ids), dim=1)  # [B, 8704, 3]
+        pe = embed_ids(ids, self.params.axes_dim, self.params.theta)  # [B, 1, 8704, 64] complex, for all blocks
 
         for block in self.double_blocks:
             img, txt = self._run(block, img, txt, vec, pe)
-        x = torch.cat((txt, img), dim=1)  # [B, 4608, 3072]
+        x = torch.cat((txt, img), dim=1)  # [B, 8704, 3072]
         for block in self.single_blocks:
             x = self._run(block, x, vec, pe)
-        img = x[:, txt.shape[1] :, ...]  # [B, 4096, 3072]
-        return self.final_layer(img, vec)  # [B, 4096, 64]
+        img = x[:, txt.shape[1] :, ...]  # [B, 8192, 3072]
+        return self.final_layer(img, vec)  # [B, 8192, 64]
 
 
 def compile_blocks(model: nn.Module, frozen: bool = False) -> nn.Module:

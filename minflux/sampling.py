@@ -225,6 +225,7 @@ def get_schedule(
 # --- the model's prediction ------------------------------------------------------------------------------------
 
 
+@stage
 def velocity(
     model,
     img: Tensor,
@@ -240,7 +241,8 @@ def velocity(
     **extra,
 ) -> Tensor:
     """The model's velocity for the image tokens img [B, L, 64] at times t [B], the conditions put in place:
-    Fill's on the channels, Kontext's reference after the image in the sequence (its predictions dropped)."""
+    Fill's on the channels, Kontext's reference after the image in the sequence (its predictions dropped). A stage:
+    the trace's `velocity` line shows the concatenation and the cut."""
     x, x_ids = img, img_ids
     if img_cond is not None:
         x = torch.cat((x, img_cond), dim=-1)  # [B, 2048, 64] + [B, 2048, 320] -> [B, 2048, 384]
@@ -280,7 +282,7 @@ def denoise(
         if neg_txt is not None and true_cfg_scale != 1.0:
             neg_pred = velocity(model, img, t_vec, guidance_vec, img_ids, neg_txt, neg_txt_ids, neg_y, **conditions)
             pred = neg_pred + true_cfg_scale * (pred - neg_pred)
-        img = img + (t_prev - t_curr) * pred
+        img = img + (t_prev - t_curr) * pred  # [B, 4096, 64]: the Euler step (the trace's `euler step` line)
         if callback is not None:
             callback(step + 1, num_steps)
     return img

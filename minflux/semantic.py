@@ -18,8 +18,8 @@ RoPE on Q and K from the tokens' (axis0, row, col) ids, as FLUX does for its own
 query can find the semantic token at its own place.
 
 Parameters per layer (dim 64): four 64×64 projections with bias, 4 × (4096 + 64) = 16,640; two LayerNorms,
-2 × 128 = 256; the scale, 1: 16,897 in all. (The vis2ir design counts 16,385 — it forgets the biases — and then
-reports 33,088 for one layer.)
+2 × 128 = 256; the scale, 1: 16,897 in all. (The vis2ir design counts 16,385 — it leaves out the biases and the
+LayerNorms — and then reports 33,088 for one layer.)
 
 `Vis2IR` wraps the Fill transformer with one injection design (SEMANTIC_MODES): none; pixel (the map blended
 into the visible panel before encoding, done by the task); zeroconv (plan A: a zero-initialised linear map of

@@ -2,6 +2,7 @@
 is left alone, and the pictures are drawn from a finished run."""
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,16 @@ from PIL import Image
 
 import minflux
 from minflux import attention, hooks, sampling
-from minflux.study.maps import MapRecorder, main, run_maps, text_map_grid
+from minflux.study.maps import (
+    MapRecorder,
+    main,
+    run_maps,
+    save_map,
+    semantic_map_grid,
+    text_legend,
+    text_map_grid,
+    text_shares,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,6 +79,37 @@ def test_recording_leaves_the_fused_path_and_the_model_untouched():
     assert rec.probs == [] and rec._text_calls == len(model.double_blocks) + len(model.single_blocks)  # sums only
 
 
+def test_text_share_is_the_image_tokens_attention_on_the_text_keys_of_all_keys():
+    """The legend's split: of each image token's attention, the part on the T text keys (the rest is on image
+    keys), from every map AttentionMaps returns; the numbers drawn average 1.00 over the T text tokens."""
+    model, inputs, (B, h, w, T) = small_flux()
+    with torch.no_grad(), attention.AttentionMaps() as raw:
+        model(**inputs)
+    with torch.no_grad(), MapRecorder(model) as rec:
+        model(**inputs)
+    rows = [p[:, :, T:] for p in raw.probs]  # [B, H, L, T + L] per block
+    expected = torch.stack([(r[..., :T].sum(-1) / r.sum(-1)).mean(1) for r in rows]).mean(0).mean(1)  # [B]
+    torch.testing.assert_close(rec.text_share(), expected)
+    assert ((0.05 < expected) & (expected < 0.95)).all()  # a real part goes each way
+    maps = rec.text_maps()[0]  # [T, h, w]
+    torch.testing.assert_close(text_shares(maps).mean(), torch.tensor(1.0))  # 1.00 = an even share of the text part
+    legend = "\n".join(text_legend(maps, 3, rec.text_share()[0].item()))
+    assert f"{expected[0]:.0%} to the {T} text tokens, {1 - expected[0]:.0%} to image tokens" in legend
+    assert f"{T - 3} padding token(s) not shown" in legend and "1.00 = an even share" in legend
+
+
+def test_semantic_panel_is_drawn_in_its_class_colours():
+    """The panel under the semantic heatmaps keeps its colours: a blue class stays blue under an even heatmap."""
+    semantic = torch.full((3, 8, 8), -1.0)
+    semantic[0, :, :4] = 1  # left half red
+    semantic[2, :, 4:] = 1  # right half blue
+    grid = semantic_map_grid(semantic, torch.ones(1, 4), [(0, 0)], (2, 2), cols=1, scale=4)
+    r, g, b = grid.getpixel((4 + 24, 4 + 14 + 16))  # inside the blue half of the one cell
+    assert b > r and b > g, (r, g, b)
+    r, g, b = grid.getpixel((4 + 8, 4 + 14 + 16))  # inside the red half
+    assert r > b, (r, g, b)
+
+
 def test_text_map_grid_has_one_captioned_cell_per_token():
     image = torch.zeros(3, 32, 64)
     maps = torch.rand(4, 2, 4)
@@ -105,6 +146,69 @@ def test_maps_commands_write_the_pictures(xattn_run, tmp_path, capsys):
     assert main(["semantic", "--run", str(xattn_run), "--steps", "2", "--output", str(tmp_path / "sem.png")]) == 0
     printed = capsys.readouterr().out
     assert "queries 16 of the target panel" in printed
+    assert "1.00 = an even share (1/24 of it)" in printed  # the legend, printed and drawn above the text maps
+    assert re.search(r"\d+% to the 24 text tokens, \d+% to image tokens; \d+ padding token\(s\) not shown", printed)
     text, sem = Image.open(tmp_path / "text.png"), Image.open(tmp_path / "sem.png")
     assert text.width > text.height  # rows of six diptych cells
     assert sem.size == (4 * (64 * 3 + 4) + 4, 4 * (64 * 3 + 14 + 4) + 4)  # 16 queries in a 4 × 4 grid
+
+
+def test_map_step_k_is_the_kth_euler_step_for_the_adapter_and_the_blocks(xattn_run):
+    """--map-steps 0 is the first Euler step, --map-steps n-1 the last: the adapter's SemanticCrossAttention, which
+    Vis2IR runs before its transformer, is counted in the step it runs in (not the one before)."""
+    from minflux.pipeline import load_run
+    from minflux.tasks.data import triptychs
+    from minflux.tasks.vis2ir import datasets, generate_infrared, prepare_for_run
+
+    parts = load_run(xattn_run)
+    cfg, n = parts.run.config, 3
+    _, held = datasets(cfg, heldout=1)
+    trip = triptychs(held, [0])
+    inp = prepare_for_run(cfg, parts.t5, parts.clip, parts.ae, trip, [held[0]["caption"]], 0, trip.dtype)
+    with torch.no_grad(), attention.AttentionMaps() as raw:
+        generate_infrared(parts.model, parts.ae, inp, n, cfg.guidance)
+    semantic = [p.mean(1) for p in raw.probs if p.shape[-1] != p.shape[-2]]  # [B, Lq, Ls], one per step
+    joint = [p for p in raw.probs if p.shape[-1] == p.shape[-2]]  # [B, H, T + L, T + L], n_blocks per step
+    assert len(semantic) == n and len(joint) % n == 0
+    n_blocks, T = len(joint) // n, len(inp.txt[0])
+    for k in range(n):
+        with torch.no_grad(), MapRecorder(parts.model, steps=[k]) as rec:
+            generate_infrared(parts.model, parts.ae, inp, n, cfg.guidance)
+        torch.testing.assert_close(rec.semantic_maps()["adapter.layers.0"], semantic[k])
+        expected = torch.stack([p[:, :, T:, :T].mean(1) for p in joint[k * n_blocks : (k + 1) * n_blocks]]).mean(0)
+        torch.testing.assert_close(rec.text_maps().flatten(2).transpose(1, 2), expected)
+        assert rec.recorded_steps == {k}
+
+
+def test_a_selection_that_records_nothing_says_which_steps_and_blocks_exist(xattn_run, tmp_path, capsys):
+    run, out = str(xattn_run), str(tmp_path / "sem.png")
+    assert main(["semantic", "--run", run, "--steps", "3", "--map-steps", "2", "--output", out]) == 0  # the last step
+    capsys.readouterr()
+    assert main(["semantic", "--run", run, "--steps", "3", "--map-steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--map-steps 3: the run made 3 model call(s), steps 0-2" in err and "has no SemanticCrossAttention" not in err
+    )
+    assert main(["text", "--run", run, "--steps", "1", "--blocks", "90-99"]) == 2
+    assert "--blocks 90-99: the model has blocks 0-5 (0-1 double, 2-5 single)" in capsys.readouterr().err
+    plain, _, _ = small_flux()
+    with MapRecorder(plain) as rec:
+        pass
+    assert rec.layers == [] and rec.semantic_maps() == {}  # the model has none: main's "has no" message
+
+
+def test_maps_never_replace_an_earlier_picture_unless_named_by_output(xattn_run, tmp_path, capsys):
+    first = Path(xattn_run) / "maps-text-1.png"  # the default name, taken by an earlier picture
+    Image.new("RGB", (4, 4), "red").save(first)
+    assert main(["text", "--run", str(xattn_run), "--scene", "1", "--steps", "1"]) == 0
+    written = Path(capsys.readouterr().out.splitlines()[-1])
+    assert written == first.with_name("maps-text-1-2.png") and Image.open(written).width > 100
+    assert Image.open(first).size == (4, 4)  # the earlier one is still there
+    red, blue = Image.new("RGB", (4, 4), "red"), Image.new("RGB", (4, 4), "blue")
+    assert save_map(red, tmp_path / "m.png", new=True) == tmp_path / "m.png"
+    assert save_map(blue, tmp_path / "m.png", new=True) == tmp_path / "m-2.png"
+    assert save_map(blue, tmp_path / "m-3.png", new=False) == tmp_path / "m-3.png"
+    assert save_map(red, tmp_path / "m-3.png", new=False) == tmp_path / "m-3.png"  # --output: replaced
+    assert Image.open(tmp_path / "m.png").getpixel((0, 0)) == (255, 0, 0)  # the first never replaced
+    assert Image.open(tmp_path / "m-3.png").getpixel((0, 0)) == (255, 0, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-2.png", "m-3.png", "m.png"]

@@ -3,6 +3,8 @@
 The walk-through's stage tables read `| step | shape | code | trace line |`. Every backticked shape in the file
 must be printed by the trace; a table row's shapes must be on a trace line whose label contains the row's
 trace-line text; every `file.py: name` it cites must be a function or class (or `Class.method`) of that file.
+A backticked quote of a trace line (a shape with words around it, or an arrow after a number) must be printed as
+written: the concatenation and the cut on the `velocity` line, one Euler step's values on the `euler step` line.
 """
 
 import ast
@@ -19,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "minflux" / "study" / "WALKTHROUGH.md"
 
 SHAPE = re.compile(r"^(\d+ × )?\[\d+(, \d+)*\]$")  # the trace's notation: [1, 4096, 64], 6 × [1, 1, 3072]
+QUOTE = re.compile(r"\[\d|\d →")  # `[1, 1, 8704, 64] complex   (...)`, `step 1/1: t 1.000 → t_prev 0.000, ...`
 CODE = re.compile(r"^([\w/]+\.py): ([\w.]+)$")  # minflux/sampling.py: prepare_kontext, minflux/model.py: Flux.forward
 
 
@@ -103,3 +106,15 @@ def test_walkthrough_names_functions_that_exist(doc):
     assert len(refs) >= 40
     missing = [f"{file}: {name}" for file, name in refs if not ((ROOT / file).is_file() and defines(ROOT / file, name))]
     assert not missing, f"WALKTHROUGH.md names code that does not exist: {missing}"
+
+
+def test_walkthrough_quotes_are_printed_on_the_velocity_and_euler_step_lines(doc, printed):
+    quotes = [q for q in backticked(doc) if QUOTE.search(q) and not SHAPE.match(q)]
+    text = "\n".join(f"{label}  {rest}" for label, rest in printed)
+    missing = [q for q in quotes if q not in text]
+    assert not missing, f"quotes in WALKTHROUGH.md that the trace does not print as written: {missing}\n{text}"
+    on = lambda label: [q for q in quotes if any(q in rest for name, rest in printed if name == label)]  # noqa: E731
+    joined = [q for q in on("velocity") if re.search(r"\[1, 4096, 64\] .*\[1, 4096, 64\] .*→ \[1, 8192, 64\] →", q)]
+    assert joined and joined[0].endswith("→ model → [1, 8192, 64] → cut to [1, 4096, 64]"), on("velocity")
+    assert any("t 1.000 → t_prev 0.000, guidance 2.5" in q for q in on("euler step")), on("euler step")
+    assert any("64 pairs of 128 channels" in q for q in on("embed_ids")), on("embed_ids")

@@ -4,6 +4,7 @@ that need code.
     python -m minflux.study.exercises cross-attention      write cross-attention by hand, check Q/K/V shapes
     python -m minflux.study.exercises clip-similarity      cosine similarity of CLIP encodings of prompts
     python -m minflux.study.exercises class-label          the thought question: class label vs cross-attention
+    python -m minflux.study.exercises check FILE.py        your own layer against minflux's (study/check.py)
 
 minflux/study/EXERCISES.md lists every exercise: what to read, what to run, what to observe.
 """
@@ -227,6 +228,11 @@ def _class_label_runs(steps, train, heldout, size, batch, seed, log, start):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:  # check FILE.py [--what ...]: its own flags and --help
+        from minflux.study.check import main as check
+
+        return check(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=["cross-attention", "clip-similarity", "class-label"])
     parser.add_argument("prompts", nargs="*", help="clip-similarity: the prompts to compare (default: four captions)")

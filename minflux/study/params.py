@@ -28,10 +28,25 @@ def _count(params) -> tuple[int, int]:
     return total, trainable
 
 
+def per_block(counts: list[int]) -> str:
+    """The note of a ModuleList's row: "X each" when every block holds X, else each block's count in order, a run
+    of equal ones as "N × X" (the VAE's levels: "738,944 + 2,690,304 + ...", T5's: "192,948,224 + 23 × ...")."""
+    if len(set(counts)) == 1:
+        return f"{counts[0]:,} each"
+    runs = []  # [count, how many in a row]
+    for c in counts:
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return " + ".join(f"{n} × {c:,}" if n > 1 else f"{c:,}" for c, n in runs)
+
+
 def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int = 2) -> list[tuple[str, int, int, str]]:
-    """(label, total, trainable, note) for a module and, down to max_depth, its children. A ModuleList of equal
-    blocks is one row, "19 × DoubleStreamBlock", followed by the parts of one block; a wrapper with a single
-    child (CLIP's text_model, T5's encoder) is looked through."""
+    """(label, total, trainable, note) for a module and, down to max_depth, its children. A ModuleList is one row,
+    "19 × DoubleStreamBlock" with "X each" when its blocks are equal, followed by the parts of one block; blocks
+    of different sizes (the VAE's levels) get each one's count in the note instead. A wrapper with a single child
+    (CLIP's text_model, T5's encoder) is looked through."""
     total, trainable = _count(module.parameters())
     rows = [("  " * depth + f"{name} ({type(module).__name__})", total, trainable, "")]
     children = [(n, c) for n, c in module.named_children() if _count(c.parameters())[0]]
@@ -45,9 +60,9 @@ def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int 
             kinds = {type(b).__name__ for b in child}
             t, tr = _count(child.parameters())
             kind = kinds.pop() if len(kinds) == 1 else "blocks"
-            each = _count(child[0].parameters())[0]
-            rows.append(("  " * (depth + 1) + f"{child_name} ({len(child)} × {kind})", t, tr, f"{each:,} each"))
-            if depth + 2 <= max_depth and kind != "blocks":  # the parts of one block, once
+            counts = [_count(b.parameters())[0] for b in child]
+            rows.append(("  " * (depth + 1) + f"{child_name} ({len(child)} × {kind})", t, tr, per_block(counts)))
+            if depth + 2 <= max_depth and kind != "blocks" and len(set(counts)) == 1:  # the parts of one block, once
                 for part_name, part in child[0].named_children():
                     pt, ptr = _count(part.parameters())
                     if pt:

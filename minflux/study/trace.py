@@ -15,21 +15,24 @@ Use in a script (train.py and sample.py take `--trace`):
     with shape_trace():                 # prints one line per stage when the block ends
         loss = flow_matching_loss(model, x0, noise, t, **inputs)
 
-A trace line reads `stage (producer)   inputs → outputs   ×calls`: the stage is the module's path in its
-model (block numbers folded into `*`) or the function's name; lines are in the order the data flows, a
-stage inside another indented under it; a stage that repeats with the same shapes (19 double blocks, 50
-sampling steps) is printed once, with its number of calls.
+A trace line reads `stage (producer)   inputs → outputs   ×calls   (note)`: the stage is the module's path in
+its model (block numbers folded into `*`) or the function's name; lines are in the order the data flows, a
+stage inside another indented under it; a stage that one caller repeats with the same shapes (19 double
+blocks, 50 sampling steps) is one line, with its number of calls, but one called from two places is two. Notes
+say what shapes do not: how `velocity` joins the conditions and cuts the output, `embed_ids`'s complex pairs;
+the `euler step` line (inline in `denoise`) prints the schedule's t, t_prev and the guidance, Python floats.
 """
 
 import argparse
 import dataclasses
 import functools
 import inspect
+import itertools
 import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +51,7 @@ STAGE_MODULES = {
 EXPANDED_MODULES = {"Flux", "DoubleStreamBlock", "SingleStreamBlock", "SelfAttention", "Vis2IR"}
 
 
-def _attention_note(inputs: dict, output) -> str:
+def _attention_note(inputs: dict, output, lines: list) -> str:
     """The walk-through writes the joint q, k, v before the transpose, as [B, L, H, D]; minflux keeps [B, H, L, D]."""
     q = inputs.get("q")
     if isinstance(q, Tensor) and q.ndim == 4:
@@ -57,7 +60,43 @@ def _attention_note(inputs: dict, output) -> str:
     return ""
 
 
-NOTES = {"attention": _attention_note}
+def _rope_note(inputs: dict, output, lines: list) -> str:
+    """The RoPE table pe holds one e^{i·a} per pair of head channels: its last axis is half the head dim."""
+    axes, pairs = inputs["axes_dim"], " + ".join(str(d // 2) for d in inputs["axes_dim"])
+    return f"{sum(axes) // 2} pairs of {sum(axes)} channels: {pairs} for axis0, row, col"
+
+
+def _velocity_note(inputs: dict, output, lines: list) -> str:
+    """The concatenation and the cut in `velocity`: the image tokens and their conditions → the model's input (read
+    off the model's own line, the first stage velocity ran) → its output → the image's tokens."""
+    img, channels, sequence = inputs["img"], inputs.get("img_cond"), inputs.get("img_cond_seq")
+    if channels is None and sequence is None:
+        return ""
+    text = f"img {fmt_shape(img.shape)}"
+    text += f" + img_cond {fmt_shape(channels.shape)} on the channels" if channels is not None else ""  # Fill
+    text += f" + reference img_cond_seq {fmt_shape(sequence.shape)} on the sequence" if sequence is not None else ""
+    if lines:  # the model's line, the first stage velocity ran: the joined tokens are its first input
+        model_in, model_out = ((re.findall(r"\[[\d, ]*\]", x) or ["?"])[0] for x in (lines[0].inputs, lines[0].outputs))
+        text += f" → {model_in} → model → {model_out}"
+    return text + (f" → cut to {fmt_value(output)}" if sequence is not None else "")
+
+
+NOTES = {"attention": _attention_note, "embed_ids": _rope_note, "velocity": _velocity_note}
+
+
+def _euler_step(fn, inputs: dict, output, denoise: "Stage") -> None:
+    """denoise's Euler update, x ← x + (t_prev − t) · v, as a line after its model calls: the number of steps, and
+    the first step's t and t_prev (from the schedule) and guidance, Python floats that the meta device keeps."""
+    timesteps, x = inputs["timesteps"], fmt_shape(inputs["img"].shape)
+    if len(timesteps) < 2:  # no step
+        return
+    guidance = inputs.get("guidance", _signature(fn).parameters["guidance"].default)  # its default if left out
+    embedded = getattr(getattr(inputs["model"], "params", None), "guidance_embed", True)  # schnell: none
+    steps, t, t_prev = len(timesteps) - 1, timesteps[0], timesteps[1]
+    guidance = f"guidance {guidance:g}" if embedded else "no guidance embedding"
+    note = f"x + (t_prev − t) · v; step 1/{steps}: t {t:.3f} → t_prev {t_prev:.3f}, {guidance}"
+    denoise.children.append(Stage(denoise.depth + 1, "euler step", denoise, f"x {x}, v {x}", x, note, steps))
+
 
 # --- formatting --------------------------------------------------------------------------------------------
 
@@ -82,20 +121,14 @@ def _tensors(x) -> list[Tensor]:
 
 def _collapse(shapes: list[str]) -> str:
     """["[1, 1, 3072]"] * 6 → "6 × [1, 1, 3072]"; other runs listed with commas."""
-    out, i = [], 0
-    while i < len(shapes):
-        j = i
-        while j < len(shapes) and shapes[j] == shapes[i]:
-            j += 1
-        out.append(shapes[i] if j - i == 1 else f"{j - i} × {shapes[i]}")
-        i = j
-    return ", ".join(out)
+    runs = [(shape, len(list(run))) for shape, run in itertools.groupby(shapes)]
+    return ", ".join(shape if n == 1 else f"{n} × {shape}" for shape, n in runs)
 
 
 def fmt_value(x) -> str:
     """Shapes of a value: a tensor, a tuple/list of them, a dict (with its keys), a dataclass of tensors."""
-    if isinstance(x, Tensor):
-        return fmt_shape(x.shape)
+    if isinstance(x, Tensor):  # "complex": RoPE's table pe, one e^{i·a} per pair of channels
+        return fmt_shape(x.shape) + (" complex" if x.is_complex() else "")
     if isinstance(x, dict):
         return ", ".join(f"{k} {fmt_value(v)}" for k, v in x.items() if _tensors(v))
     if dataclasses.is_dataclass(x) and not isinstance(x, type):  # its fields by name; a dict field's own names
@@ -107,16 +140,12 @@ def fmt_value(x) -> str:
         return f"[{len(x)} str]"
     if isinstance(x, str):
         return "[1 str]"
-    return _collapse([fmt_shape(t.shape) for t in _tensors(x)])
+    return _collapse([fmt_value(t) for t in _tensors(x)])
 
 
 def fmt_inputs(inputs: dict) -> str:
     """Named inputs that hold tensors (or prompts): "img [1, 4096, 64], txt [1, 512, 4096]"."""
-    parts = []
-    for name, value in inputs.items():
-        if _tensors(value) or "prompt" in name:
-            parts.append(f"{name} {fmt_value(value)}")
-    return ", ".join(parts)
+    return ", ".join(f"{name} {fmt_value(v)}" for name, v in inputs.items() if _tensors(v) or "prompt" in name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,60 +160,65 @@ def _bind(fn, args, kwargs, skip_self: bool = False) -> dict:
     """The call's arguments by parameter name (positional ones too), as the function names them."""
     sig = _signature(getattr(fn, "__func__", fn))  # a bound method: its function, `self` first
     skip_self = skip_self or hasattr(fn, "__func__")
-    if sig is None:
-        return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
     try:
         bound = sig.bind_partial(*((None,) if hasattr(fn, "__func__") else ()), *args, **kwargs).arguments
-    except TypeError:
+    except (AttributeError, TypeError):  # no signature (sig None), or one the call does not fit
         return {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
     out = {}
-    for i, (name, value) in enumerate(bound.items()):
-        if skip_self and i == 0:
-            continue
-        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:  # **kwargs of the callee, flattened
-            out.update(value)
-        else:
-            out[name] = value
+    for name, value in list(bound.items())[1 if skip_self else 0 :]:  # **kwargs of the callee, flattened
+        out.update(value if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
     return out
 
 
 # --- the trace ---------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class Stage:
-    """One line of the trace."""
+    """One line of the trace, and the lines of the stages it ran."""
 
     depth: int  # nesting: a stage called inside another is one deeper
     label: str  # "double_blocks.*.img_attn.qkv (Linear)" or "pack"
-    parent: str = ""  # the label of the stage it runs in
+    parent: "Stage | None" = field(default=None, repr=False)  # the line of the stage it runs in
     inputs: str = ""
     outputs: str = ""
     note: str = ""
     calls: int = 1
-    done: bool = False
+    children: list["Stage"] = field(default_factory=list, repr=False)  # in the order they ran, repeats folded
 
     @property
     def key(self):
-        return (self.depth, self.parent, self.label, self.inputs, self.outputs)
+        """Two calls of one caller with the same key are one line."""
+        return (self.label, self.inputs, self.outputs)
+
+    def flat(self) -> list["Stage"]:
+        """This line, then the lines of the stages it ran, in order."""
+        return [self] + [s for child in self.children for s in child.flat()]
 
     def line(self, width: int) -> str:
-        label = "  " * self.depth + self.label
-        text = f"{label:<{width}}  {self.inputs} → {self.outputs}"
-        if self.calls > 1:
-            text += f"   ×{self.calls}"
-        if self.note:
-            text += f"   ({self.note})"
-        return text
+        calls, note = f"   ×{self.calls}" if self.calls > 1 else "", f"   ({self.note})" if self.note else ""
+        return f"{'  ' * self.depth + self.label:<{width}}  {self.inputs} → {self.outputs}{calls}{note}"
+
+
+def _merge(first: Stage, repeat: Stage) -> None:
+    """Count `repeat`, a call of the same caller with the same shapes, into `first`, and its lines into first's by
+    the same rule: the 19 double blocks become one line, and each of their layers one line under it."""
+    first.calls += repeat.calls
+    for child in repeat.children:
+        same = next((c for c in first.children if c.key == child.key), None)
+        if same is None:
+            child.parent = first
+            first.children.append(child)
+        else:
+            _merge(same, child)
 
 
 class ShapeTrace(hooks.Observer):
-    """The state of one `shape_trace()`: the stages seen so far, in data-flow order, repeats folded."""
+    """The state of one `shape_trace()`: the stages seen so far, as a tree in data-flow order, repeats folded."""
 
-    def __init__(self, max_depth: int = 6):
+    def __init__(self, max_depth: int = 7):
         self.max_depth = max_depth
-        self.stages: list[Stage] = []
-        self._seen: dict[tuple, Stage] = {}
+        self.roots: list[Stage] = []  # the outermost stages; each holds the stages it ran
         self._open: list[Stage | None] = []  # the stages being computed, innermost last
         self._names: dict[nn.Module, tuple[str, str | None]] = {}  # module → (path label, parent class)
         self._roots: dict[nn.Module, str] = {}
@@ -203,40 +237,39 @@ class ShapeTrace(hooks.Observer):
             self.abandon()
             raise
         inputs = _bind(fn, args, kwargs, skip_self=method)
-        self.leave(inputs, out, NOTES[label](inputs, out) if label in NOTES else "")
+        current = self._open[-1]  # this stage's line (None past max_depth), its own stages' lines under it
+        if label == "denoise" and current is not None and current.depth + 1 < self.max_depth:
+            _euler_step(fn, inputs, out, current)  # the update inline in denoise, a line after its model calls
+        lines = current.children if current is not None else []
+        self.leave(inputs, out, NOTES[label](inputs, out, lines) if label in NOTES else "")
         return out
 
     # ... entering and leaving a stage
     def enter(self, label: str | None) -> None:
-        if label is None or len([s for s in self._open if s is not None]) >= self.max_depth:
+        outer = [s for s in self._open if s is not None]
+        if label is None or len(outer) >= self.max_depth:
             self._open.append(None)
             return
-        outer = [s for s in self._open if s is not None]
-        stage = Stage(depth=len(outer), label=label, parent=outer[-1].label if outer else "")
-        self.stages.append(stage)
+        stage = Stage(depth=len(outer), label=label, parent=outer[-1] if outer else None)
+        (stage.parent.children if stage.parent else self.roots).append(stage)
         self._open.append(stage)
 
     def leave(self, inputs: dict, output, note: str = "") -> None:
         stage = self._open.pop()
         if stage is None:
             return
-        stage.inputs, stage.outputs, stage.note, stage.done = fmt_inputs(inputs), fmt_value(output), note, True
-        first = self._seen.get(stage.key)
-        if first is None:
-            self._seen[stage.key] = stage
-            return
-        first.calls += 1  # a repeat: fold it into the first line
-        if self.stages and self.stages[-1] is stage:
-            self.stages.pop()
-        else:  # its own stages were new (rare): keep them, drop only this line
-            self.stages.remove(stage)
+        stage.inputs, stage.outputs, stage.note = fmt_inputs(inputs), fmt_value(output), note
+        siblings = stage.parent.children if stage.parent else self.roots
+        first = next((s for s in siblings if s is not stage and s.key == stage.key), None)
+        if first is not None:  # the same caller ran it before, with the same shapes: one line
+            siblings.remove(stage)
+            _merge(first, stage)
 
     def abandon(self) -> None:
         """A stage raised: close it without output."""
         stage = self._open.pop()
-        if stage is not None and stage in self.stages and not stage.done:
+        if stage is not None:
             stage.outputs = "(raised)"
-            stage.done = True
 
     # ... naming modules
     def name_module(self, module: nn.Module) -> tuple[str | None, str | None]:
@@ -247,9 +280,8 @@ class ShapeTrace(hooks.Observer):
                 if sub not in self._names:
                     self._names[sub] = (_fold(f"{root}.{path}" if path else root), None)
             for path, sub in module.named_modules():  # parents: for the "children of EXPANDED_MODULES" rule
-                for child_name, child in sub.named_children():
-                    label, _ = self._names[child]
-                    self._names[child] = (label, type(sub).__name__)
+                for child in sub.children():
+                    self._names[child] = (self._names[child][0], type(sub).__name__)
         return self._names.get(module, (None, None))
 
     def module_label(self, module: nn.Module) -> str | None:
@@ -260,6 +292,11 @@ class ShapeTrace(hooks.Observer):
         return f"{path} ({cls})" if not path.endswith(cls) else path
 
     # ... output
+    @property
+    def stages(self) -> list[Stage]:
+        """Every line in print order: each stage, then the stages it ran."""
+        return [s for root in self.roots for s in root.flat()]
+
     def lines(self) -> list[str]:
         width = max((2 * s.depth + len(s.label) for s in self.stages), default=0)
         return [s.line(width) for s in self.stages]
@@ -278,7 +315,7 @@ def _fold(path: str) -> str:
 
 
 @contextmanager
-def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.Module):
+def shape_trace(quiet: bool = False, file=None, max_depth: int = 7, **names: nn.Module):
     """Record the shape of every stage run inside the block; print the trace when it ends (to `file`, default
     stdout), unless `quiet`.
 
@@ -287,8 +324,7 @@ def shape_trace(quiet: bool = False, file=None, max_depth: int = 6, **names: nn.
     Yields the ShapeTrace: `.lines()`, `.text()`, `.stages`, `.find(label)`.
     """
     trace = ShapeTrace(max_depth)
-    for label, module in names.items():
-        trace._roots[module] = label
+    trace._roots.update({module: label for label, module in names.items()})
 
     def pre_hook(module, args):
         trace.enter(trace.module_label(module))
@@ -387,15 +423,8 @@ def trace_vis2ir(
         txt = t5(torch.zeros(batch, t5_length, dtype=torch.long, device=meta))  # [4, 512, 4096]
         t = sample_t(batch, device=meta)  # [4]
         noise = torch.randn(enc.x0.shape, device=meta)  # [4, 2048, 64]
-        inputs = Inputs(
-            None,
-            enc.img_ids,
-            txt,
-            prepare_txt_ids(batch, t5_length, device=meta),
-            y,
-            img_cond=enc.x_cond,
-            extra=enc.semantic,
-        )
+        txt_ids = prepare_txt_ids(batch, t5_length, device=meta)  # [4, 512, 3]
+        inputs = Inputs(None, enc.img_ids, txt, txt_ids, y, img_cond=enc.x_cond, extra=enc.semantic)
         # x_t, the injection, FLUX-Fill, the loss
         flow_matching_loss(model, enc.x0, noise, t, torch.ones(batch, device=meta), **inputs)
     return trace
@@ -405,14 +434,9 @@ def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
     """The DEBUG lines of the vis2ir design, filled in from the trace: the design's name, then the shape here."""
     first = lambda label: (trace.find(label) or [None])[0]  # noqa: E731
     named = lambda text: dict(re.findall(r"(\w+) (\[[^\]]*\])", text))  # noqa: E731  "x0 [4, 2048, 64], ..." → dict
-    enc = first("encode_triptych")
+    enc, split, ae_in, mask = map(first, ("encode_triptych", "split_triptych", "AutoEncoder.encode", "target_mask"))
+    adapter, flux, loss = map(first, ("SemanticConditioningAdapter", "Flux", "flow_matching_loss"))
     out = named(enc.outputs) if enc else {}
-    split = first("split_triptych")
-    ae_in = first("AutoEncoder.encode")
-    mask = first("target_mask")
-    adapter = first("SemanticConditioningAdapter")
-    flux = first("Flux")
-    loss = first("flow_matching_loss")
     adapter_in = named(adapter.inputs) if adapter else {}
     lines = [
         f"triptych: {split.inputs.split(' ', 1)[1] if split else '?'}",
@@ -425,10 +449,8 @@ def vis2ir_debug_lines(trace: ShapeTrace) -> list[str]:
     ]
     if adapter:
         lines += [f"x_t: {adapter_in.get('image_feat', '?')}", f"x_t_enhanced: {adapter.outputs}"]
-    if flux:
-        lines.append(f"hidden_states (final): {named(flux.inputs).get('img', '?')}")
-    if loss:
-        lines.append(f"loss: {loss.outputs}")
+    lines += [f"hidden_states (final): {named(flux.inputs).get('img', '?')}"] if flux else []
+    lines += [f"loss: {loss.outputs}"] if loss else []
     return lines
 
 
@@ -439,14 +461,10 @@ def main(argv=None) -> int:
     parser.add_argument("preset", help=f"vis2ir, or a preset: {', '.join(configs)}")
     parser.add_argument("--height", type=int, default=None, help="image height (default 1024; vis2ir: the panel, 512)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default 1024)")
-    parser.add_argument(
-        "--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the vis2ir design's)"
-    )
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the design's)")
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
-    parser.add_argument(
-        "--semantic", default="xattn", help="vis2ir: the injection mode (default xattn, the vis2ir design's adapter)"
-    )
+    parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection (default xattn, the design's)")
     parser.add_argument(
         "--semantic-layout",
         default="panel",
@@ -465,10 +483,8 @@ def main(argv=None) -> int:
             parts = meta_components("flux-dev-fill")
             with torch.device("meta"):
                 model = Vis2IR(parts["transformer"], args.semantic)
-            for m in parts.values():
-                m.requires_grad_(
-                    False
-                )  # the vis2ir design's setup: FLUX, VAE and text encoders frozen, the adapter trained
+            for m in parts.values():  # the vis2ir design's setup: FLUX, VAE and text encoders frozen
+                m.requires_grad_(False)
             injection = {k: v for k, v in model.named_children() if k != "flux"}  # the adapter
             parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
         else:
@@ -480,8 +496,7 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     if args.preset == "vis2ir":
-        panel = args.height or 512
-        batch = args.batch or 4
+        panel, batch = args.height or 512, args.batch or 4
         print(
             f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
             f"--semantic {args.semantic}, --semantic-layout {args.semantic_layout}"
