@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from minflux.files.images import DataError, checked_settings, image_grid, read_image, save_image, save_png, shown
+from minflux.files.images import DataError, checked_settings, image_grid, read_image, save_image, save_new, save_png
+from minflux.files.images import shown
 from minflux.files.weights import WeightsError, read_shapes, sha256
 from minflux.tasks.flags import dashed
 from minflux.tasks.folders import latest_run
@@ -293,18 +294,6 @@ def write_images(images, folder: Path) -> list[Path]:
                 index += 1
         index += 1
     return paths
-
-
-def save_new(image, path: Path, text: dict) -> Path:
-    """save_png to `path`, or when it is taken to its stem + -2, -3, ...: each name taken exclusively, so an earlier
-    file is never replaced (write_images' rule, for a named file)."""
-    name, n = path, 1
-    while True:
-        try:
-            return save_png(image, name, text=text, exclusive=True)
-        except FileExistsError:
-            n += 1
-            name = path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
 def maybe_trace(on: bool):

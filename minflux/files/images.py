@@ -4,6 +4,7 @@
     deep_to_float, to_8bit                         16-bit and float images scaled by their depth, not clipped
     to_pil                                         [3, H, W] in [-1, 1] → a PIL image
     save_png, save_image, read_settings            a PNG written atomically, with settings in its text chunks
+    save_new                                       a PNG under a new name when the one asked for is taken
     checked_settings                               the settings read back, each checked against what minflux writes
     shown                                          a setting's value as JSON, cut short for a message
     settings_text, a1111_parameters                what the text chunks of a generated image hold
@@ -105,6 +106,17 @@ def save_png(image: Image.Image, path, text: dict[str, str] | None = None, exclu
     for key, value in (text or {}).items():
         info.add_text(key, str(value))
     return write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), exclusive=exclusive)
+
+
+def save_new(image: Image.Image, path, text: dict[str, str] | None = None) -> Path:
+    """save_png to `path`, or when it is taken to its stem + -2, -3, ...: each name taken exclusively, so an earlier
+    file is never replaced and two processes never take the same name."""
+    path = name = Path(path)
+    for n in itertools.count(2):
+        try:
+            return save_png(image, name, text=text, exclusive=True)
+        except FileExistsError:
+            name = path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
 def save_image(image: Image.Image, path, exclusive: bool = False) -> Path:

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from minflux.attention import AttentionMaps
-from minflux.files.images import save_png
+from minflux.files.images import save_new, save_png
 
 # --- recording -------------------------------------------------------------------------------------------------
 
@@ -432,13 +432,7 @@ def semantic_picture(out: dict, run, query: str | None) -> Image.Image:
 def save_map(picture: Image.Image, path: Path, new: bool) -> Path:
     """The picture as a PNG at `path`, replacing a file there; with `new`, never: when `path` is taken, its stem +
     -2, -3, ..., each name taken exclusively (two runs at once never take the same one)."""
-    name, n = path, 1
-    while True:
-        try:
-            return save_png(picture, name, exclusive=new)
-        except FileExistsError:
-            n += 1
-            name = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return save_new(picture, path) if new else save_png(picture, path)
 
 
 if __name__ == "__main__":

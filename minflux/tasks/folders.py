@@ -160,14 +160,18 @@ def resume_folder(run: Path) -> Path:
     if latest is None:
         raise ValueError(
             f"{run}: nothing to resume: the run stopped before its first checkpoint was complete"
-            f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: python train.py "
-            f"--config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite"
+            f"{' (removed: ' + '; '.join(removed) + ')' if removed else ''}. Start it again: {restart_command(run)}"
         )
     dropped = trim_log(run / "log.jsonl", int(latest.removeprefix("step-")))
     removed += [f"{dropped} line(s) of log.jsonl after step {int(latest.removeprefix('step-'))}"] if dropped else []
     if removed:
         log(f"resuming {run}: removed {'; '.join(removed)}")
     return run
+
+
+def restart_command(run: Path) -> str:
+    """The command that starts `run` again from its own config, in its own place."""
+    return f"python train.py --config {run / 'config.toml'} --out {run.parent} --name {run.name} --overwrite"
 
 
 def check_checkpoint(folder: Path) -> None:
@@ -180,8 +184,7 @@ def check_checkpoint(folder: Path) -> None:
             f"{run / 'checkpoints'}"
         )
     damaged = "is damaged (truncated or overwritten?), and the checkpoint before it was replaced by it: this run cannot"
-    damaged += f" be resumed; start it again: python train.py --config {run / 'config.toml'} --out {run.parent} --name"
-    damaged += f" {run.name} --overwrite"
+    damaged += f" be resumed; start it again: {restart_command(run)}"
     weights = folder / "weights.safetensors"
     if not (folder / ".metadata").is_file():  # FSDP's shards are checked as they are read
         try:

@@ -144,9 +144,12 @@ def device_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")  # what --device takes
+
+
 def device_problem(device: str) -> str | None:
     """Why torch cannot use `device` (auto, cpu, cuda, cuda:N, mps) on this machine; None when it can."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+    if not DEVICE.fullmatch(device):
         return "expected auto, cpu, cuda, cuda:N or mps"
     if device.startswith("cuda") and not torch.cuda.is_available():
         why = "this build of torch has no CUDA" if torch.version.cuda is None else "this machine has none"

@@ -14,12 +14,12 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from minflux.files.load import WeightPaths, find_weights
+from minflux.tasks.parallel import DEVICE, device_problem
 from minflux.tasks.flags import field_type, add_config_flags, config_from_args, dashed, read_toml
 from minflux.files.weights import read_shapes
 from minflux.presets import configs
@@ -218,7 +218,6 @@ class TrainConfig:
 # --- the accepted values, checked wherever a config is read: flags, a TOML file, a run's config.toml ----------
 
 SMALL_PRESETS = ("flux-small-fill", "flux-small-kontext")  # trained from scratch: vis2ir (Fill), kontext
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 INFINITE_OK = ("max_grad_norm",)
 TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
@@ -311,8 +310,6 @@ def check_value(name: str, value) -> str | None:
 def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> TrainConfig:
     """train.py's command line → its TrainConfig: defaults, then the TOML file, then the flags given (with --resume:
     the run's config.toml, then the flags given). Bad values stop here, with exit code 2 and the flag named."""
-    from minflux.tasks import parallel  # (parallel.py imports this file)
-
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser, TrainConfig)
     args = parser.parse_args(dashed(parser, sys.argv[1:] if argv is None else argv))
@@ -348,7 +345,7 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         parser.error(f"--task {cfg.task}: expected one of {', '.join(tasks)}")
     if problem := missing_path(cfg):
         parser.error(problem)
-    if problem := parallel.device_problem(cfg.device):
+    if problem := device_problem(cfg.device):
         parser.error(f"--device {cfg.device}: {problem}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, known before the process group starts
     if cfg.batch_size % processes:
