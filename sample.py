@@ -6,13 +6,15 @@
     python sample.py --repo FLUX.1-Fill-dev --image photo.png --mask mask.png --prompt "a red door"
     python sample.py --repo FLUX.1-Kontext-dev --image ref.png --prompt "make it winter"
     python sample.py --repo FLUX.1-dev --from outputs/img_0003.png          again, from the settings in a PNG
+    python sample.py --repo FLUX.2-klein-4B --image a.png --image b.png --prompt "..."   FLUX.2, two references
 
 With official weights, --repo is one official repo folder (BFL or diffusers layout); --flux/--ae/--clip/--t5
-name the files one by one instead. Each image is written to --output-dir with its settings in PNG text chunks:
-an A1111 "parameters" chunk (read by A1111, Forge, CivitAI, ComfyUI) and minflux's own, which --from reads back
-(weights, LoRAs and images by absolute path, so it works from any folder). Without --seed a random seed is drawn,
-printed and recorded. Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps and guidance
-3.5, Fill 50 and 30, Kontext 30 and 2.5. BFL's spellings (--num_steps, --output_dir, --name) are accepted too.
+(FLUX.2: --text-encoder) name the parts one by one instead. Each image is written to --output-dir with its settings
+in PNG text chunks: an A1111 "parameters" chunk (read by A1111, Forge, CivitAI, ComfyUI) and minflux's own, which
+--from reads back (weights, LoRAs and images by absolute path, so it works from any folder). Without --seed a random
+seed is drawn, printed and recorded. Defaults are the official ones: schnell 4 steps and no guidance, dev 50 steps
+and guidance 3.5, Fill 50 and 30, Kontext 30 and 2.5; FLUX.2 [klein] 4 steps, no guidance; [klein] Base 50 steps,
+true CFG 4; [dev] 50 steps, guidance 4. BFL's spellings (--num_steps, --output_dir, --name) are accepted too.
 The held-out grid goes to RUN/sample-SEED.png, or to --output-dir, as sample-SEED-2.png, -3, ... when the name is
 taken; --output names one file instead, replaced if there. The last line printed is the last file written.
 """
@@ -56,11 +58,12 @@ def parse_args(argv):
     )
 
     g = p.add_argument_group("official weights")
-    g.add_argument("--repo", type=Path, help="an official repo folder (FLUX.1-dev, -schnell, -Fill-dev, -Kontext-dev)")
+    g.add_argument("--repo", type=Path, help="an official repo folder (FLUX.1-dev, -Fill-dev, ..., FLUX.2-klein-4B)")
     g.add_argument("--flux", type=Path, help="the transformer: flux1-*.safetensors or a diffusers transformer/ folder")
     g.add_argument("--ae", type=Path, help="ae.safetensors or a diffusers vae/ folder")
     g.add_argument("--clip", type=Path, help="CLIP-L: a text_encoder/ folder (its tokenizer/ beside it) or file")
     g.add_argument("--t5", type=Path, help="T5-XXL: a text_encoder_2/ folder (its tokenizer_2/ beside it) or file")
+    g.add_argument("--text-encoder", type=Path, help="FLUX.2: Qwen3's or Mistral's text_encoder/ (tokenizer/ beside)")
     g.add_argument(
         "--variant",
         "--name",
@@ -78,7 +81,12 @@ def parse_args(argv):
     g.add_argument("--prompt", help="the prompt (vis2ir: default empty)")
     g.add_argument("--negative-prompt", help="a negative prompt, used with --true-cfg above 1 (two passes a step)")
     g.add_argument("--true-cfg", type=float, default=None, help="true classifier-free guidance scale (default 1: off)")
-    g.add_argument("--image", type=Path, help="Fill: the image to paint into; Kontext: the reference image")
+    g.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        help="Fill: the image to paint into; Kontext: the reference; FLUX.2: a reference, repeat for more",
+    )
     g.add_argument("--mask", type=Path, help="Fill: white where the model paints, the image's size")
     g.add_argument(
         "--width",
@@ -153,10 +161,14 @@ def apply_settings(args) -> None:
         for part, path in s.get("weights", {}).items():
             if getattr(args, part) is None:
                 setattr(args, part, Path(path))
-    for part in ("image", "mask"):
-        if getattr(args, part) is None and "path" in s.get(part, {}):
-            setattr(args, part, Path(s[part]["path"]))
-            check_same(png, part, s[part])
+    if args.image is None and s.get("image"):  # one record (FLUX.1), a list of references (FLUX.2)
+        records = [r for r in (s["image"] if isinstance(s["image"], list) else [s["image"]]) if "path" in r]
+        args.image = [Path(r["path"]) for r in records] or None
+        for record in records:
+            check_same(png, "image", record)
+    if args.mask is None and "path" in s.get("mask", {}):
+        args.mask = Path(s["mask"]["path"])
+        check_same(png, "mask", s["mask"])
     if not args.lora:
         for lora in (lora for lora in s.get("loras", []) if "path" in lora):  # not one given in memory
             args.lora.append(f"{lora['path']}:{lora['scale']:g}")
@@ -234,7 +246,7 @@ def check_args(args) -> None:
         except WeightsError as e:
             raise ValueError(f"--lora {spec}: {str(e).removeprefix(f'{path}: ')}") from None
     for flag, paths in (
-        ("--image", [args.image]),
+        ("--image", args.image or []),
         ("--mask", [args.mask]),
         ("--visible", args.visible or []),
         ("--semantic-map", args.semantic_map or []),
@@ -331,25 +343,23 @@ def print_timings(timings: dict[str, float]) -> None:
 def official(args) -> int:
     """Text-to-image, Fill or Kontext with official weights (or any FLUX in their layouts)."""
     from minflux.pipeline import FluxPipeline, random_seed
+    from minflux.pipeline_flux2 import Flux2Pipeline, is_flux2
 
     if args.prompt is None:
         raise ValueError("--prompt is needed with official weights (or --from an earlier image)")
+    flux2 = is_flux2(args.repo, args.flux)
+    if not flux2 and len(args.image or []) > 1:
+        raise ValueError(f"--image given {len(args.image)} times: FLUX.1 takes one (several references: FLUX.2)")
     output_dir = args.output_dir or Path("outputs")
     check_writable(output_dir, "--output-dir")
     device = torch.device(args.device) if args.device else None
     start = time.perf_counter()
-    pipe = FluxPipeline.from_files(
-        repo=args.repo,
-        flux=args.flux,
-        ae=args.ae,
-        clip=args.clip,
-        t5=args.t5,
-        variant=args.variant,
-        device=device,
-        dtype=DTYPES.get(args.dtype),
-        offload=args.offload,
-        max_length=args.max_length,
-    )
+    where = dict(repo=args.repo, flux=args.flux, ae=args.ae, variant=args.variant, device=device)
+    where |= dict(dtype=DTYPES.get(args.dtype), offload=args.offload)
+    if flux2:
+        pipe = Flux2Pipeline.from_files(**where, text_encoder=args.text_encoder)
+    else:
+        pipe = FluxPipeline.from_files(**where, clip=args.clip, t5=args.t5, max_length=args.max_length)
     print_bf16_note(pipe)
     for spec in args.lora:
         path, scale = lora_and_scale(spec)
@@ -365,7 +375,8 @@ def official(args) -> int:
         f"{', offloading' if args.offload else ''}: {steps} steps, guidance "
         f"{guidance if pipe.model.params.guidance_embed else 'none (no guidance embedding)'}"
     )
-    print_params(args, {"transformer": pipe.model, "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model})
+    encoders = {"text encoder": pipe.text_encoder.model} if flux2 else {"clip": pipe.clip.model, "t5": pipe.t5.model}
+    print_params(args, {"transformer": pipe.model, "ae": pipe.ae, **encoders})
     seed, num_images = random_seed() if args.seed is None else args.seed, args.num_images or 1
     print(f"seed {seed}" + (" (drawn at random; --seed to choose)" if args.seed is None else ""))
     progress = Progress(steps * num_images, label="denoise ")
@@ -379,8 +390,8 @@ def official(args) -> int:
             seed=seed,
             num_images=num_images,
             negative_prompt=args.negative_prompt,
-            true_cfg_scale=args.true_cfg or 1.0,
-            image=args.image,
+            true_cfg_scale=args.true_cfg if flux2 else args.true_cfg or 1.0,  # FLUX.2: None is the variant's
+            image=args.image if flux2 or not args.image else args.image[0],
             mask=args.mask,
             callback=lambda step, total: progress.update(step),
         )

@@ -4,8 +4,9 @@ The model (this folder's top level) imports only torch, einops and math; files/ 
 holds what training needs, study/ the tools for reading and measuring, pipeline.py joins them for sampling.
 """
 
-# the transformer
+# the transformers: FLUX.1 and, beside it, FLUX.2
 from minflux.model import Flux, FluxParams, compile_blocks
+from minflux.flux2 import Flux2, Flux2Params
 from minflux.presets import ModelSpec, configs
 from minflux.attention import AttentionMaps, attention_backend
 
@@ -13,29 +14,39 @@ from minflux.attention import AttentionMaps, attention_backend
 from minflux.sampling import (
     Inputs,
     denoise,
+    empirical_mu,
     fill_condition,
     flow_matching_loss,
     generate,
     get_noise,
+    get_noise_flux2,
     get_schedule,
+    get_schedule_flux2,
     interpolate,
     latent_ids,
+    latent_ids_flux2,
     pack,
+    pack_flux2,
     pack_mask,
     prepare,
     prepare_fill,
+    prepare_flux2,
     prepare_img_ids,
     prepare_kontext,
     prepare_txt_ids,
+    reference_condition,
     sample_t,
+    txt_ids_flux2,
     unpack,
+    unpack_flux2,
     velocity_target,
 )
 
 # autoencoder and text encoders
-from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
+from minflux.autoencoder import AE_PARAMS_FLUX, AE_PARAMS_FLUX2, AutoEncoder, AutoEncoderParams, Flux2AutoEncoder
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
+from minflux.qwen3 import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, Qwen3, Qwen3Params
 
 # LoRA and the semantic injection
 from minflux.lora import (
@@ -58,12 +69,15 @@ _ELSEWHERE = {
     "minflux.files.load": ["CLIPEmbedder", "T5Embedder", "find_weights", "load_ae", "load_clip", "load_flux", "load_t5",
                            "save_flux"],
     "minflux.files.lora_files": ["load_lora", "read_lora", "save_lora"],
-    "minflux.files.tokenizers": ["CLIPTokenizer", "T5Tokenizer"],
+    "minflux.files.tokenizers": ["CLIPTokenizer", "ChatTokenizer", "T5Tokenizer"],
     "minflux.files.images": ["DataError"],
     "minflux.tasks.scenes": ["CLASSES", "SyntheticTriptychs", "make_scene", "split_triptych"],
     "minflux.tasks.data": ["CaptionFolder", "TriptychFolder"],
     "minflux.tasks.vis2ir": ["encode_triptych", "generate_infrared", "prepare_vis2ir"],
+    "minflux.files.load_flux2": ["load_flux2"],
+    "minflux.files.load_llm": ["LLMEmbedder", "load_mistral", "load_qwen3"],
     "minflux.pipeline": ["FluxPipeline", "Vis2IRPipeline"],
+    "minflux.pipeline_flux2": ["Flux2Pipeline"],
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _ELSEWHERE.items() for name in names}
 

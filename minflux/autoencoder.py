@@ -1,10 +1,12 @@
-"""The FLUX autoencoder (VAE): images [B, 3, H, W] <-> latents [B, 16, H/8, W/8].
+"""The FLUX autoencoders (VAE): images [B, 3, H, W] <-> latents [B, 16, H/8, W/8] (FLUX.1), [B, 128, H/16, W/16]
+(FLUX.2).
 
 What this file implements, top to bottom:
   ResnetBlock, AttnBlock, Downsample, Upsample   the four building blocks
   Encoder, Decoder                               the two halves, a stack of resolution levels and a middle
   diagonal_gaussian                              mean / log-variance -> latent (the mean, or a draw when asked)
   AutoEncoder                                    encode / decode with the latent scale and shift, optionally tiled
+  Flux2AutoEncoder                               FLUX.2's: 32 channels, 1x1 quant convs, 2x2 patches, batch-norm stats
   tiled                                          run a conv net on overlapping tiles, blended with linear ramps
 
 References:
@@ -13,11 +15,13 @@ References:
   - black-forest-labs/flux, src/flux/util.py: the AutoEncoderParams of every FLUX.1 variant (AE_PARAMS_FLUX).
   - Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (2022): the architecture,
     widened here to 16 latent channels. minflux.files.load.load_ae reads ae.safetensors and diffusers' vae/.
+  - black-forest-labs/flux2, src/flux2/autoencoder.py: the FLUX.2 VAE (84,046,115 parameters).
 
-Shapes in comments are those of the FLUX preset on a 512x512 image ([B, 3, 512, 512] -> [B, 16, 64, 64]).
+Shapes in comments are those of the FLUX.1 preset on a 512x512 image ([B, 3, 512, 512] -> [B, 16, 64, 64]), except
+in Flux2AutoEncoder (a 1024x1024 image).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -149,10 +153,18 @@ class Encoder(nn.Module):
 
     One level per entry of ch_mult, each with num_res_blocks ResNet blocks at width ch * ch_mult[i]; every
     level but the last ends with a Downsample. Modules sit at down.{level}.block.{i} and down.{level}.downsample.
+    quant_conv: end with a 1x1 conv over the moments (FLUX.2; FLUX.1 has none).
     """
 
     def __init__(
-        self, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, groups: int = 32
+        self,
+        in_channels: int,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        groups: int = 32,
+        quant_conv: bool = False,
     ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
@@ -170,6 +182,7 @@ class Encoder(nn.Module):
         self.mid = middle(width, groups)
         self.norm_out = group_norm(width, groups)
         self.conv_out = nn.Conv2d(width, 2 * z_channels, kernel_size=3, padding=1)
+        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, kernel_size=1) if quant_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # [B, 128, 512, 512]
@@ -180,7 +193,8 @@ class Encoder(nn.Module):
                 h = level.downsample(h)
         # after the levels: [B, 128, 256, 256] -> [B, 256, 128, 128] -> [B, 512, 64, 64] -> [B, 512, 64, 64]
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # [B, 512, 64, 64]
-        return self.conv_out(F.silu(self.norm_out(h)))  # [B, 32, 64, 64]
+        h = self.conv_out(F.silu(self.norm_out(h)))  # [B, 32, 64, 64]
+        return h if self.quant_conv is None else self.quant_conv(h)
 
 
 class Decoder(nn.Module):
@@ -188,12 +202,21 @@ class Decoder(nn.Module):
 
     up.{level} holds the level at the resolution of encoder level `level`, so up.0 is the full-resolution one,
     which runs last. Each has num_res_blocks + 1 ResNet blocks; every level but 0 ends with an Upsample.
+    quant_conv: start with a 1x1 conv over the latent, `post_quant_conv` (FLUX.2; FLUX.1 has none).
     """
 
     def __init__(
-        self, out_ch: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, groups: int = 32
+        self,
+        out_ch: int,
+        ch: int,
+        ch_mult: list[int],
+        num_res_blocks: int,
+        z_channels: int,
+        groups: int = 32,
+        quant_conv: bool = False,
     ):
         super().__init__()
+        self.post_quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=1) if quant_conv else None
         width = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, width, kernel_size=3, padding=1)
         self.mid = middle(width, groups)
@@ -212,6 +235,8 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(width, out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         h = self.conv_in(z)  # [B, 512, 64, 64]
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))  # [B, 512, 64, 64]
         for i in reversed(range(len(self.up))):
@@ -246,6 +271,7 @@ class AutoEncoder(nn.Module):
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
         self.downscale = 2 ** (len(params.ch_mult) - 1)  # 8: pixels per latent value along H and W
+        self.latent_channels = params.z_channels  # 16
 
     @stage
     def encode(self, x: Tensor, sample: bool = False, tile: int | None = None) -> Tensor:
@@ -280,6 +306,76 @@ class AutoEncoder(nn.Module):
         if tile is None:
             return self.decoder(z).contiguous()
         return tiled(self.decoder, z, tile).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+
+# The one autoencoder of every FLUX.2 model (dev, klein): black-forest-labs/flux2's AutoEncoderParams.
+AE_PARAMS_FLUX2 = replace(AE_PARAMS_FLUX, z_channels=32, scale_factor=1.0, shift_factor=0.0)  # batch norm, not these
+
+
+class Flux2AutoEncoder(nn.Module):
+    """FLUX.2's VAE: image [B, 3, H, W] in [-1, 1] <-> latent [B, 128, H/16, W/16]. State dict = its ae.safetensors.
+
+    The same Encoder and Decoder as FLUX.1's AutoEncoder; what differs:
+      - 32 latent channels, not 16;
+      - a 1x1 conv ends the encoder (encoder.quant_conv) and starts the decoder (decoder.post_quant_conv);
+      - the latent is patchified: each 2x2 patch of 32 channels becomes one position of 128 channels (the grouping
+        FLUX.1's transformer does outside the VAE, in `pack`);
+      - it is normalised channel by channel with the running mean and variance of a BatchNorm (`bn`: no affine
+        weights, always used as in eval mode), instead of one scale and shift.
+    Shapes in comments: a 1024x1024 image.
+    """
+
+    def __init__(self, params: AutoEncoderParams):
+        super().__init__()
+        self.params = params
+        p = params
+        groups = p.norm_groups
+        self.encoder = Encoder(p.in_channels, p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, groups, quant_conv=True)
+        self.decoder = Decoder(p.out_ch, p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, groups, quant_conv=True)
+        self.patch = 2  # patchify 2x2
+        self.latent_channels = p.z_channels * self.patch**2  # 128
+        self.downscale = 2 ** (len(p.ch_mult) - 1) * self.patch  # 16: pixels per latent value along H and W
+        self.bn = nn.BatchNorm2d(self.latent_channels, eps=1e-4, momentum=0.1, affine=False, track_running_stats=True)
+
+    def bn_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The per-channel mean and standard deviation of the patchified latent, [1, 128, 1, 1], as `like`."""
+        mean = self.bn.running_mean.view(1, -1, 1, 1)
+        std = torch.sqrt(self.bn.running_var.view(1, -1, 1, 1) + self.bn.eps)
+        return mean.to(like), std.to(like)
+
+    @stage
+    def encode(self, x: Tensor, sample: bool = False, tile: int | None = None) -> Tensor:
+        """x [B, 3, H, W] in [-1, 1] (H, W multiples of 16) -> z [B, 128, H/16, W/16], normalised per channel.
+
+        sample: the Gaussian's mean (False, what FLUX.2 uses), or a draw from it (True), as in AutoEncoder.encode.
+        tile:   encode in overlapping tile x tile pixel windows (a multiple of 16); None: whole.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)  # see AutoEncoder.decode
+        if tile is None:
+            moments = self.encoder(x)  # [B, 64, 128, 128]
+        else:
+            moments = tiled(self.encoder, x, tile, align=self.downscale)
+        z = diagonal_gaussian(moments.contiguous(), sample)  # [B, 32, 128, 128]
+        z = rearrange(z, "... c (i pi) (j pj) -> ... (c pi pj) i j", pi=self.patch, pj=self.patch)  # [B, 128, 64, 64]
+        mean, std = self.bn_stats(z)
+        return (z - mean) / std
+
+    @stage
+    def decode(self, z: Tensor, tile: int | None = None) -> Tensor:
+        """z [B, 128, h, w] as encode returns it -> image [B, 3, 16h, 16w], roughly in [-1, 1].
+
+        tile: decode in overlapping tile x tile latent windows (32 latents = 512 pixels); None: whole.
+        """
+        mean, std = self.bn_stats(z)
+        z = z * std + mean  # undo encode's normalisation
+        z = rearrange(z, "... (c pi pj) i j -> ... c (i pi) (j pj)", pi=self.patch, pj=self.patch)  # [B, 32, 128, 128]
+        z = z.contiguous(memory_format=torch.channels_last)
+        if tile is None:
+            return self.decoder(z).contiguous()  # [B, 3, 1024, 1024]
+        return tiled(self.decoder, z, tile * self.patch).contiguous()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

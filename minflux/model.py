@@ -62,13 +62,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, time_fa
 
 
 class MLPEmbedder(nn.Module):
-    """Linear → SiLU → Linear: maps a time embedding or the pooled text vector to the hidden size."""
+    """Linear → SiLU → Linear: maps a time embedding or the pooled text vector to the hidden size.
+    bias=False: FLUX.2's, which has no biases anywhere."""
 
-    def __init__(self, in_dim: int, hidden_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, bias: bool = True):
         super().__init__()
-        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=bias)
         self.silu = nn.SiLU()
-        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out_layer(self.silu(self.in_layer(x)))
@@ -103,15 +104,16 @@ class QKNorm(nn.Module):
 class SelfAttention(nn.Module):
     """The weights of one stream's attention: fused qkv, QK-norm, output projection.
 
-    The double block calls the pieces itself, because the two streams attend jointly.
+    The double block calls the pieces itself, because the two streams attend jointly. FLUX.2: no biases
+    (qkv_bias=False, proj_bias=False).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.norm = QKNorm(dim // num_heads)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
     @stage
     def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,12 +132,13 @@ class ModulationOut:
 
 
 class Modulation(nn.Module):
-    """adaLN: from vec [B, dim], predict (shift, scale, gate) once (single block) or twice (double block)."""
+    """adaLN: from vec [B, dim], predict (shift, scale, gate) once (single block) or twice (double block).
+    FLUX.2 computes three of them once per forward, for all blocks, without bias."""
 
-    def __init__(self, dim: int, double: bool):
+    def __init__(self, dim: int, double: bool, bias: bool = True):
         super().__init__()
         self.multiplier = 6 if double else 3
-        self.lin = nn.Linear(dim, self.multiplier * dim)
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=bias)
 
     def forward(self, vec: Tensor) -> list[ModulationOut]:
         out = self.lin(nn.functional.silu(vec))[:, None, :]  # [B, 1, 6 * 3072]
@@ -230,18 +233,34 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    """Adaptive LayerNorm from vec, then a linear map back to the packed latent channels."""
+    """Adaptive LayerNorm from vec, then a linear map back to the packed latent channels (FLUX.2: bias=False)."""
 
-    def __init__(self, hidden_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, out_channels: int, bias: bool = True):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=bias))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec).chunk(2, dim=1)  # 2 × [B, 3072]
         x = torch.addcmul(shift[:, None, :], self.norm_final(x), 1 + scale[:, None, :])  # (1 + scale) · x + shift
         return self.linear(x)  # [B, 8192, 64]
+
+
+def check_heads(params) -> None:
+    """hidden_size must split into num_heads heads whose dim is RoPE's sum(axes_dim) (FLUX.1 and FLUX.2 alike)."""
+    if params.hidden_size % params.num_heads or sum(params.axes_dim) != params.hidden_size // params.num_heads:
+        raise ValueError(
+            f"{type(params).__name__}: hidden_size {params.hidden_size} must split into {params.num_heads} heads "
+            f"whose dim equals sum(axes_dim) = {sum(params.axes_dim)}"
+        )
+
+
+def run_block(model: nn.Module, block: nn.Module, *args):
+    """block(*args), its activations recomputed in backward when model.gradient_checkpointing is on."""
+    if model.gradient_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class Flux(nn.Module):
@@ -250,12 +269,7 @@ class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
         self.params = params
-        head_dim = params.hidden_size // params.num_heads
-        if params.hidden_size % params.num_heads or sum(params.axes_dim) != head_dim:
-            raise ValueError(
-                f"FluxParams: hidden_size {params.hidden_size} must split into {params.num_heads} heads whose "
-                f"dim equals sum(axes_dim) = {sum(params.axes_dim)}"
-            )
+        check_heads(params)
         hidden = params.hidden_size
         self.img_in = nn.Linear(params.in_channels, hidden)
         self.time_in = MLPEmbedder(256, hidden)
@@ -270,11 +284,6 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(hidden, params.out_channels)
         self.gradient_checkpointing = False  # recompute each block's activations in backward to save memory
-
-    def _run(self, block: nn.Module, *args) -> Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self,
@@ -301,10 +310,10 @@ class Flux(nn.Module):
         pe = embed_ids(ids, self.params.axes_dim, self.params.theta)  # [B, 1, 8704, 64] complex, for all blocks
 
         for block in self.double_blocks:
-            img, txt = self._run(block, img, txt, vec, pe)
+            img, txt = run_block(self, block, img, txt, vec, pe)
         x = torch.cat((txt, img), dim=1)  # [B, 8704, 3072]
         for block in self.single_blocks:
-            x = self._run(block, x, vec, pe)
+            x = run_block(self, block, x, vec, pe)
         img = x[:, txt.shape[1] :, ...]  # [B, 8192, 3072]
         return self.final_layer(img, vec)  # [B, 8192, 64]
 

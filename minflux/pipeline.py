@@ -14,15 +14,14 @@ Every image carries in `image.info` what determines its pixels (prompt, seed, st
 length, dtype, device, the weights' and LoRAs' absolute paths, with the LoRAs' and images' SHA-256), which
 `save_image` writes as PNG text chunks (minflux/files/images.py: an A1111 "parameters" chunk for the image tools,
 a "minflux" JSON chunk for `sample.py --from`), so an image holds what it takes to make it again. Without a seed,
-one is drawn at random (as the official CLI does) and recorded. Image i is made alone,
-from noise drawn on the CPU in float32 with the seed seed + i (`get_noise`): a seed gives the same image alone, in
-a batch, and again from its PNG, on every CPU (diffusers' FluxPipeline with that list of generators draws the
-same noise). The official CLI makes its images one at a time too.
+one is drawn at random (as the official CLI does) and recorded. Image i is made alone, from noise drawn on the CPU
+in float32 with the seed seed + i (`get_noise`): a seed gives the same image alone, in a batch, and again from its
+PNG, on every CPU (diffusers' pipelines with that list of generators draw the same noise). FLUX.2's pipeline,
+minflux/pipeline_flux2.py, is this one with FLUX.2's inputs.
 
-Defaults are the official ones, kept with the presets (minflux/presets.py, from black-forest-labs/flux's
-src/flux/cli*.py): schnell 4 steps, no schedule shift, no guidance embedding, T5 256 tokens; dev 50 steps,
-guidance 3.5; Fill 50 steps, guidance 30; Kontext 30 steps, guidance 2.5, the reference resized to the
-trained resolution nearest its aspect ratio.
+Defaults are the official ones, kept with the presets (minflux/presets.py, from BFL's src/flux/cli*.py): schnell 4
+steps, no schedule shift, no guidance embedding, T5 256 tokens; dev 50 steps, guidance 3.5; Fill 50 steps, guidance
+30; Kontext 30 steps, guidance 2.5, the reference resized to the trained resolution nearest its aspect ratio.
 """
 
 import dataclasses
@@ -40,7 +39,7 @@ from minflux.files.images import DataError, a1111_parameters, image_to_tensor, m
 from minflux.files.images import settings_text, to_pil
 from minflux.files.load import find_weights, load_ae, load_clip, load_flux, load_t5
 from minflux.files.lora_files import load_lora
-from minflux.files.weights import WeightsError, read_state_dict, sha256
+from minflux.files.weights import WeightsError, read_shapes, read_state_dict, sha256
 from minflux.presets import spec_for
 from minflux.sampling import generate, get_noise, pack, prepare, prepare_fill, prepare_kontext
 
@@ -119,6 +118,7 @@ class FluxPipeline:
             part.to(home, self.dtype).eval().requires_grad_(False)
         for part in (clip.model, t5.model):  # kept in their loaded dtype (T5 in fp16 keeps fp32 parts)
             part.to(home).eval().requires_grad_(False)
+        self.encoders = (clip.model, t5.model, ae)  # on the device while the inputs are prepared
         self.task = task_of(model)
         self.defaults = spec_for(model)  # num_steps, guidance, shift, t5_max_length of the variant
         self.loras: list[dict] = []  # {"path", "sha256", "scale"} of each LoRA loaded, in order
@@ -150,6 +150,8 @@ class FluxPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         paths = find_weights(repo, flux, ae, clip, t5).require(repo)
+        if "bn.running_mean" in read_shapes(paths.ae):  # checked before anything is loaded
+            raise WeightsError(f"{paths.ae}: a FLUX.2 VAE (batch-norm statistics, 32 channels); FLUX.1 needs its own")
         load_to = "cpu" if offload else device
         model = load_flux(paths.flux, name=variant, device=load_to, dtype=dtype)
         length = max_length or spec_for(model).t5_max_length
@@ -219,18 +221,9 @@ class FluxPipeline:
 
         # 2. the inputs: text, and the images' conditions (encoded to the posterior mean, not a draw)
         t0 = time.perf_counter()
-        noise = get_noise(1, height, width, seed).to(self.device, self.dtype)  # [1, 16, H/8, W/8]
-        with self._on_device(self.clip.model, self.t5.model, self.ae):
-            if self.task == "fill":
-                image_t, mask_t = (condition[k].to(self.device, self.dtype) for k in ("image", "mask"))
-                inp = prepare_fill(self.t5, self.clip, noise, prompt, self.ae, image_t, mask_t)
-            elif self.task == "kontext":
-                inp = prepare_kontext(self.t5, self.clip, noise, prompt, self.ae, condition["image"].to(noise))
-            else:
-                inp = prepare(self.t5, self.clip, noise, prompt)
-            negative = None
-            if negative_prompt is not None and true_cfg_scale != 1.0:
-                negative = prepare(self.t5, self.clip, noise, negative_prompt)
+        noise = self._noise(height, width, seed)  # [1, 16, H/8, W/8]
+        with self._on_device(*self.encoders):
+            inp, negative = self._inputs(prompt, noise, condition, negative_prompt, true_cfg_scale)
         times["prepare"] = time.perf_counter() - t0
 
         # 3. each image alone, from its own noise: the same image whatever the batch
@@ -238,8 +231,7 @@ class FluxPipeline:
         with self._on_device(self.model, self.ae):
             for i in range(num_images):
                 if i:
-                    noise = get_noise(1, height, width, seed + i).to(self.device, self.dtype)
-                    inp = dataclasses.replace(inp, img=pack(noise))
+                    inp = dataclasses.replace(inp, img=self.pack(self._noise(height, width, seed + i)))
                 step_done = None if callback is None else lambda s, n, i=i: callback(i * n + s, num_images * n)
                 images.append(
                     generate(
@@ -279,6 +271,25 @@ class FluxPipeline:
                     )
                 )
         return out
+
+    pack = staticmethod(pack)  # noise → tokens, for the images after the first
+
+    def _noise(self, height: int, width: int, seed: int) -> Tensor:
+        return get_noise(1, height, width, seed).to(self.device, self.dtype)  # [1, 16, H/8, W/8]
+
+    def _inputs(self, prompt, noise, condition, negative_prompt, true_cfg_scale):
+        """The task's inputs (the one recipe's prepare*), and the negative prompt's for true CFG (or None)."""
+        if self.task == "fill":
+            image, mask = (condition[k].to(self.device, self.dtype) for k in ("image", "mask"))
+            inp = prepare_fill(self.t5, self.clip, noise, prompt, self.ae, image, mask)
+        elif self.task == "kontext":
+            inp = prepare_kontext(self.t5, self.clip, noise, prompt, self.ae, condition["image"].to(noise))
+        else:
+            inp = prepare(self.t5, self.clip, noise, prompt)
+        negative = None
+        if negative_prompt is not None and true_cfg_scale != 1.0:
+            negative = prepare(self.t5, self.clip, noise, negative_prompt)
+        return inp, negative
 
     def _prepare_images(self, image, mask, width, height, notes: list[str]) -> dict:
         """Read and check the task's images; fix the output size. Errors name the file and what was expected."""
@@ -328,7 +339,7 @@ class FluxPipeline:
         settings = {
             "task": self.task, "variant": variant, "prompt": prompt, "negative_prompt": negative,
             "true_cfg_scale": cfg, "seed": seed, "steps": steps, "guidance": guidance, "width": width,
-            "height": height, "t5_max_length": getattr(self.t5.tokenizer, "max_length", None),
+            "height": height, "t5_max_length": getattr(getattr(self.t5, "tokenizer", None), "max_length", None),
             "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "device": str(self.device),
             "weights": self.weights, "loras": self.loras, **sources,
         }  # fmt: skip

@@ -5,7 +5,8 @@ its constant velocity:                  v = dx_t/dt = ε − x₀          (what
 sampling runs it backwards with Euler:  x ← x + (t_prev − t) · v      (t_prev < t, so the step is negative)
 
 One recipe for every caller, as the official sampling.py has it: `prepare` (text), `prepare_fill` (+ image and
-mask on the channels) or `prepare_kontext` (+ a reference image in the sequence) gather the model's inputs;
+mask on the channels), `prepare_kontext` (+ a reference image in the sequence) or, for FLUX.2, `prepare_flux2`
+(text and any number of references) gather the model's inputs;
 `generate` runs the schedule, `denoise` and the decoder. Training calls `flow_matching_loss` with the same
 inputs; `velocity` is the one place where they are put together for the model.
 
@@ -22,6 +23,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
+from minflux.flux2 import Flux2
 from minflux.hooks import stage
 
 # --- 2×2 packing: latent images <-> token sequences ------------------------------------------------------
@@ -98,10 +100,10 @@ class Inputs:
     """
 
     img: Tensor | None  # [B, L, 64]  packed noise (None in training, where x_t is made from x₀)
-    img_ids: Tensor  # [B, L, 3]
-    txt: Tensor  # [B, T, 4096]  T5 hidden states
-    txt_ids: Tensor  # [B, T, 3]
-    y: Tensor  # [B, 768]  pooled CLIP
+    img_ids: Tensor  # [B, L, 3]  (FLUX.2: [B, L, 4])
+    txt: Tensor  # [B, T, 4096]  T5 hidden states  (FLUX.2: [B, 512, 7680] stacked Qwen3 layers)
+    txt_ids: Tensor  # [B, T, 3]  (FLUX.2: [B, T, 4])
+    y: Tensor | None  # [B, 768]  pooled CLIP  (FLUX.2: None, it has no pooled vector)
     img_cond: Tensor | None = None  # [B, L, 320]  Fill: the masked image's latent and the mask, on the channels
     img_cond_seq: Tensor | None = None  # [B, L', 64]  Kontext: the reference's tokens, after the image's
     img_cond_seq_ids: Tensor | None = None  # [B, L', 3]  their ids, axis0 = 1
@@ -194,6 +196,82 @@ def prepare_kontext(t5, clip, noise: Tensor, prompt, ae, reference) -> Inputs:
     return inp
 
 
+# --- FLUX.2: the VAE patchifies, ids have four axes, references sit at t = 10, 20, ... ------------------------
+
+
+@stage
+def pack_flux2(z: Tensor) -> Tensor:
+    """FLUX.2's latent [B, 128, H/16, W/16] → tokens [B, H/16 · W/16, 128]. The 2×2 patches are already on the
+    channels (FLUX.2's VAE patchifies before normalising), so a token is one latent pixel."""
+    return rearrange(z, "b c h w -> b (h w) c")  # [B, 128, 64, 64] -> [B, 4096, 128]
+
+
+@stage
+def unpack_flux2(tokens: Tensor, height: int, width: int) -> Tensor:
+    """Tokens [B, L, 128] → FLUX.2's latent [B, 128, H/16, W/16] for an image of height × width pixels."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=math.ceil(height / 16), w=math.ceil(width / 16))
+
+
+@stage
+def latent_ids_flux2(z: Tensor, t: float = 0.0) -> Tensor:
+    """The ids (t, h, w, l) of pack_flux2(z) for z [B, C, h, w] → [B, h · w, 4]: t = 0 for the generated image,
+    10 · (k + 1) for reference k; l = 0 (l counts text tokens)."""
+    b, _, h, w = z.shape
+    ids = torch.zeros(h, w, 4, device=z.device)
+    ids[..., 0] = t
+    ids[..., 1] = torch.arange(h, device=z.device)[:, None]
+    ids[..., 2] = torch.arange(w, device=z.device)[None, :]
+    return repeat(ids, "h w c -> b (h w) c", b=b)  # [B, 4096, 4]
+
+
+@stage
+def txt_ids_flux2(batch: int, length: int, device=None) -> Tensor:
+    """FLUX.2's text ids (0, 0, 0, i): the text's order on the fourth RoPE axis (FLUX.1's text ids are all zero)."""
+    ids = torch.zeros(length, 4, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return repeat(ids, "l c -> b l c", b=batch)  # [B, 512, 4]
+
+
+def get_noise_flux2(num: int, height: int, width: int, seed: int, channels: int = 128) -> Tensor:
+    """FLUX.2's starting noise → [N, 128, H/16, W/16], image i from its own generator seeded with seed + i."""
+    shape = (channels, math.ceil(height / 16), math.ceil(width / 16))
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(num)])
+
+
+@stage
+def reference_condition(ae, references: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """FLUX.2's references [B, 3, H', W'], each encoded alone → tokens one after another [B, ΣL', 128] and their
+    ids [B, ΣL', 4], reference k at t = 10 · (k + 1) (FLUX.1 Kontext: axis0 = k + 1)."""
+    tokens, ids = [], []
+    for k, image in enumerate(references):
+        z = ae.encode(image)  # [B, 128, 64, 64], normalised
+        tokens.append(pack_flux2(z))  # [B, 4096, 128]
+        ids.append(latent_ids_flux2(z, t=10.0 * (k + 1)))  # [B, 4096, 4]
+    return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+
+@stage
+def prepare_flux2(text_encoder, noise: Tensor, prompt, ae=None, references=()) -> Inputs:
+    """FLUX.2 text-to-image, or editing with references: the noise [B, 128, H/16, W/16] as tokens with their ids, the
+    prompt's stacked text-encoder states (Qwen3 or Mistral: [B, 512, 3 · hidden]), no pooled vector; each
+    reference image encoded by `ae` and appended after the image's tokens (img_cond_seq), as Kontext's is."""
+    prompts = _prompts(prompt, noise.shape[0])
+    txt = text_encoder(prompts).to(noise)  # [B, 512, 7680]
+    inp = Inputs(
+        img=pack_flux2(noise),  # [B, 4096, 128]
+        img_ids=latent_ids_flux2(noise),  # [B, 4096, 4]
+        txt=txt,
+        txt_ids=txt_ids_flux2(txt.shape[0], txt.shape[1], device=noise.device),  # [B, 512, 4]
+        y=None,
+        height=16 * noise.shape[2],
+        width=16 * noise.shape[3],
+    )
+    if references:
+        tokens, ids = reference_condition(ae, list(references))  # [B, 8192, 128], [B, 8192, 4] for two
+        inp.img_cond_seq, inp.img_cond_seq_ids = tokens.to(noise), ids
+    return inp
+
+
 # --- the schedule ------------------------------------------------------------------------------------------
 
 
@@ -222,6 +300,23 @@ def get_schedule(
     return timesteps.tolist()
 
 
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift, fitted by BFL: linear in the token count above 4300 tokens; below, interpolated in the step
+    count between the fits for 10 and 200 steps (fewer steps shift more)."""
+    mu_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return mu_200
+    mu_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    slope = (mu_200 - mu_10) / 190.0
+    return mu_200 + slope * (num_steps - 200)
+
+
+def get_schedule_flux2(num_steps: int, image_seq_len: int) -> list[float]:
+    """FLUX.2's num_steps + 1 values of t from 1 to 0: the same time_shift, with the empirical mu."""
+    timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    return time_shift(empirical_mu(image_seq_len, num_steps), 1.0, timesteps).tolist()
+
+
 # --- the model's prediction ------------------------------------------------------------------------------------
 
 
@@ -234,7 +329,7 @@ def velocity(
     img_ids: Tensor,
     txt: Tensor,
     txt_ids: Tensor,
-    y: Tensor,
+    y: Tensor | None = None,
     img_cond: Tensor | None = None,
     img_cond_seq: Tensor | None = None,
     img_cond_seq_ids: Tensor | None = None,
@@ -249,7 +344,9 @@ def velocity(
     if img_cond_seq is not None:
         x = torch.cat((x, img_cond_seq), dim=1)  # [B, 4096, 64] + [B, 4096, 64] -> [B, 8192, 64]
         x_ids = torch.cat((x_ids, img_cond_seq_ids), dim=1)
-    v = model(img=x, img_ids=x_ids, txt=txt, txt_ids=txt_ids, timesteps=t, y=y, guidance=guidance, **extra)
+    if y is not None:  # FLUX.1's pooled CLIP vector; FLUX.2 has none
+        extra["y"] = y
+    v = model(img=x, img_ids=x_ids, txt=txt, txt_ids=txt_ids, timesteps=t, guidance=guidance, **extra)
     return v[:, : img.shape[1]]  # the generated image's tokens: [B, 4096, 64]
 
 
@@ -263,7 +360,7 @@ def denoise(
     img_ids: Tensor,  # [B, L, 3]
     txt: Tensor,  # [B, T, 4096]
     txt_ids: Tensor,  # [B, T, 3]
-    y: Tensor,  # [B, 768]  pooled CLIP
+    y: Tensor | None,  # [B, 768]  pooled CLIP (FLUX.2: None)
     timesteps: list[float],
     guidance: float = 4.0,
     neg_txt: Tensor | None = None,  # true CFG: the negative prompt's embeddings
@@ -304,16 +401,19 @@ def generate(
 ) -> Tensor:
     """The whole recipe after `prepare*`: schedule → denoise → unpack → decode. Images [B, 3, H, W], about [-1, 1].
 
-    The schedule is shifted by the generated image's token count alone (shift: dev yes, schnell no); guidance
-    None is for models without a guidance embedding. `negative` (prepare's inputs of the negative prompt) with
-    true_cfg_scale ≠ 1 runs true classifier-free guidance. `timings`, if given, gets the seconds of each stage.
+    The schedule is shifted by the generated image's token count alone (shift: dev yes, schnell no; a FLUX.2
+    model takes its own schedule and latent layout); guidance None is for models without a guidance embedding.
+    `negative` (prepare's inputs of the negative prompt) with true_cfg_scale ≠ 1 runs true classifier-free
+    guidance. `timings`, if given, gets the seconds of each stage.
     """
     start = time.perf_counter()
     conditions = {k: inp[k] for k in inp.keys() if k not in ("img", "img_ids", "txt", "txt_ids", "y")}
     cfg = {}
     if negative is not None and true_cfg_scale != 1.0:
         cfg = dict(neg_txt=negative.txt, neg_txt_ids=negative.txt_ids, neg_y=negative.y, true_cfg_scale=true_cfg_scale)
-    timesteps = get_schedule(num_steps, inp.img.shape[1], shift=shift)
+    flux2 = isinstance(getattr(model, "flux", model), Flux2)
+    seq_len = inp.img.shape[1]
+    timesteps = get_schedule_flux2(num_steps, seq_len) if flux2 else get_schedule(num_steps, seq_len, shift=shift)
     latent = denoise(
         model,
         inp.img,
@@ -329,7 +429,8 @@ def generate(
     )  # [B, 4096, 64]
     decode_start = time.perf_counter()
     ae_dtype = next(ae.parameters()).dtype  # bf16 on CUDA: the latent meets the decoder in its dtype
-    images = ae.decode(unpack(latent.to(ae_dtype), inp.height, inp.width))  # [B, 16, 128, 128] -> [B, 3, 1024, 1024]
+    z = (unpack_flux2 if flux2 else unpack)(latent.to(ae_dtype), inp.height, inp.width)  # [B, 16, 128, 128]
+    images = ae.decode(z)  # [B, 3, 1024, 1024]
     if timings is not None:
         timings["denoise"] = decode_start - start
         timings["decode"] = time.perf_counter() - decode_start

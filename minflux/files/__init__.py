@@ -3,8 +3,10 @@
 weights.py      safetensors and sharded folders, lazy reads, atomic writes, WeightsError
 keys.py         the other tools' key names (diffusers, ComfyUI, kohya, PEFT, BFL, XLabs), as data
 load.py         load_flux, load_ae, load_clip, load_t5; find_weights (a repo or run folder → the parts)
+load_flux2.py   load_flux2 (FLUX.2's transformer, which load_flux hands on) and its diffusers key table
+load_llm.py     load_qwen3, load_mistral: FLUX.2's text encoders from their HF folders, with the tokenizer
 lora_files.py   read_lora, load_lora, save_lora in every common layout
-tokenizers.py   CLIPTokenizer, T5Tokenizer, and small vocabularies written in their formats
+tokenizers.py   CLIPTokenizer, T5Tokenizer, ChatTokenizer (Qwen3's, Mistral's chat templates), small vocabularies
 images.py       images as tensors, PNGs with their settings, grids and plots
 """
 

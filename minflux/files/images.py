@@ -174,15 +174,15 @@ SETTING_TYPES = {
     "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "width": int, "height": int, "guidance": float,
     "true_cfg_scale": float, "t5_max_length": int, "dtype": str, "variant": str, "device": str,
 }  # fmt: skip
-PARTS = ("flux", "ae", "clip", "t5")  # the weights it was made with: {part: path}
+PARTS = ("flux", "ae", "clip", "t5", "text_encoder")  # the weights it was made with: {part: path}
 EXPECTED = {int: "an integer", float: "a number", str: "a string"}
 
 
 def checked_settings(source) -> dict:
     """read_settings, every setting checked against what minflux writes: the SETTING_TYPES values typed (an earlier
     minflux's one chunk per setting holds strings; "none" means absent), "weights" {part: path}, "image" and "mask"
-    {"path", "sha256"} (or {"in_memory"}), "loras" a list of those with a numeric "scale". DataError naming the image
-    and the setting otherwise, or when it holds no settings."""
+    {"path", "sha256"} (or {"in_memory"}; FLUX.2's "image" a list of those), "loras" a list of those with a numeric
+    "scale". DataError naming the image and the setting otherwise, or when it holds no settings."""
     s = read_settings(source)
     if not s:
         raise DataError(source, 'holds no minflux settings (no "minflux" PNG text chunk)')
@@ -218,7 +218,11 @@ def checked_settings(source) -> dict:
     if not (isinstance(weights, dict) and all(k in PARTS and isinstance(v, str) for k, v in weights.items())):
         raise bad('"weights"', weights, f"an object of part → path, the parts {', '.join(PARTS)}")
     out["weights"] = weights
-    out |= {part: file(f'"{part}"', s[part]) for part in ("image", "mask") if s.get(part) is not None}
+    for part in (p for p in ("image", "mask") if s.get(p) is not None):
+        if part == "image" and isinstance(s[part], list):  # FLUX.2's references
+            out[part] = [file(f'"image"[{i}]', record) for i, record in enumerate(s[part])]
+        else:
+            out[part] = file(f'"{part}"', s[part])
     loras = s.get("loras", [])
     if not isinstance(loras, list):
         raise bad('"loras"', loras, 'a list of LoRAs, each an object with a "path" and a "scale"')

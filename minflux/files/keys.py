@@ -125,8 +125,8 @@ def flux_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # --- the VAE ---------------------------------------------------------------------------------------------
 
-# diffusers' AutoencoderKL names -> the official names, as whole dotted pieces of a key, applied in this
-# order (the mid_block entries before the general "resnets"). Two rules are not in the table:
+# diffusers' AutoencoderKL (and AutoencoderKLFlux2) names -> the official names, as whole dotted pieces of a key,
+# applied in this order (the mid_block entries before the general "resnets"). Two rules are not in the table:
 #   decoder.up_blocks.{i} runs lowest resolution first, so it is decoder.up.{n - 1 - i} (n levels);
 #   diffusers' attention has Linear q/k/v/out weights [C, C], the official 1x1 convs [C, C, 1, 1].
 DIFFUSERS_TO_OFFICIAL = {
@@ -145,6 +145,8 @@ DIFFUSERS_TO_OFFICIAL = {
     "downsamplers.0": "downsample",
     "upsamplers.0": "upsample",
     "conv_shortcut": "nin_shortcut",
+    "quant_conv": "encoder.quant_conv",  # FLUX.2: diffusers keeps the 1x1 convs at the top level
+    "post_quant_conv": "decoder.post_quant_conv",
 }
 ATTENTION_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
 

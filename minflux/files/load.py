@@ -1,7 +1,7 @@
 """Loading the official weights into minflux's models: the transformer, the VAE, CLIP-L and T5-XXL.
 
     load_flux   flux1-*.safetensors (BFL), a diffusers transformer/ folder or a repo root; any stored dtype
-    load_ae     ae.safetensors or a diffusers vae/ folder
+    load_ae     ae.safetensors or a diffusers vae/ folder, FLUX.1's or FLUX.2's
     load_clip   a text_encoder/ folder or a single file (clip_l.safetensors); the tokenizer beside it
     load_t5     a text_encoder_2/ folder (sharded) or a single file (t5xxl_fp16.safetensors); its tokenizer_2/
     find_weights  one repo or run folder → the four parts' paths
@@ -19,29 +19,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minflux.autoencoder import AE_PARAMS_FLUX, AutoEncoder, AutoEncoderParams
+from minflux.autoencoder import AE_PARAMS_FLUX, AE_PARAMS_FLUX2, AutoEncoder, AutoEncoderParams, Flux2AutoEncoder
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
 from minflux.files.keys import ATTENTION_WEIGHTS, CLIP_CONFIG_NAMES, CLIP_PREFIXES, CLIP_TOKEN_EMBEDDING, CLIP_TOWER
 from minflux.files.keys import FLUX_MARKERS, FLUX_PREFIXES, T5_ANCHOR, block_count, diffusers_to_flux
 from minflux.files.keys import is_diffusers_layout, official_key, official_state_dict
+from minflux.files.load_flux2 import is_flux2, load_flux2
 from minflux.files.tokenizers import CLIPTokenizer, T5Tokenizer
 from minflux.files.weights import WeightsError, is_finite_number, is_sizes, layers_agree, load_into, metadata_json
 from minflux.files.weights import numbered, read_metadata, read_shapes, read_state_dict, save_atomic, sizes_of
-from minflux.files.weights import weight_files
+from minflux.files.weights import read_json, weight_files
 from minflux.model import Flux, FluxParams
 from minflux.presets import configs
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
-
-
-def read_json(file: Path) -> dict:
-    """A config.json as a dict; WeightsError naming the file if it is not a json object."""
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{file}: not valid json: {e}") from None
-    if not isinstance(config, dict):
-        raise WeightsError(f"{file}: expected a json object, found {type(config).__name__}")
-    return config
 
 
 # --- the transformer -----------------------------------------------------------------------------------------
@@ -90,7 +80,7 @@ def _find_prefix(shapes: dict, source) -> str:
 
 
 def load_flux(path, name: str | None = None, device="cpu", dtype: torch.dtype | None = None) -> Flux:
-    """A Flux transformer from an official file, a diffusers transformer/ folder or a repo root.
+    """A Flux transformer (Flux2 for FLUX.2's weights) from an official file, a diffusers transformer/ or a repo root.
 
     name: a preset of minflux.configs to check the weights against; None reads the variant from the weights.
     dtype: None keeps the stored dtype (fp8, a storage format, becomes bf16); else every tensor is cast.
@@ -103,8 +93,11 @@ def load_flux(path, name: str | None = None, device="cpu", dtype: torch.dtype | 
     if name is not None and name not in configs:
         raise WeightsError(f"{path}: unknown variant {name!r}; known presets: {', '.join(configs)}")
     files = weight_files(path)
+    shapes = read_shapes(path)
+    if is_flux2(shapes):  # FLUX.2 weights: a model class of its own
+        return load_flux2(path, device=device, dtype=dtype, name=name)
     metadata = read_metadata(path)
-    prefix = _find_prefix(read_shapes(path), path)
+    prefix = _find_prefix(shapes, path)
     sd = read_state_dict(path, dtype=dtype, select=lambda k: k.startswith(prefix))
     sd = {k[len(prefix) :]: v for k, v in sd.items()}
 
@@ -151,7 +144,8 @@ def save_flux(model: Flux, path, variant: str | None = None) -> Path:
 
 
 def ae_params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams:
-    """Read ch, ch_mult, num_res_blocks, z_channels and the in/out channels off the official-key shapes."""
+    """Read ch, ch_mult, num_res_blocks, z_channels and the in/out channels off the official-key shapes; the
+    other fields from AE_PARAMS_FLUX2 where the weights hold FLUX.2's batch norm (`bn.*`), else AE_PARAMS_FLUX."""
 
     def shape(key):
         if key not in shapes:
@@ -162,21 +156,23 @@ def ae_params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams
     num_levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
     num_res_blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
     ch_mult = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(num_levels)]
+    preset = AE_PARAMS_FLUX2 if "bn.running_mean" in shapes else AE_PARAMS_FLUX
     return AutoEncoderParams(
-        resolution=AE_PARAMS_FLUX.resolution,  # not stored in the weights, and used by no layer
+        resolution=preset.resolution,  # not stored in the weights, and used by no layer
         in_channels=in_channels,
         ch=ch,
         out_ch=shape("decoder.conv_out.weight")[0],  # [3, 128, 3, 3]
         ch_mult=ch_mult,
         num_res_blocks=num_res_blocks,
         z_channels=shape("decoder.conv_in.weight")[1],  # [512, 16, 3, 3]
-        scale_factor=AE_PARAMS_FLUX.scale_factor,
-        shift_factor=AE_PARAMS_FLUX.shift_factor,
+        scale_factor=preset.scale_factor,
+        shift_factor=preset.shift_factor,
     )
 
 
-def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder:
-    """An AutoEncoder from an official ae.safetensors, a diffusers vae/ folder, or a file with diffusers keys.
+def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder | Flux2AutoEncoder:
+    """An AutoEncoder from an official ae.safetensors, a diffusers vae/ folder, or a file with diffusers keys; a
+    Flux2AutoEncoder where the weights hold FLUX.2's batch norm (`bn.running_mean`: its ae.safetensors, or vae/).
 
     The size is read off the weights' shapes; scale and shift come from the folder's config.json when it has
     them, else the official values. dtype None keeps the stored dtype (fp8, a storage format, becomes bf16).
@@ -199,6 +195,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
             params.scale_factor = config["scaling_factor"]
         if config.get("shift_factor") is not None:
             params.shift_factor = config["shift_factor"]
+        params.norm_groups = config.get("norm_num_groups", params.norm_groups)  # 32 in the official VAEs
 
     stored = metadata_json(
         read_metadata(path),
@@ -211,7 +208,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
         params.norm_groups = stored.get("norm_groups", params.norm_groups)
 
     with torch.device("meta"), sizes_of(path, "autoencoder"):  # no memory: the loaded tensors are assigned here
-        ae = AutoEncoder(params)
+        ae = (Flux2AutoEncoder if "bn.running_mean" in shapes else AutoEncoder)(params)
     sd = read_state_dict(path, dtype)
     if diffusers:
         sd = official_state_dict(sd, num_levels)

@@ -1,18 +1,24 @@
-"""The two tokenizers FLUX uses, read from their official folders, and small vocabularies built from a text.
+"""The tokenizers FLUX uses, read from their official folders, and small vocabularies built from a text.
 
     CLIPTokenizer   tokenizer/   (vocab.json + merges.txt): byte-level BPE, 77 ids, <|startoftext|> … <|endoftext|>
     T5Tokenizer     tokenizer_2/ (tokenizer.json or spiece.model): sentencepiece pieces, </s>, <pad> up to 512
+    ChatTokenizer   FLUX.2's tokenizer/ (tokenizer.json): the prompt in Qwen3's or Mistral's chat template, 512
+                    ids and an attention mask
 
 The embedded default has no official vocabulary, so `write_clip_tokenizer` and `write_t5_tokenizer` learn one from
 its captions and write it in the official formats, which these classes then read like the official files.
 
 References: openai/CLIP (clip/simple_tokenizer.py); transformers (tokenization_clip.py, tokenization_t5.py);
-diffusers FluxPipeline (padding="max_length" to 77 and to 512, truncation).
+diffusers FluxPipeline (padding="max_length" to 77 and to 512, truncation); for FLUX.2, Qwen3's and
+Mistral-Small-3.1's chat templates (their tokenizer_config.json / chat_template.json), black-forest-labs/flux2
+(text_encoder.py), diffusers Flux2KleinPipeline._get_qwen3_prompt_embeds and Flux2Pipeline.format_input.
 """
 
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece
@@ -290,3 +296,121 @@ def write_t5_tokenizer(folder, text: str, vocab_size: int = 256, model_type: str
     )
     (folder / "spiece.vocab").unlink()  # a human-readable copy; the .model file is all T5Tokenizer reads
     return folder
+
+
+# --- FLUX.2: the language models' chat templates ---------------------------------------------------------
+
+# FLUX.2 [dev]'s system message (black-forest-labs/flux2 src/flux2/system_messages.py; the same in diffusers'
+# pipelines/flux2/system_messages.py). The line break inside it is part of the text the model was trained on.
+FLUX2_SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+
+
+def qwen3_chat(prompt: str) -> str:
+    """The text Qwen3's chat template makes of one user message with the generation prompt and thinking off
+    (apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)): the user's turn, then the
+    assistant's turn opened with an empty thinking block."""
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def mistral_chat(prompt: str, system: str = FLUX2_SYSTEM_MESSAGE) -> str:
+    """The text Mistral-Small-3.x's chat template makes of FLUX.2 [dev]'s conversation, a system message and a
+    user message: <s>, the system prompt, the instruction; no generation prompt. "[IMG]" is first taken out of the
+    prompt, as FLUX.2's format_input does (an image placeholder with no image)."""
+    return f"<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{prompt.replace('[IMG]', '')}[/INST]"
+
+
+@dataclass(frozen=True)
+class ChatFamily:
+    chat: Callable[[str], str]  # prompt → the chat template's text
+    add_special_tokens: bool  # let tokenizer.json's post-processor add its tokens (Qwen's adds none)
+    pad_token: str  # unless tokenizer_config.json names another
+    padding_side: str  # unless tokenizer_config.json says otherwise
+    markers: tuple[str, ...]  # tokens the template needs as single ids: missing ones mean another tokenizer
+
+
+CHAT_FAMILIES = {
+    # klein: Qwen2TokenizerFast on apply_chat_template's text; it pads on the right (the transformers default)
+    "qwen3": ChatFamily(qwen3_chat, True, "<|endoftext|>", "right", ("<|im_start|>", "<|im_end|>", "<think>")),
+    # dev: the processor's apply_chat_template; Mistral's (Llama) tokenizer class pads on the left, and the template
+    # writes <s> itself, so the tokenizer adds nothing
+    "mistral": ChatFamily(mistral_chat, False, "<pad>", "left", ("<s>", "[INST]", "[SYSTEM_PROMPT]")),
+}
+
+
+def read_tokenizer_config(folder: Path) -> dict:
+    """tokenizer_config.json as a dict, {} if the folder has none."""
+    file = folder / "tokenizer_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{file}: not valid json: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{file}: expected a json object, found {type(config).__name__}")
+    return config
+
+
+class ChatTokenizer:
+    """Prompts → (ids, mask), each [B, max_length]: every prompt in its language model's chat template, tokenized,
+    cut to max_length and padded, as FLUX.2's pipelines do before the text encoder. mask: 1 = a token, 0 = padding.
+
+    family "qwen3" (klein: Qwen3-4B / 8B, right padding with <|endoftext|>) or "mistral" (dev: Mistral-Small-3.2,
+    left padding with <pad>). Reads `tokenizer.json` from the `tokenizer/` folder with the `tokenizers` package,
+    and the pad token and side from its tokenizer_config.json when it names them. A text longer than max_length
+    loses its end, the closing template tokens included (a warning says how much), as in the pipelines.
+    """
+
+    def __init__(self, folder, family: str = "qwen3", max_length: int = 512):
+        folder = Path(folder)
+        if family not in CHAT_FAMILIES:
+            raise ValueError(f"family {family!r}: expected one of {', '.join(CHAT_FAMILIES)}")
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            where = "no such folder" if not folder.is_dir() else "no tokenizer.json in it"
+            raise WeightsError(f"{folder}: {where} (expected a {family} tokenizer/ folder with tokenizer.json)")
+        try:
+            self.backend = Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception for a malformed file
+            raise WeightsError(f"{file}: not a tokenizers file: {e}") from None
+        self.backend.no_truncation()  # cut and padded below, in plain sight
+        self.backend.no_padding()
+        self.family, self.max_length = family, max_length
+        spec = CHAT_FAMILIES[family]
+        self.chat, self.add_special_tokens = spec.chat, spec.add_special_tokens
+        missing = [t for t in spec.markers if self.backend.token_to_id(t) is None]
+        if missing:
+            raise WeightsError(f"{file}: no {', '.join(missing)} token: not a {family} tokenizer")
+
+        config = read_tokenizer_config(folder)
+        pad_token = config.get("pad_token") or spec.pad_token
+        pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
+        self.pad_id = self.backend.token_to_id(pad_token) if isinstance(pad_token, str) else None
+        if self.pad_id is None:
+            raise WeightsError(f"{file}: the pad token {pad_token!r} is not in the vocabulary")
+        self.padding_side = config.get("padding_side", spec.padding_side)
+        if self.padding_side not in ("left", "right"):
+            raise WeightsError(f"{folder / 'tokenizer_config.json'}: padding_side {self.padding_side!r}")
+
+    @stage
+    def __call__(self, prompts: str | list[str]) -> tuple[Tensor, Tensor]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        texts = [self.chat(prompt) for prompt in prompts]
+        encodings = self.backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.long)  # [B, 512]
+        mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
+        for i, encoding in enumerate(encodings):
+            row = encoding.ids
+            if len(row) > self.max_length:
+                warn_caller(
+                    f"{self.family} prompt {i} is {len(row)} tokens long in its chat template, the context holds "
+                    f"{self.max_length}: the last {len(row) - self.max_length} dropped"
+                )
+                row = row[: self.max_length]
+            start = self.max_length - len(row) if self.padding_side == "left" else 0
+            ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, start : start + len(row)] = 1
+        return ids, mask

@@ -145,6 +145,17 @@ def read_shapes(path) -> dict[str, tuple[tuple[int, ...], str]]:
     return shapes
 
 
+def read_json(file: Path) -> dict:
+    """A config.json as a dict; WeightsError naming the file if it is not a json object."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{file}: not valid json: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{file}: expected a json object, found {type(config).__name__}")
+    return config
+
+
 def read_metadata(path) -> dict[str, str]:
     """The string metadata stored in the (first) safetensors header, {} if none."""
     file = weight_files(path)[0]

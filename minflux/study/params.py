@@ -1,6 +1,7 @@
 """Parameter tables: every component's parameters, trainable and frozen, with its block types folded.
 
-python -m minflux.study.trace flux-dev --params      the official counts, from presets built on the meta device
+python -m minflux.study.trace flux-dev --params        the official counts, from presets built on the meta device
+python -m minflux.study.trace flux2-klein-4b --params  FLUX.2's: the transformer, its VAE, the text encoder as run
 
 from minflux.study.params import parameter_table
 print(parameter_table({"transformer": flux, "ae": ae}))
@@ -9,10 +10,13 @@ print(parameter_table({"transformer": flux, "ae": ae}))
 import torch
 from torch import nn
 
-from minflux.autoencoder import AutoEncoder
+from minflux.autoencoder import AutoEncoder, Flux2AutoEncoder
 from minflux.clip import CLIP_L, CLIPParams, CLIPTextModel
+from minflux.files.load_llm import MISTRAL_LAYERS, QWEN3_LAYERS
+from minflux.flux2 import Flux2, Flux2Params
 from minflux.model import Flux
 from minflux.presets import configs
+from minflux.qwen3 import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, Qwen3, Qwen3Params
 from minflux.t5 import T5_XXL, T5Encoder, T5Params
 
 
@@ -75,7 +79,8 @@ def parameter_rows(name: str, module: nn.Module, depth: int = 0, max_depth: int 
 
 def parameter_table(parts: dict[str, nn.Module] | nn.Module, max_depth: int = 2) -> str:
     """A model summary: parameters of each component and of its children (block types folded), trainable and
-    frozen, and the total. `parts`: {"transformer": flux, "ae": ae, ...} or one module. Works on meta models."""
+    frozen, and the total. `parts`: {"transformer": flux, "ae": ae, ...} or one module. Works on meta models.
+    A language model built only up to the layers read (FLUX.2's Qwen3) gets a line under the total: its full count."""
     if isinstance(parts, nn.Module):
         parts = {type(parts).__name__.lower(): parts}
     rows = []
@@ -91,16 +96,43 @@ def parameter_table(parts: dict[str, nn.Module] | nn.Module, max_depth: int = 2)
         if label == "total":
             lines.append("-" * len(header))
         lines.append(f"{label:<{width}}  {t:>15,}  {tr:>15,}  {t - tr:>15,}" + (f"  {note}" if note else ""))
+    for name, module in parts.items():
+        if isinstance(module, Qwen3) and 0 < module.depth < module.params.num_layers:
+            layers, built = module.params.num_layers, module.depth
+            full = _count(module.parameters())[0] + (layers - built) * _count(module.model.layers[0].parameters())[0]
+            lines.append(
+                f"{name}: the first {built} of {layers} layers, those read; all {layers}, no LM head: {full:,}"
+            )
     return "\n".join(lines)
+
+
+def flux2_text_encoder(params: Flux2Params) -> tuple[Qwen3Params, tuple[int, ...]]:
+    """The language model a FLUX.2 transformer reads, and the hidden states it stacks: Qwen3-4B / 8B for [klein]
+    4B / 9B (9, 18, 27), Mistral Small 3.2 for [dev] (10, 20, 30), from its context_in_dim = 3 · hidden; for a
+    small preset a small Qwen3 of the width it reads (four layers, the first three read)."""
+    for llm, layers in ((QWEN3_4B, QWEN3_LAYERS), (QWEN3_8B, QWEN3_LAYERS), (MISTRAL_SMALL_3_2, MISTRAL_LAYERS)):
+        if params.context_in_dim == len(layers) * llm.hidden_size:
+            return llm, layers
+    width = params.context_in_dim // 3  # flux2-small: 192 = 3 × 64
+    return Qwen3Params(160, width, 2 * width, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16), (1, 2, 3)
 
 
 def meta_components(preset: str, t5_length: int | None = None) -> dict[str, nn.Module]:
     """The preset's transformer, VAE, CLIP and T5, built on the meta device (no storage: no memory, no time).
 
     The official presets get CLIP-L and T5-XXL; the small presets get the embedded default's small encoders,
-    whose widths match their vec_in_dim and context_in_dim."""
+    whose widths match their vec_in_dim and context_in_dim. FLUX.2: the transformer, its VAE and its text encoder,
+    the language model built up to the deepest layer read (27 of Qwen3's 36), as FLUX.2 runs it."""
     spec = configs[preset]
     p = spec.params
+    if isinstance(p, Flux2Params):
+        llm, layers = flux2_text_encoder(p)
+        with torch.device("meta"):
+            return {
+                "transformer": Flux2(p),
+                "ae": Flux2AutoEncoder(spec.ae_params),
+                "text_encoder": Qwen3(llm, max(layers)),
+            }
     clip_params = CLIP_L if p.vec_in_dim == 768 else CLIPParams(512, p.vec_in_dim, 4 * p.vec_in_dim, 2, 2)
     t5_params = T5_XXL if p.context_in_dim == 4096 else T5Params(160, p.context_in_dim, 32, 2 * p.context_in_dim, 2, 2)
     with torch.device("meta"):

@@ -3,6 +3,7 @@
     python -m minflux.study.trace flux-dev-kontext          one 1024×1024 Kontext step: the Kontext walk-through
     python -m minflux.study.trace vis2ir --batch 4          one vis2ir training step, with the design's DEBUG shapes
     python -m minflux.study.trace flux-dev --params         parameter counts of every component and block type
+    python -m minflux.study.trace flux2-klein-4b            FLUX.2: two references, Qwen3 read (trace_flux2.py)
 
 The presets are built at full size on torch's meta device: tensors there have shapes and dtypes but no
 storage, so FLUX.1-dev, its VAE, CLIP-L and T5-XXL run through a whole step in seconds, with no weights and
@@ -45,10 +46,11 @@ from minflux.study.params import meta_components, parameter_table
 STAGE_MODULES = {
     "Flux", "Vis2IR", "Encoder", "Decoder", "CLIPTextModel", "T5Encoder", "MLPEmbedder", "Modulation",
     "DoubleStreamBlock", "SingleStreamBlock", "LastLayer", "SemanticConditioningAdapter",
-    "SemanticCrossAttention", "BlockInjection",
+    "SemanticCrossAttention", "BlockInjection", "Flux2", "Qwen3", "DecoderLayer",
 }  # fmt: skip
 # The direct children of these are stages too: the Linear, norm and MLP layers of the walk-through.
-EXPANDED_MODULES = {"Flux", "DoubleStreamBlock", "SingleStreamBlock", "SelfAttention", "Vis2IR"}
+EXPANDED_MODULES = {"Flux", "DoubleStreamBlock", "SingleStreamBlock", "SelfAttention", "Vis2IR", "Flux2"}
+EXPANDED_MODULES |= {"DecoderLayer", "Attention", "MLP", "ModuleDict"}  # Qwen3's (ModuleDict: its `model`)
 
 
 def _attention_note(inputs: dict, output, lines: list) -> str:
@@ -62,8 +64,8 @@ def _attention_note(inputs: dict, output, lines: list) -> str:
 
 def _rope_note(inputs: dict, output, lines: list) -> str:
     """The RoPE table pe holds one e^{i·a} per pair of head channels: its last axis is half the head dim."""
-    axes, pairs = inputs["axes_dim"], " + ".join(str(d // 2) for d in inputs["axes_dim"])
-    return f"{sum(axes) // 2} pairs of {sum(axes)} channels: {pairs} for axis0, row, col"
+    axes, names = inputs["axes_dim"], "axis0, row, col" if len(inputs["axes_dim"]) == 3 else "t, h, w, l"  # FLUX.2
+    return f"{sum(axes) // 2} pairs of {sum(axes)} channels: {' + '.join(str(d // 2) for d in axes)} for {names}"
 
 
 def _velocity_note(inputs: dict, output, lines: list) -> str:
@@ -369,28 +371,31 @@ def trace_preset(
     steps: int = 1,
     t5_length: int | None = None,
     quiet: bool = False,
+    references: int = 2,
 ) -> ShapeTrace:
     """One sampling step of a preset at full size on the meta device, traced through the one recipe (prepare*,
     generate). Text-to-image for dev and schnell, inpainting for Fill (an image and a mask), editing for Kontext
-    (a reference image appended to the sequence): the Kontext walk-through for flux-dev-kontext at 1024×1024."""
+    (a reference image appended to the sequence): the Kontext walk-through for flux-dev-kontext at 1024×1024.
+    FLUX.2: `references` reference images, its text encoder fed t5_length (512) tokens: trace_flux2.py."""
     from minflux.presets import configs
     from minflux.sampling import generate, prepare, prepare_fill, prepare_kontext
+    from minflux.study.trace_flux2 import trace_flux2
 
     spec = configs[preset]
-    parts = meta_components(preset)
-    flux, ae, clip, t5 = parts["transformer"], parts["ae"], parts["clip"], parts["t5"]
+    if spec.name.startswith("flux2"):
+        return trace_flux2(preset, height, width, batch, steps, t5_length or 512, references, quiet)
+    flux, ae, clip, t5 = meta_components(preset).values()
     clip_call = _meta_text_encoder(clip, clip.params.max_position_embeddings, pooled=True)  # ids [1, 77]
     t5_call = _meta_text_encoder(t5, t5_length or spec.t5_max_length, pooled=False)  # ids [1, 512]
-    meta = torch.device("meta")
     with torch.no_grad(), shape_trace(quiet, transformer=flux, ae=ae, clip=clip, t5=t5) as trace:
-        noise = torch.randn(batch, ae.params.z_channels, height // 8, width // 8, device=meta)  # [1, 16, 128, 128]
+        noise = torch.randn(batch, ae.params.z_channels, height // 8, width // 8, device="meta")  # [1, 16, 128, 128]
         prompts = ["a prompt"] * batch
         if flux.params.in_channels > 64:  # Fill: the image with the area to fill erased, and the mask
-            image = torch.randn(batch, 3, height, width, device=meta)
-            mask = torch.ones(batch, 1, height, width, device=meta)
+            image = torch.randn(batch, 3, height, width, device="meta")
+            mask = torch.ones(batch, 1, height, width, device="meta")
             inp = prepare_fill(t5_call, clip_call, noise, prompts, ae, image, mask)  # + img_cond [1, 4096, 320]
         elif spec.name.endswith("kontext"):  # Kontext: the reference image's tokens follow the noise's
-            reference = torch.randn(batch, 3, height, width, device=meta)  # [1, 3, 1024, 1024]
+            reference = torch.randn(batch, 3, height, width, device="meta")  # [1, 3, 1024, 1024]
             inp = prepare_kontext(t5_call, clip_call, noise, prompts, ae, reference)  # + img_cond_seq [1, 4096, 64]
         else:
             inp = prepare(t5_call, clip_call, noise, prompts)
@@ -464,13 +469,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 1; vis2ir: 4, the design's)")
     parser.add_argument("--steps", type=int, default=1, help="sampling steps to run (the trace folds repeats)")
     parser.add_argument("--t5-length", type=int, default=None, help="T5 tokens (default: the preset's, 512 for dev)")
+    parser.add_argument("--references", type=int, default=2, help="FLUX.2: reference images (default 2)")
     parser.add_argument("--semantic", default="xattn", help="vis2ir: the injection (default xattn, the design's)")
-    parser.add_argument(
-        "--semantic-layout",
-        default="panel",
-        choices=("panel", "diptych"),
-        help="vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the vis2ir design's)",
-    )
+    layouts = "vis2ir: the semantic tokens of the map alone (1024) or beside itself (2048, the vis2ir design's)"
+    parser.add_argument("--semantic-layout", default="panel", choices=("panel", "diptych"), help=layouts)
     parser.add_argument("--params", action="store_true", help="print the parameter table instead of the trace")
     args = parser.parse_args(argv)
     if args.preset != "vis2ir" and args.preset not in configs:
@@ -489,7 +491,7 @@ def main(argv=None) -> int:
             parts = {"transformer": parts.pop("transformer"), **injection, **parts}  # then ae, clip, t5
         else:
             parts = meta_components(args.preset)
-            for name in ("ae", "clip", "t5"):  # frozen in FLUX: only the transformer is ever trained
+            for name in set(parts) - {"transformer"}:  # frozen in FLUX: only the transformer is ever trained
                 parts[name].requires_grad_(False)
         print(parameter_table(parts))
         return 0
@@ -497,10 +499,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if args.preset == "vis2ir":
         panel, batch = args.height or 512, args.batch or 4
-        print(
-            f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels, "
-            f"--semantic {args.semantic}, --semantic-layout {args.semantic_layout}"
-        )
+        step = f"vis2ir training step on the meta device: FLUX.1-Fill-dev, {batch} triptychs of {panel}-pixel panels"
+        print(f"{step}, --semantic {args.semantic}, --semantic-layout {args.semantic_layout}")
         try:
             trace = trace_vis2ir(batch, panel, args.semantic, args.t5_length or 512, layout=args.semantic_layout)
         except ValueError as e:
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
     else:
         height, width, batch = args.height or 1024, args.width or 1024, args.batch or 1
         print(f"{args.preset}: {args.steps} sampling step(s) at {height}×{width}, batch {batch}, on the meta device")
-        trace_preset(args.preset, height, width, batch, args.steps, args.t5_length)
+        trace_preset(args.preset, height, width, batch, args.steps, args.t5_length, references=args.references)
     print(f"\ntraced in {time.perf_counter() - start:.1f} s")
     return 0
 
