@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from minflux.attention import attention, embed_ids
 from minflux.model import LastLayer, MLPEmbedder, Modulation, ModulationOut, QKNorm, SelfAttention, gated, modulate
-from minflux.model import check_heads, run_block, timestep_embedding
+from minflux.model import check_heads, double_stream, run_block, timestep_embedding
 
 
 @dataclass
@@ -91,24 +91,7 @@ class DoubleStreamBlock(nn.Module):
         self, img: Tensor, txt: Tensor, pe: Tensor, mod_img: list[ModulationOut], mod_txt: list[ModulationOut]
     ) -> tuple[Tensor, Tensor]:
         # img [B, 12288, 3072], txt [B, 512, 3072], pe [B, 1, 12800, 64] (complex); mods: (attention, MLP) each
-        img_mod1, img_mod2 = mod_img
-        txt_mod1, txt_mod2 = mod_txt
-
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(self.img_norm1(img), img_mod1))  # [B, 24, 12288, 128]
-        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(self.txt_norm1(txt), txt_mod1))  # [B, 24, 512, 128]
-
-        q = torch.cat((txt_q, img_q), dim=2)  # [B, 24, 12800, 128]
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)  # [B, 12800, 3072]
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        img = gated(img, img_mod1.gate, self.img_attn.proj(img_attn))  # img + gate · proj(attn)
-        mlp = self.img_mlp(modulate(self.img_norm2(img), img_mod2))  # 3072 → 2 · 9216 → SwiGLU 9216 → 3072
-        img = gated(img, img_mod2.gate, mlp)
-        txt = gated(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
-        txt = gated(txt, txt_mod2.gate, self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2)))
-        return img, txt
+        return double_stream(self, img, txt, pe, mod_img, mod_txt)  # FLUX.1's joint attention; the MLPs SwiGLU
 
 
 class SingleStreamBlock(nn.Module):

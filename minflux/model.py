@@ -181,23 +181,27 @@ class DoubleStreamBlock(nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         # img [B, 8192, 3072], txt [B, 512, 3072], vec [B, 3072], pe [B, 1, 8704, 64] (complex)
-        img_mod1, img_mod2 = self.img_mod(vec)
-        txt_mod1, txt_mod2 = self.txt_mod(vec)
+        return double_stream(self, img, txt, pe, self.img_mod(vec), self.txt_mod(vec))
 
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(self.img_norm1(img), img_mod1))  # [B, 24, 8192, 128]
-        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(self.txt_norm1(txt), txt_mod1))  # [B, 24, 512, 128]
 
-        q = torch.cat((txt_q, img_q), dim=2)  # [B, 24, 8704, 128]
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+def double_stream(block, img: Tensor, txt: Tensor, pe: Tensor, img_mods, txt_mods) -> tuple[Tensor, Tensor]:
+    """A double block's work once its (attention, MLP) modulations are known, FLUX.1's and FLUX.2's alike: each
+    stream's q, k, v, one joint attention over [txt | img], then each stream's gated residuals."""
+    (img_mod1, img_mod2), (txt_mod1, txt_mod2) = img_mods, txt_mods
+    img_q, img_k, img_v = block.img_attn.split_heads(modulate(block.img_norm1(img), img_mod1))  # [B, 24, 8192, 128]
+    txt_q, txt_k, txt_v = block.txt_attn.split_heads(modulate(block.txt_norm1(txt), txt_mod1))  # [B, 24, 512, 128]
 
-        img = gated(img, img_mod1.gate, self.img_attn.proj(img_attn))  # img + gate · proj(attn)
-        img = gated(img, img_mod2.gate, self.img_mlp(modulate(self.img_norm2(img), img_mod2)))
-        txt = gated(txt, txt_mod1.gate, self.txt_attn.proj(txt_attn))
-        txt = gated(txt, txt_mod2.gate, self.txt_mlp(modulate(self.txt_norm2(txt), txt_mod2)))
-        return img, txt
+    q = torch.cat((txt_q, img_q), dim=2)  # [B, 24, 8704, 128]
+    k = torch.cat((txt_k, img_k), dim=2)
+    v = torch.cat((txt_v, img_v), dim=2)
+    attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
+    txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+    img = gated(img, img_mod1.gate, block.img_attn.proj(img_attn))  # img + gate · proj(attn)
+    img = gated(img, img_mod2.gate, block.img_mlp(modulate(block.img_norm2(img), img_mod2)))
+    txt = gated(txt, txt_mod1.gate, block.txt_attn.proj(txt_attn))
+    txt = gated(txt, txt_mod2.gate, block.txt_mlp(modulate(block.txt_norm2(txt), txt_mod2)))
+    return img, txt
 
 
 class SingleStreamBlock(nn.Module):
