@@ -33,7 +33,7 @@ import torch
 
 from minflux.files.images import DataError, checked_settings, image_grid, read_image, save_image, save_new, save_png
 from minflux.files.images import shown
-from minflux.files.weights import WeightsError, read_shapes, sha256
+from minflux.files.weights import WeightsError, sha256
 from minflux.tasks.flags import dashed
 from minflux.tasks.folders import latest_run
 from minflux.tasks.parallel import device_problem
@@ -104,7 +104,7 @@ def parse_args(argv):
         "at random, printed and recorded; held-out scenes: 0)",
     )
     g.add_argument("--num-images", "--num", type=int, help="images to generate (default 1), or held-out scenes (8)")
-    g.add_argument("--max-length", type=int, help="T5 tokens (default 512, schnell 256)")
+    g.add_argument("--max-length", type=int, help="the prompt's tokens: T5's (512, schnell 256), FLUX.2's (512)")
     g.add_argument("--from", dest="settings_from", type=Path, help="take unset options from a minflux PNG's settings")
     g.add_argument(
         "--output-dir",
@@ -223,7 +223,7 @@ def check_args(args) -> None:
         ("--steps", args.steps, lambda v: v <= MAX_STEPS, (f"at most {MAX_STEPS:,} (the official models use 4 to "
                                                           "50; each step is a full forward of the transformer)")),
         ("--seed", args.seed, lambda v: 0 <= v < 2**63, "an integer ≥ 0"),
-        ("--max-length", args.max_length, lambda v: 1 <= v <= 512, "an integer from 1 to 512 (T5 tokens)"),
+        ("--max-length", args.max_length, lambda v: 1 <= v <= 512, "an integer from 1 to 512 (the prompt's tokens)"),
         ("--guidance", args.guidance, lambda v: math.isfinite(v) and v >= 0, "a finite number ≥ 0"),
         ("--true-cfg", args.true_cfg, lambda v: math.isfinite(v) and v >= 1, "a finite number ≥ 1 (1 is off)"),
         *((f"--{side}", getattr(args, side), lambda v: 16 <= v <= MAX_SIDE, f"16 to {MAX_SIDE} pixels (FLUX.1 was "
@@ -237,12 +237,14 @@ def check_args(args) -> None:
         args.device = None
     if args.device is not None and (problem := device_problem(args.device)):
         raise ValueError(f"--device {args.device}: {problem}")
+    from minflux.pipeline_flux2 import check_lora
+
     for spec in args.lora:  # each header read now, not after the model has loaded
         path = lora_and_scale(spec)[0]
         if not path.exists():
             raise ValueError(f"--lora {spec}: no such file {path}")
         try:
-            read_shapes(path)
+            check_lora(path, args.repo, args.flux)  # the other generation's, or FLUX.2's (not read yet), refused
         except WeightsError as e:
             raise ValueError(f"--lora {spec}: {str(e).removeprefix(f'{path}: ')}") from None
     for flag, paths in (
@@ -357,7 +359,7 @@ def official(args) -> int:
     where = dict(repo=args.repo, flux=args.flux, ae=args.ae, variant=args.variant, device=device)
     where |= dict(dtype=DTYPES.get(args.dtype), offload=args.offload)
     if flux2:
-        pipe = Flux2Pipeline.from_files(**where, text_encoder=args.text_encoder)
+        pipe = Flux2Pipeline.from_files(**where, text_encoder=args.text_encoder, max_length=args.max_length or 512)
     else:
         pipe = FluxPipeline.from_files(**where, clip=args.clip, t5=args.t5, max_length=args.max_length)
     print_bf16_note(pipe)

@@ -33,12 +33,11 @@ Variants Improve Transformer" (SwiGLU).
 from dataclasses import dataclass, field
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from minflux.attention import attention, embed_ids
-from minflux.model import LastLayer, MLPEmbedder, Modulation, ModulationOut, QKNorm, SelfAttention, gated, modulate
-from minflux.model import check_heads, double_stream, run_block, timestep_embedding
+from minflux.attention import embed_ids
+from minflux.model import LastLayer, MLPEmbedder, Modulation, ModulationOut, QKNorm, SelfAttention
+from minflux.model import check_heads, double_stream, run_block, single_stream, timestep_embedding
 
 
 @dataclass
@@ -113,15 +112,8 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = SwiGLU()
 
     def forward(self, x: Tensor, pe: Tensor, mod: ModulationOut) -> Tensor:
-        # x [B, 12800, 3072]
-        qkv, mlp = torch.split(
-            self.linear1(modulate(self.pre_norm(x), mod)), [3 * self.hidden_size, 2 * self.mlp_hidden_dim], dim=-1
-        )  # [B, 12800, 9216], [B, 12800, 18432]
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # [B, 24, 12800, 128] each
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)  # [B, 12800, 3072]
-        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, 12800, 12288] -> [B, 12800, 3072]
-        return gated(x, mod.gate, out)  # x + gate · out
+        # x [B, 12800, 3072]; linear1 [B, 12800, 27648], SwiGLU [B, 12800, 9216]
+        return single_stream(self, x, pe, mod)  # FLUX.1's parallel block; the MLP SwiGLU
 
 
 class Flux2(nn.Module):

@@ -224,16 +224,22 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        # x [B, 8704, 3072]
         (mod,) = self.modulation(vec)
-        qkv, mlp = torch.split(
-            self.linear1(modulate(self.pre_norm(x), mod)), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1
-        )  # [B, 8704, 9216], [B, 8704, 12288]
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)  # [B, 24, 8704, 128] each
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
-        out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))  # [B, 8704, 15360] -> [B, 8704, 3072]
-        return gated(x, mod.gate, out)  # x + gate · out
+        return single_stream(self, x, pe, mod)
+
+
+def single_stream(block, x: Tensor, pe: Tensor, mod: ModulationOut) -> Tensor:
+    """A single block's work once its modulation is known, FLUX.1's and FLUX.2's alike: linear1 gives q, k, v and
+    the MLP's input (FLUX.1: 12288 channels for GELU; FLUX.2: both halves of a SwiGLU), linear2 takes
+    [attention | MLP] back to the hidden size."""
+    # x [B, 8704, 3072]
+    h = block.linear1(modulate(block.pre_norm(x), mod))  # [B, 8704, 21504]
+    qkv, mlp = h[..., : 3 * block.hidden_size], h[..., 3 * block.hidden_size :]  # [B, 8704, 9216], [B, 8704, 12288]
+    q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=block.num_heads)  # [B, 24, 8704, 128] each
+    q, k = block.norm(q, k, v)
+    attn = attention(q, k, v, pe=pe)  # [B, 8704, 3072]
+    out = block.linear2(torch.cat((attn, block.mlp_act(mlp)), dim=2))  # [B, 8704, 15360] -> [B, 8704, 3072]
+    return gated(x, mod.gate, out)  # x + gate · out
 
 
 class LastLayer(nn.Module):

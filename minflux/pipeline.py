@@ -335,11 +335,11 @@ class FluxPipeline:
 
     def _settings(self, prompt, negative, cfg, seed, steps, guidance, width, height, sources) -> dict[str, str]:
         """What determines an image's pixels, as PNG text chunks: for `sample.py --from`, and for A1111's readers."""
-        variant = self.model.variant or "custom"
+        variant, text = self.model.variant or "custom", getattr(self, "text_encoder", self.t5)  # FLUX.2's or T5
         settings = {
             "task": self.task, "variant": variant, "prompt": prompt, "negative_prompt": negative,
             "true_cfg_scale": cfg, "seed": seed, "steps": steps, "guidance": guidance, "width": width,
-            "height": height, "t5_max_length": getattr(getattr(self.t5, "tokenizer", None), "max_length", None),
+            "height": height, "t5_max_length": getattr(getattr(text, "tokenizer", None), "max_length", None),
             "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "device": str(self.device),
             "weights": self.weights, "loras": self.loras, **sources,
         }  # fmt: skip

@@ -28,7 +28,9 @@ from PIL import Image
 from minflux.files.images import image_to_tensor, read_image
 from minflux.files.load import load_ae, load_flux
 from minflux.files.load_flux2 import is_flux2 as is_flux2_keys
-from minflux.files.load_llm import load_mistral, load_qwen3
+from minflux.files.load_flux2 import text_input
+from minflux.files.load_llm import FAMILIES, llm_params, load_mistral, load_qwen3
+from minflux.files.lora_files import check_generation, lora_generation
 from minflux.files.weights import WeightsError, read_shapes
 from minflux.pipeline import FluxPipeline, default_device, default_dtype, file_record, snap
 from minflux.presets import configs
@@ -85,6 +87,36 @@ def variant_of(model, distilled: bool) -> str:
     return "custom"
 
 
+def check_text_encoder(flux: Path, text_encoder: Path) -> bool:
+    """The text encoder's family and width checked against the transformer's txt_in from the headers, before
+    anything is loaded: Mistral for [dev] (which has a guidance embedding), Qwen3 for [klein], three stacked layers
+    of it as wide as txt_in takes. Returns whether the transformer is [dev]."""
+    channels, dev = text_input(flux)
+    family = "mistral" if dev else "qwen3"
+    params, _ = llm_params(text_encoder, family)
+    if 3 * params.hidden_size != channels:
+        raise WeightsError(
+            f"{text_encoder}: a {FAMILIES[family][2]} of hidden size {params.hidden_size} (3 stacked layers: "
+            f"{3 * params.hidden_size} channels); the transformer {flux} takes {channels} (klein 4B: Qwen3-4B, "
+            "7680; klein 9B: Qwen3-8B, 12288; dev: Mistral-Small-3.2, 15360)"
+        )
+    return dev
+
+
+def check_lora(path, repo=None, flux=None) -> None:
+    """A LoRA file checked against the transformer named, from the headers, before anything is loaded: one for
+    the other generation is refused naming the key that shows it, and FLUX.2's are not read yet."""
+    found = lora_generation({k: list(s) for k, (s, _) in read_shapes(path).items()})
+    if repo is None and flux is None:
+        return
+    flux2 = is_flux2(repo, flux)
+    ours = "FLUX.2" if flux2 else "FLUX.1"
+    if found is not None and found[0] != ours:
+        raise WeightsError(f"{path}: a {found[0]} LoRA (shown by {found[1]}); {flux or repo} is {ours}")
+    if flux2:
+        raise WeightsError(f"{path}: LoRA files for FLUX.2 are not read yet (FLUX.2 training and its LoRAs come next)")
+
+
 def cap_reference(image: Image.Image, count: int, notes: list[str]) -> Image.Image:
     """A reference as the official code prepares it: at most 2024² pixels alone, 1024² each with others (area kept
     by a LANCZOS resize), then centre-cropped to a multiple of 16."""
@@ -129,23 +161,34 @@ class Flux2Pipeline(FluxPipeline):
 
     @classmethod
     def from_files(
-        cls, repo=None, flux=None, ae=None, text_encoder=None, variant=None, device=None, dtype=None, offload=False
+        cls,
+        repo=None,
+        flux=None,
+        ae=None,
+        text_encoder=None,
+        variant=None,
+        device=None,
+        dtype=None,
+        offload=False,
+        max_length: int = 512,
     ) -> "Flux2Pipeline":
-        """Load the parts from a FLUX.2 repo folder (diffusers folders or BFL's files) and/or one path per part."""
+        """Load the parts from a FLUX.2 repo folder (diffusers folders or BFL's files) and/or one path per part;
+        `max_length`: the prompt's tokens, padded or cut to it (512, as the official pipelines)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         paths = find_flux2_weights(repo, flux, ae, text_encoder)
         if "bn.running_mean" not in read_shapes(paths["ae"]):  # checked before anything is loaded
             raise WeightsError(f"{paths['ae']}: a FLUX.1 VAE (no batch-norm statistics); FLUX.2 needs its own VAE")
+        if not is_flux2(flux=paths["flux"]):
+            raise WeightsError(f"{paths['flux']}: a FLUX.1 transformer; FLUX.2's pipeline needs FLUX.2 weights")
+        dev = check_text_encoder(paths["flux"], paths["text_encoder"])
         load_to = "cpu" if offload else device
         model = load_flux(paths["flux"], device=load_to, dtype=dtype)
-        if not hasattr(model, "double_stream_modulation_img"):
-            raise WeightsError(f"{paths['flux']}: a FLUX.1 transformer; FLUX.2's pipeline needs FLUX.2 weights")
-        load_text = load_mistral if model.params.guidance_embed else load_qwen3  # dev: Mistral; klein: Qwen3
+        load_text = load_mistral if dev else load_qwen3
         pipe = cls(
             model,
             load_ae(paths["ae"], device=load_to, dtype=dtype),
-            load_text(paths["text_encoder"], device=load_to, dtype=dtype),
+            load_text(paths["text_encoder"], device=load_to, dtype=dtype, max_length=max_length),
             variant or variant_of(model, is_distilled(repo, paths["flux"])),
             device=device,
             dtype=dtype,
@@ -162,7 +205,8 @@ class Flux2Pipeline(FluxPipeline):
         return super().__call__(prompt, *args, negative_prompt=negative, true_cfg_scale=cfg, **kwargs)
 
     def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        raise ValueError(f"{path}: LoRA files for FLUX.2 are not read yet (FLUX.2 training and its LoRAs come next)")
+        check_generation(path, {k: list(s) for k, (s, _) in read_shapes(path).items()}, self.model)
+        raise WeightsError(f"{path}: LoRA files for FLUX.2 are not read yet (FLUX.2 training and its LoRAs come next)")
 
     def _noise(self, height: int, width: int, seed: int):
         channels = self.model.params.in_channels

@@ -92,6 +92,14 @@ def test_every_exercise_command_runs_and_shows_what_it_says(tmp_path_factory, ca
     report = out["python -m minflux.study.exercises class-label"]
     for condition in ("none", "class label", "cross-attention", "cross-attention + positions"):
         assert re.search(rf"^{re.escape(condition)}\s+held-out MSE", report, re.M)
+    # 8. FLUX.1 and FLUX.2: per-block and shared modulation, SwiGLU halving its input
+    assert re.search(
+        r"^\s+img_mod \(Modulation\)\s+56,641,536", out["python -m minflux.study.trace flux-dev --params"], re.M
+    )
+    klein = out["python -m minflux.study.trace flux2-klein-4b --params"]
+    assert re.search(r"^\s+single_stream_modulation \(Modulation\)\s+28,311,552", klein, re.M)
+    assert "mlp_act (SwiGLU)" in (trace := out["python -m minflux.study.trace flux2-klein-4b"])
+    assert "x [1, 12800, 18432] → [1, 12800, 9216]" in trace
 
 
 @pytest.mark.slow

@@ -118,3 +118,23 @@ def test_flux1_file_still_loads_as_flux(tmp_path):
     inputs = flux_inputs(TINY)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float8_e4m3fn])
+def test_low_precision_flux2_files_load_as_stored_or_upcast(tmp_path, stored):
+    """A bf16 file stays bf16, an fp8 one (a storage format) becomes bf16 with its values kept exactly, and
+    dtype=float32 upcasts; the outputs differ from the fp32 model's by the stored dtype's rounding alone."""
+    model = tiny_flux2(TINY2)
+    low = {k: t.to(stored) for k, t in model.state_dict().items()}
+    save_atomic(low, tmp_path / "flux2-low.safetensors")
+    kept = load_flux(tmp_path / "flux2-low.safetensors")
+    assert isinstance(kept, Flux2) and {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    for key, t in kept.state_dict().items():
+        assert torch.equal(t, low[key].to(torch.bfloat16)), key  # bf16 holds every fp8 value exactly
+    upcast = load_flux(tmp_path / "flux2-low.safetensors", dtype=torch.float32)
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    inputs = flux2_inputs(TINY2)
+    with torch.no_grad():
+        reference, got = model(**inputs), upcast(**inputs)
+    err = ((got - reference).abs().max() / reference.std()).item()
+    assert 0 < err < {torch.bfloat16: 0.05, torch.float8_e4m3fn: 0.5}[stored]  # the rounding is there, and bounded

@@ -110,12 +110,24 @@ def test_sample_py_runs_flux2_with_two_references_and_again_from_its_png(repo, t
     for i, im in enumerate(references()):
         refs += ["--image", str(tmp_path / f"ref{i}.png")]
         im.save(refs[-1])
-    common = ["--steps", "2", "--width", "64", "--height", "48", "--output-dir", str(tmp_path / "out")]
+    common = [
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--max-length",
+        "64",
+    ]
     assert sample.main(["--repo", str(repo), "--prompt", "a chair", "--seed", "3", *refs, *common]) == 0
     first = sorted((tmp_path / "out").glob("*.png"))
     assert len(first) == 1
     settings = json.loads(Image.open(first[0]).info["minflux"])
     assert settings["task"] == "edit" and len(settings["image"]) == 2 and settings["steps"] == 2
+    assert settings["t5_max_length"] == 64  # the prompt's tokens, as for FLUX.1's T5
     assert sample.main(["--from", str(first[0]), "--output-dir", str(tmp_path / "out")]) == 0
     second = sorted(set((tmp_path / "out").glob("*.png")) - set(first))
     assert len(second) == 1 and Image.open(second[0]).tobytes() == Image.open(first[0]).tobytes()
@@ -156,3 +168,98 @@ def test_a_reference_under_64_pixels_is_named(repo, tmp_path):
     Image.new("RGB", (48, 96)).save(small)
     with pytest.raises(ValueError, match="small.png: 48×96"):
         ours(repo, "flux2-klein-4b")("x", num_steps=1, image=[small])
+
+
+# --- the other generation's parts, refused before anything is loaded ------------------------------------------
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Any transformer load fails the test: what is refused must be refused from the file headers alone."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a transformer was loaded before the bad input was refused")
+
+    monkeypatch.setattr("minflux.pipeline_flux2.load_flux", loaded)
+    monkeypatch.setattr("minflux.pipeline.load_flux", loaded)
+
+
+def lora_files(tmp_path):
+    """A FLUX.1 and a FLUX.2 LoRA in kohya's layout (the official names with underscores), as minflux writes them."""
+    from minflux.files.lora_files import save_lora
+    from minflux.lora import inject_lora
+    from tests.flux2_helpers import tiny_flux2
+
+    paths = {}
+    for generation, model in (("FLUX.1", tiny_flux()), ("FLUX.2", tiny_flux2())):
+        inject_lora(model, 2)
+        paths[generation] = save_lora(model, tmp_path / f"{generation}.safetensors", format="kohya")
+    return paths
+
+
+def test_a_lora_tells_its_generation_by_names_or_widths(tmp_path):
+    from minflux.files.lora_files import lora_generation, save_lora
+    from minflux.files.weights import read_shapes
+    from minflux.lora import inject_lora
+
+    paths = lora_files(tmp_path)
+    shapes = {g: {k: list(s) for k, (s, _) in read_shapes(p).items()} for g, p in paths.items()}
+    assert lora_generation(shapes["FLUX.1"])[0] == "FLUX.1"  # img_mod.lin: FLUX.1's own modulation
+    assert lora_generation(shapes["FLUX.2"])[0] == "FLUX.2"
+    for generation, hidden, ratio in (("FLUX.1", 128, 7), ("FLUX.2", 64, 9)):  # linear1: q, k, v + the MLP's input
+        only = {k: s for k, s in shapes[generation].items() if "single_blocks_0_linear1" in k}
+        said = f"lora_unet_single_blocks_0_linear1, which maps {hidden} → {ratio * hidden} channels ({ratio}×)"
+        assert lora_generation(only) == (generation, said)
+    qkv_only = {k: s for k, s in shapes["FLUX.2"].items() if "img_attn_qkv" in k}
+    assert lora_generation(qkv_only) is None  # the same shapes in both generations: nothing tells
+    flux1 = tiny_flux()
+    inject_lora(flux1, 2)
+    diffusers = save_lora(flux1, tmp_path / "diffusers.safetensors", format="diffusers")
+    assert lora_generation({k: list(s) for k, (s, _) in read_shapes(diffusers).items()})[0] == "FLUX.1"
+    flux2_diffusers = {"transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj.lora_A.weight": [2, 64]}
+    assert lora_generation(flux2_diffusers)[0] == "FLUX.2"
+
+
+def test_a_lora_of_the_other_generation_is_refused_before_loading(repo, tmp_path, capsys, no_loading):
+    import sample
+    from minflux.files.lora_files import read_lora
+    from minflux.files.weights import WeightsError
+
+    paths = lora_files(tmp_path)
+    flux1 = tmp_path / "flux1.safetensors"
+    save_flux(tiny_flux(), flux1)
+    for model, lora, said in (
+        (["--repo", str(repo)], "FLUX.1", f"a FLUX.1 LoRA (shown by lora_unet_double_blocks_0_img_mod_lin.alpha); "
+                                          f"{repo} is FLUX.2"),
+        (["--repo", str(repo)], "FLUX.2", "LoRA files for FLUX.2 are not read yet"),
+        (["--flux", str(flux1)], "FLUX.2", f"a FLUX.2 LoRA (shown by lora_unet_double_blocks_0_img_mlp_0, which "
+                                           f"maps 64 → 384 channels (6×)); {flux1} is FLUX.1"),
+    ):  # fmt: skip
+        assert (
+            sample.main([*model, "--prompt", "x", "--lora", f"{paths[lora]}:0.8", "--output-dir", str(tmp_path)]) == 2
+        )
+        assert said in capsys.readouterr().err
+    with pytest.raises(WeightsError, match="a FLUX.2 LoRA .*; this transformer is FLUX.1"):
+        read_lora(paths["FLUX.2"], tiny_flux())  # FluxPipeline.load_lora reads it so
+
+
+def test_a_text_encoder_of_the_wrong_family_or_width_is_named_before_loading(repo, tmp_path, no_loading):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from minflux.files.weights import WeightsError
+
+    mistral = tmp_path / "mistral"
+    MistralForCausalLM(MistralConfig(**dict(SMALL, num_hidden_layers=30))).save_pretrained(mistral)
+    with pytest.raises(WeightsError, match="model_type 'mistral', expected qwen3 \\(Qwen3 text encoder\\)"):
+        Flux2Pipeline.from_files(repo=repo, text_encoder=mistral)  # [klein] reads Qwen3
+    narrow = tmp_path / "qwen3-narrow"
+    Qwen3ForCausalLM(Qwen3Config(**dict(SMALL, hidden_size=32, num_hidden_layers=28))).save_pretrained(narrow)
+    with pytest.raises(
+        WeightsError, match="hidden size 32 \\(3 stacked layers: 96 channels\\); the transformer .* takes 192"
+    ):
+        Flux2Pipeline.from_files(repo=repo, text_encoder=narrow)
+    t5_folder = tmp_path / "t5"
+    t5_folder.mkdir()
+    save_flux(tiny_flux(), t5_folder / "model.safetensors")  # any file without a language model's keys
+    with pytest.raises(WeightsError, match="not a Qwen3 text encoder: no key 'embed_tokens.weight'"):
+        Flux2Pipeline.from_files(repo=repo, text_encoder=t5_folder)

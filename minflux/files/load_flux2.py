@@ -135,6 +135,21 @@ def weights_in(path: Path) -> Path:
     return next(iter(sorted(path.glob("flux2-*.safetensors"))), path)
 
 
+def text_input(path) -> tuple[int, bool]:
+    """The channels a FLUX.2 transformer's txt_in takes (3 × the text encoder's hidden size) and whether it has a
+    guidance embedding ([dev], whose text encoder is Mistral), from the file headers alone."""
+    shapes = read_shapes(weights_in(Path(path)))
+    for prefix in FLUX_PREFIXES:
+        for txt_in, guidance in (
+            ("txt_in.weight", "guidance_in."),
+            ("context_embedder.weight", "time_guidance_embed.guidance"),
+        ):
+            if prefix + txt_in in shapes:
+                has_guidance = any(k.startswith(prefix + guidance) for k in shapes)
+                return shapes[prefix + txt_in][0][1], has_guidance
+    raise WeightsError(f"{path}: not a FLUX.2 transformer: no txt_in.weight (or context_embedder.weight)")
+
+
 def load_flux2(path, device="cpu", dtype: torch.dtype | None = None, name: str | None = None) -> Flux2:
     """A Flux2 transformer from an official file, a diffusers transformer/ folder (or a file with its keys), or a
     repo root holding either.

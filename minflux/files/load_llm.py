@@ -140,9 +140,9 @@ class LLMEmbedder:
         return self.model(ids.to(device), mask.to(device), self.layers)  # [B, 512, 3 · hidden]
 
 
-def load_llm(path, family: str, device="cpu", dtype=None, layers=QWEN3_LAYERS, max_length=512) -> LLMEmbedder:
-    """The language model of `family` ("qwen3" or "mistral") from a text_encoder/ folder or a single file, built
-    and loaded up to the deepest of `layers`; see load_qwen3. dtype None keeps the stored dtype (fp8 becomes bf16)."""
+def llm_params(path, family: str) -> tuple[Qwen3Params, str]:
+    """The sizes of the language model of `family` behind `path` and the prefix of its keys, from config.json (or
+    the preset of its shapes) and the file headers: nothing is loaded. WeightsError if it is another family's."""
     path = Path(path)
     what = FAMILIES[family][2]
     shapes = read_shapes(path)
@@ -155,6 +155,15 @@ def load_llm(path, family: str, device="cpu", dtype=None, layers=QWEN3_LAYERS, m
         else:
             params = params_from_shapes({k: s for k, (s, _) in shapes.items()}, path, family)
     layers_agree(params.num_layers, numbered(shapes, "layers.", path), config_file if config_file.is_file() else path)
+    return params, prefix
+
+
+def load_llm(path, family: str, device="cpu", dtype=None, layers=QWEN3_LAYERS, max_length=512) -> LLMEmbedder:
+    """The language model of `family` ("qwen3" or "mistral") from a text_encoder/ folder or a single file, built
+    and loaded up to the deepest of `layers`; see load_qwen3. dtype None keeps the stored dtype (fp8 becomes bf16)."""
+    path = Path(path)
+    what = FAMILIES[family][2]
+    params, prefix = llm_params(path, family)
     layers = tuple(layers)
     if not layers or not all(isinstance(k, int) and 0 <= k <= params.num_layers for k in layers):
         raise ValueError(f"layers {layers}: hidden states 0 … {params.num_layers} of the {what} ({path})")

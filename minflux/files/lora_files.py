@@ -190,6 +190,59 @@ def check_in_channels(path, model: nn.Module) -> None:
     )
 
 
+# --- which generation a LoRA was trained for -------------------------------------------------------------------
+
+# Layer names only one generation's transformer has, in any layout once dots are underscores (kohya's names are the
+# official ones with underscores; diffusers' differ between Flux- and Flux2Transformer2DModel).
+GENERATION_NAMES = {
+    "FLUX.2": (r"(double|single)_stream_modulation", r"to_qkv_mlp_proj", r"ff(_context)?_linear_(in|out)",
+               r"time_guidance_embed"),
+    "FLUX.1": (r"(img|txt)_mod_lin", r"single_blocks_\d+_modulation_lin", r"vector_in", r"ff(_context)?_net_[02]",
+               r"proj_mlp", r"norm1(_context)?_linear", r"time_text_embed"),
+}  # fmt: skip
+# Layers both generations name alike, told apart by their widths: max(out, in) / min(out, in) of the LoRA's
+# up · down. FLUX.1's MLPs are 4·D wide (GELU), FLUX.2's 3·D (SwiGLU, whose first layer makes 2 · 3·D).
+GENERATION_WIDTHS = {
+    r"single_blocks_\d+_linear1": {7: "FLUX.1", 9: "FLUX.2"},  # q, k, v + MLP: 3 + 4 or 3 + 2·3
+    r"single_blocks_\d+_linear2": {5: "FLUX.1", 4: "FLUX.2"},  # attention + MLP back to D
+    r"(img|txt)_mlp_0": {4: "FLUX.1", 6: "FLUX.2"},
+    r"(img|txt)_mlp_2": {4: "FLUX.1", 3: "FLUX.2"},
+}
+
+
+def lora_generation(shapes: dict[str, list[int]]) -> tuple[str, str] | None:
+    """("FLUX.1" or "FLUX.2", the key that tells) for a LoRA file's {key: shape}; None when nothing tells."""
+    pairs = {}  # layer name -> {"down": shape, "up": shape}
+    for key, shape in shapes.items():
+        flat = key.replace(".", "_")
+        for generation, patterns in GENERATION_NAMES.items():
+            if any(re.search(p, flat) for p in patterns):
+                return generation, key
+        for suffix, part in LORA_SUFFIXES.items():
+            if key.endswith(suffix) and part in ("down", "up") and len(shape) == 2:
+                pairs.setdefault(key[: -len(suffix)], {})[part] = (key, shape)
+    for name, parts in pairs.items():
+        if len(parts) == 2:
+            (_, (rows, _)), (_, (_, cols)) = parts["up"], parts["down"]  # up [out, rank], down [rank, in]
+            for pattern, widths in GENERATION_WIDTHS.items():
+                if re.search(pattern, name.replace(".", "_")) and min(rows, cols) > 0:
+                    ratio = max(rows, cols) / min(rows, cols)
+                    if ratio in widths:
+                        return widths[ratio], f"{name}, which maps {cols} → {rows} channels ({ratio:g}×)"
+    return None
+
+
+def check_generation(source, shapes: dict[str, list[int]], model: nn.Module) -> None:
+    """A LoRA for the other generation's transformer is refused, naming the key that shows it."""
+    transformer = getattr(model, "flux", model)
+    if not hasattr(transformer, "double_blocks"):
+        return
+    ours = "FLUX.2" if hasattr(transformer, "double_stream_modulation_img") else "FLUX.1"
+    found = lora_generation(shapes)
+    if found is not None and found[0] != ours:
+        raise WeightsError(f"{source}: a {found[0]} LoRA (shown by {found[1]}); this transformer is {ours}")
+
+
 def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """A LoRA file (or state dict) of any supported format, as {official layer name of `model`: LoRAWeights}.
 
@@ -199,6 +252,7 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """
     source = "LoRA state dict" if isinstance(path, dict) else path
     sd = dict(path) if isinstance(path, dict) else read_state_dict(path)
+    check_generation(source, {k: list(t.shape) for k, t in sd.items()}, model)
     if not isinstance(path, dict):
         check_in_channels(path, model)
     config = None if isinstance(path, dict) else peft_config(path)  # where a diffusers / PEFT file keeps its alpha
