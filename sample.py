@@ -244,7 +244,7 @@ def check_args(args) -> None:
         if not path.exists():
             raise ValueError(f"--lora {spec}: no such file {path}")
         try:
-            check_lora(path, args.repo, args.flux)  # the other generation's, or FLUX.2's (not read yet), refused
+            check_lora(path, args.repo, args.flux)  # the other generation's refused
         except WeightsError as e:
             raise ValueError(f"--lora {spec}: {str(e).removeprefix(f'{path}: ')}") from None
     for flag, paths in (

@@ -51,6 +51,7 @@ from minflux.qwen3 import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, Qwen3, Qwen3Par
 # LoRA and the semantic injection
 from minflux.lora import (
     DEFAULT_TARGETS,
+    DEFAULT_TARGETS_FLUX2,
     TARGET_GROUPS,
     LoRALinear,
     apply_lora,

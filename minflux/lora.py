@@ -12,8 +12,11 @@ instead of 28 M). `alpha / rank` is a constant fixed at training time; `scale` i
 The files other tools write (kohya / ComfyUI, diffusers / PEFT, BFL, XLabs) are read and written by
 minflux.files.lora_files, which hands each layer's LoRA to `apply_lora` as `LoRAWeights`.
 
+Both generations: FLUX.1's Flux and FLUX.2's Flux2 share the official layer names but for the modulations, so one
+set of target groups serves both (TARGET_GROUPS, `model_generation` tells the two apart).
+
 References: microsoft/LoRA (loralib/layers.py); kohya-ss/sd-scripts (networks/lora_flux.py: what is trained by
-default).
+default on FLUX.1) and kohya-ss/musubi-tuner (networks/lora_flux_2.py: on FLUX.2).
 """
 
 import fnmatch
@@ -142,18 +145,34 @@ def _replace(model: nn.Module, name: str, new: nn.Module):
 
 
 # Named groups of FLUX layers for inject_lora(targets=...): fnmatch patterns over module names ("*" spans dots).
+# Both generations share the official names but for the modulations: FLUX.1's live in each block, FLUX.2's are
+# three shared layers beside the blocks; a pattern of the other generation matches nothing.
 TARGET_GROUPS = {
     "attn": ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj",
              "double_blocks.*.txt_attn.qkv", "double_blocks.*.txt_attn.proj"],
-    "mlp": ["double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*"],
+    "mlp": ["double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*"],  # FLUX.2: SwiGLU's .0 (2 · mlp wide) and .2
     "single": ["single_blocks.*.linear1", "single_blocks.*.linear2"],
-    "mod": ["double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin"],
+    "mod": ["double_blocks.*.img_mod.lin", "double_blocks.*.txt_mod.lin", "single_blocks.*.modulation.lin",  # FLUX.1
+            "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin"],
     "embed": ["img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*"],
     "final": ["final_layer.linear", "final_layer.adaLN_modulation.1"],
     "all": ["*"],
 }  # fmt: skip
-# kohya's sd-scripts (networks/lora_flux.py) trains every linear layer of the double and single blocks by default.
-DEFAULT_TARGETS = ("attn", "mlp", "single", "mod")
+# The default of kohya's trainers: every linear layer inside the double and single blocks. FLUX.1's blocks hold
+# their modulations (sd-scripts networks/lora_flux.py trains them); FLUX.2's hold none, and musubi-tuner's FLUX.2
+# network (networks/lora_flux_2.py) trains the blocks alone: its three shared modulations, each one layer steering
+# every block, come with "mod" only (nor does diffusers' kohya converter for FLUX.2 read them).
+DEFAULT_TARGETS = ("attn", "mlp", "single", "mod")  # FLUX.1
+DEFAULT_TARGETS_FLUX2 = ("attn", "mlp", "single")
+
+
+def model_generation(model: nn.Module) -> str | None:
+    """ "FLUX.2" for a FLUX.2 transformer (shared modulations beside the blocks), "FLUX.1" for a FLUX.1 one, None
+    for any other module; a module holding the transformer as .flux (Vis2IR) counts as the transformer."""
+    transformer = getattr(model, "flux", model)
+    if not hasattr(transformer, "double_blocks"):
+        return None
+    return "FLUX.2" if hasattr(transformer, "double_stream_modulation_img") else "FLUX.1"
 
 
 def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=None) -> list[nn.Parameter]:
@@ -161,14 +180,17 @@ def inject_lora(model: nn.Module, rank: int, alpha: float | None = None, targets
 
     targets: one string or a list, each a group of TARGET_GROUPS ("attn", "mlp", "single", "mod", "embed",
     "final", "all") or an fnmatch pattern over module names ("double_blocks.1?.img_attn.qkv"), so any nn.Module
-    works. None: DEFAULT_TARGETS, every linear layer of the double and single blocks (kohya's default).
+    works. None: every linear layer of the double and single blocks (kohya's default): DEFAULT_TARGETS for FLUX.1,
+    DEFAULT_TARGETS_FLUX2 for FLUX.2 (without its shared modulations: targets=[*DEFAULT_TARGETS_FLUX2, "mod"]).
     alpha: None means alpha = rank (factor 1). Layers that already carry a LoRA keep it.
 
     Nothing is frozen here: the new LoRA parameters are trainable and the base keeps its requires_grad. To train
     the LoRA alone, the caller freezes the base first, `model.requires_grad_(False)`, then injects (or injects,
     freezes, and re-enables the returned parameters).
     """
-    targets = DEFAULT_TARGETS if targets is None else [targets] if isinstance(targets, str) else targets
+    if targets is None:
+        targets = DEFAULT_TARGETS_FLUX2 if model_generation(model) == "FLUX.2" else DEFAULT_TARGETS
+    targets = [targets] if isinstance(targets, str) else targets
     patterns = [p for t in targets for p in TARGET_GROUPS.get(t, [t])]
     chosen = [name for name in linear_layers(model) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not chosen:

@@ -1,7 +1,7 @@
 """Sampling FLUX.2 [klein] and [dev]: a prompt, and any number of reference images, → images.
 
-FluxPipeline (minflux/pipeline.py) with FLUX.2's inputs: the same seeds, offloading, settings in each PNG and one
-image at a time; what differs is what `prepare_flux2` gathers and the defaults of each variant:
+FluxPipeline (minflux/pipeline.py) with FLUX.2's inputs: the same seeds, offloading, LoRAs (load_lora), settings in
+each PNG and one image at a time; what differs is what `prepare_flux2` gathers and the defaults of each variant:
 
     1. prepare   the prompt's stacked text-encoder states [B, 512, 7680] (Qwen3 for klein, Mistral for dev), no
                  pooled vector; the noise [B, 128, H/16, W/16] as tokens [B, L, 128] with 4-axis ids; each
@@ -30,7 +30,7 @@ from minflux.files.load import load_ae, load_flux
 from minflux.files.load_flux2 import is_flux2 as is_flux2_keys
 from minflux.files.load_flux2 import text_input
 from minflux.files.load_llm import FAMILIES, llm_params, load_mistral, load_qwen3
-from minflux.files.lora_files import check_generation, lora_generation
+from minflux.files.lora_files import lora_generation
 from minflux.files.weights import WeightsError, read_shapes
 from minflux.pipeline import FluxPipeline, default_device, default_dtype, file_record, snap
 from minflux.presets import configs
@@ -105,16 +105,13 @@ def check_text_encoder(flux: Path, text_encoder: Path) -> bool:
 
 def check_lora(path, repo=None, flux=None) -> None:
     """A LoRA file checked against the transformer named, from the headers, before anything is loaded: one for
-    the other generation is refused naming the key that shows it, and FLUX.2's are not read yet."""
+    the other generation is refused naming the key that shows it."""
     found = lora_generation({k: list(s) for k, (s, _) in read_shapes(path).items()})
     if repo is None and flux is None:
         return
-    flux2 = is_flux2(repo, flux)
-    ours = "FLUX.2" if flux2 else "FLUX.1"
+    ours = "FLUX.2" if is_flux2(repo, flux) else "FLUX.1"
     if found is not None and found[0] != ours:
         raise WeightsError(f"{path}: a {found[0]} LoRA (shown by {found[1]}); {flux or repo} is {ours}")
-    if flux2:
-        raise WeightsError(f"{path}: LoRA files for FLUX.2 are not read yet (FLUX.2 training and its LoRAs come next)")
 
 
 def cap_reference(image: Image.Image, count: int, notes: list[str]) -> Image.Image:
@@ -203,10 +200,6 @@ class Flux2Pipeline(FluxPipeline):
         cfg = self.defaults.true_cfg if true_cfg_scale is None else true_cfg_scale
         negative = (negative_prompt or "") if cfg != 1.0 else negative_prompt
         return super().__call__(prompt, *args, negative_prompt=negative, true_cfg_scale=cfg, **kwargs)
-
-    def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        check_generation(path, {k: list(s) for k, (s, _) in read_shapes(path).items()}, self.model)
-        raise WeightsError(f"{path}: LoRA files for FLUX.2 are not read yet (FLUX.2 training and its LoRAs come next)")
 
     def _noise(self, height: int, width: int, seed: int):
         channels = self.model.params.in_channels

@@ -100,3 +100,30 @@ def diffusers_forward(ref, inputs: dict) -> torch.Tensor:
         guidance=inputs["guidance"],
         return_dict=False,
     )[0]
+
+
+def write_klein_repo(folder):
+    """A tiny FLUX.2 [klein] repo in the diffusers layout: transformer/, vae/, text_encoder/, tokenizer/ (the text
+    encoder a Qwen3 of 28 layers, 3 × 64 = 192 channels for txt_in). Returns the folder."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tests.test_qwen3 import SMALL, randomize, write_qwen_tokenizer
+
+    torch.manual_seed(0)
+    params = TINY2_VARIANTS["klein"]
+    transformer = Flux2Transformer2DModel(**dict(diffusers_config(params), joint_attention_dim=3 * 64))
+    randomize_(transformer, seed=1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(16, 16, 16, 16), layers_per_block=1, latent_channels=8, norm_num_groups=4
+    )  # 8 × 2×2 = 32 channels, the transformer's; 8× down and the 2×2 patch: 16 pixels a token, as FLUX.2's
+    randomize_(vae, seed=2)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(0.3 * torch.randn(32))
+        vae.bn.running_var.copy_(0.5 + torch.rand(32))
+    text_encoder = randomize(Qwen3ForCausalLM(Qwen3Config(**dict(SMALL, num_hidden_layers=28))))
+    transformer.save_pretrained(folder / "transformer")
+    vae.save_pretrained(folder / "vae")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    write_qwen_tokenizer(folder / "tokenizer")
+    return folder

@@ -100,6 +100,21 @@ def diffusers_forward(ref, inputs: dict) -> torch.Tensor:
     )[0]
 
 
+def save_peft_lora(transformer, config, pipeline, folder, seed: int = 0):
+    """PEFT's LoRA (a LoraConfig) added to a diffusers transformer and saved as the diffusers `pipeline` class saves
+    one: the tensors, and the config in the file's metadata (where the alphas are). Returns the file."""
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)  # the LoRA's initial weights
+    transformer.add_adapter(config)
+    pipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 def random_image(i: int, size=(40, 40)):
     """A PIL image of random pixels, seeded by i."""
     from PIL import Image

@@ -15,9 +15,9 @@ from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM  # no
 from minflux.files.load import load_ae, load_flux, save_flux  # noqa: E402
 from minflux.files.load_llm import load_qwen3  # noqa: E402
 from minflux.pipeline_flux2 import Flux2Pipeline  # noqa: E402
-from tests.flux2_helpers import TINY2_VARIANTS, diffusers_config  # noqa: E402
-from tests.flux_helpers import randomize_, tiny_flux  # noqa: E402
-from tests.test_qwen3 import SMALL, randomize, write_qwen_tokenizer  # noqa: E402
+from tests.flux2_helpers import write_klein_repo  # noqa: E402
+from tests.flux_helpers import tiny_flux  # noqa: E402
+from tests.test_qwen3 import SMALL  # noqa: E402
 
 LAYERS = (9, 18, 27)  # klein's layers of a tiny Qwen3 of 28 layers: 3 × 64 = 192 channels
 
@@ -25,24 +25,7 @@ LAYERS = (9, 18, 27)  # klein's layers of a tiny Qwen3 of 28 layers: 3 × 64 = 1
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A tiny FLUX.2 [klein] repo in the diffusers layout: transformer/, vae/, text_encoder/, tokenizer/."""
-    folder = tmp_path_factory.mktemp("klein")
-    torch.manual_seed(0)
-    params = TINY2_VARIANTS["klein"]
-    transformer = Flux2Transformer2DModel(**dict(diffusers_config(params), joint_attention_dim=3 * 64))
-    randomize_(transformer, seed=1)
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(16, 16, 16, 16), layers_per_block=1, latent_channels=8, norm_num_groups=4
-    )  # 8 × 2×2 = 32 channels, the transformer's; 8× down and the 2×2 patch: 16 pixels a token, as FLUX.2's
-    randomize_(vae, seed=2)
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(0.3 * torch.randn(32))
-        vae.bn.running_var.copy_(0.5 + torch.rand(32))
-    text_encoder = randomize(Qwen3ForCausalLM(Qwen3Config(**dict(SMALL, num_hidden_layers=28))))
-    transformer.save_pretrained(folder / "transformer")
-    vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    write_qwen_tokenizer(folder / "tokenizer")
-    return folder
+    return write_klein_repo(tmp_path_factory.mktemp("klein"))
 
 
 def theirs(repo, distilled: bool):
@@ -224,6 +207,7 @@ def test_a_lora_of_the_other_generation_is_refused_before_loading(repo, tmp_path
     import sample
     from minflux.files.lora_files import read_lora
     from minflux.files.weights import WeightsError
+    from minflux.pipeline_flux2 import check_lora
 
     paths = lora_files(tmp_path)
     flux1 = tmp_path / "flux1.safetensors"
@@ -231,7 +215,6 @@ def test_a_lora_of_the_other_generation_is_refused_before_loading(repo, tmp_path
     for model, lora, said in (
         (["--repo", str(repo)], "FLUX.1", f"a FLUX.1 LoRA (shown by lora_unet_double_blocks_0_img_mod_lin.alpha); "
                                           f"{repo} is FLUX.2"),
-        (["--repo", str(repo)], "FLUX.2", "LoRA files for FLUX.2 are not read yet"),
         (["--flux", str(flux1)], "FLUX.2", f"a FLUX.2 LoRA (shown by lora_unet_double_blocks_0_img_mlp_0, which "
                                            f"maps 64 → 384 channels (6×)); {flux1} is FLUX.1"),
     ):  # fmt: skip
@@ -241,6 +224,7 @@ def test_a_lora_of_the_other_generation_is_refused_before_loading(repo, tmp_path
         assert said in capsys.readouterr().err
     with pytest.raises(WeightsError, match="a FLUX.2 LoRA .*; this transformer is FLUX.1"):
         read_lora(paths["FLUX.2"], tiny_flux())  # FluxPipeline.load_lora reads it so
+    check_lora(paths["FLUX.2"], repo=repo)  # a FLUX.2 LoRA for a FLUX.2 model: not refused
 
 
 def test_a_text_encoder_of_the_wrong_family_or_width_is_named_before_loading(repo, tmp_path, no_loading):
@@ -263,3 +247,21 @@ def test_a_text_encoder_of_the_wrong_family_or_width_is_named_before_loading(rep
     save_flux(tiny_flux(), t5_folder / "model.safetensors")  # any file without a language model's keys
     with pytest.raises(WeightsError, match="not a Qwen3 text encoder: no key 'embed_tokens.weight'"):
         Flux2Pipeline.from_files(repo=repo, text_encoder=t5_folder)
+
+
+def test_offload_puts_the_text_encoder_and_the_transformer_on_the_device_in_different_stages(repo, monkeypatch):
+    """--offload: Qwen3 and the VAE while the inputs are encoded, then the transformer and the VAE; the same
+    pixels as without. (On this CPU the device is the CPU: what is checked is which parts each stage asks for.)"""
+    pipe = ours(repo, "flux2-klein-4b")
+    want = pipe("a chair", width=64, height=48, num_steps=2, seed=5, output="tensor")
+    stages, on_device = [], Flux2Pipeline._on_device
+
+    def recording(self, *parts):
+        stages.append(sorted(type(p).__name__ for p in parts))
+        return on_device(self, *parts)
+
+    monkeypatch.setattr(Flux2Pipeline, "_on_device", recording)
+    pipe.offload = True
+    got = pipe("a chair", width=64, height=48, num_steps=2, seed=5, output="tensor")
+    assert stages == [["Flux2AutoEncoder", "Qwen3"], ["Flux2", "Flux2AutoEncoder"]]
+    assert torch.equal(got, want)

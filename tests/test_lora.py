@@ -15,7 +15,7 @@ from minflux.files.lora_files import load_lora, read_lora, save_lora
 from minflux.lora import LoRALinear, inject_lora, linear_layers, lora_layers, lora_parameters, merge_lora, unload_lora
 from minflux.model import Flux
 from minflux.files.weights import WeightsError, read_metadata
-from tests.flux_helpers import TINY, diffusers_flux, diffusers_forward, flux_inputs, tiny_flux
+from tests.flux_helpers import TINY, diffusers_flux, diffusers_forward, flux_inputs, save_peft_lora, tiny_flux
 
 H = TINY.hidden_size  # 128
 MLP = int(H * TINY.mlp_ratio)  # 512
@@ -113,7 +113,7 @@ def test_unload_restores_plain_layers_and_the_base_output():
 # --- round trips and diffusers parity --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["minflux", "kohya", "diffusers"])
+@pytest.mark.parametrize("fmt", ["minflux", "kohya", "diffusers", "bfl"])
 def test_save_load_round_trip_gives_identical_outputs(fmt, tmp_path):
     src, inputs = tiny_flux(), flux_inputs(TINY)
     inject_lora(src, rank=4, alpha=2.0, targets="all")  # every layer, incl. final_layer (diffusers swaps its halves)
@@ -130,7 +130,7 @@ def test_save_load_round_trip_gives_identical_outputs(fmt, tmp_path):
     loaded = load_lora(dst, path)
     assert sorted(loaded) == sorted(lora_layers(src))
     ours, theirs = run(dst, inputs), run(src, inputs)
-    if fmt == "diffusers":  # alpha / rank was folded into lora_B: equal up to rounding
+    if fmt in ("diffusers", "bfl"):  # alpha / rank was folded into lora_B: equal up to rounding
         assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
     else:
         assert torch.equal(ours, theirs)
@@ -157,7 +157,6 @@ def test_diffusers_lora_with_alpha_other_than_rank_loads_at_the_strength_diffuse
     transformer_lora_adapter_metadata=LoraConfig.to_dict())). Reading the tensors alone: max|Δ|/std 1.45 here."""
     from diffusers import FluxPipeline
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     model, inputs = tiny_flux(), flux_inputs(TINY)
     trained = diffusers_flux(TINY, model.state_dict())
@@ -169,14 +168,7 @@ def test_diffusers_lora_with_alpha_other_than_rank_loads_at_the_strength_diffuse
         rank_pattern={"single_transformer_blocks.1.attn.to_q": 2},  # other ranks and alphas by name
         alpha_pattern={"transformer_blocks.0.attn.to_k": 1.5, "single_transformer_blocks.1.attn.to_q": 6},
     )
-    torch.manual_seed(0)
-    trained.add_adapter(config)
-    FluxPipeline.save_lora_weights(
-        tmp_path,
-        transformer_lora_layers=get_peft_model_state_dict(trained),
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
-    path = tmp_path / "pytorch_lora_weights.safetensors"
+    path = save_peft_lora(trained, config, FluxPipeline, tmp_path)
 
     reloaded = diffusers_flux(TINY, model.state_dict())  # what FluxPipeline.load_lora_weights does with the file
     state_dict, _, metadata = FluxPipeline.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)

@@ -118,6 +118,39 @@ def test_text_map_grid_has_one_captioned_cell_per_token():
     assert grid.size == (2 * (cell_w + 4) + 4, math.ceil(4 / 2) * (cell_h + 14 + 4) + 4)  # image + 3 tokens
 
 
+def test_text_map_grid_draws_the_semantic_panel_beside_every_cell():
+    image, semantic = torch.zeros(3, 32, 64), -torch.ones(3, 32, 32)
+    semantic[0] = 1  # red: a class colour, drawn as it is (no heatmap over it)
+    grid = text_map_grid(image, torch.rand(2, 2, 4), ["_a", "_tree"], cols=3, scale=2, beside=semantic)
+    cell_w, cell_h = 64 * 2 + 2 + 32 * 2, 32 * 2
+    assert grid.size == (3 * (cell_w + 4) + 4, cell_h + 14 + 4 + 4)
+    for i in range(3):  # the image and each token's heatmap, the semantic panel right of each
+        x = 4 + i * (cell_w + 4) + 64 * 2 + 2 + 10
+        assert grid.getpixel((x, 4 + 14 + 10)) == (255, 0, 0)
+
+
+@pytest.fixture(scope="module")
+def kontext_run(tmp_path_factory):
+    """A tiny `python train.py --task kontext` run on the generated scenes (seconds): the visible panel is a
+    reference, so the text maps cover the generated panel alone."""
+    out = tmp_path_factory.mktemp("kontext")
+    flags = "--task kontext --steps 2 --vae-steps 2 --train-samples 16 --heldout-samples 2 --sample-steps 1 "
+    flags += "--batch-size 2"
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), *flags.split(), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def test_text_maps_of_a_kontext_run_cover_the_generated_panel(kontext_run, tmp_path, capsys):
+    assert main(["text", "--run", str(kontext_run), "--steps", "2", "--output", str(tmp_path / "text.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "maps [24, 4, 4]" in printed  # the generated panel's 4 × 4 tokens, not the diptych's 4 × 8
+    assert "Kontext: the maps of the generated panel's tokens" in printed
+    cell = 128 + 2 + 128 * 2  # the generated panel at scale 2, a white line, [visible | semantic map]
+    assert Image.open(tmp_path / "text.png").width == 4 * (cell + 4) + 4
+
+
 @pytest.fixture(scope="module")
 def xattn_run(tmp_path_factory):
     """A tiny `python train.py --semantic xattn_rope` run (seconds): its model is barely trained, which is all
@@ -149,7 +182,8 @@ def test_maps_commands_write_the_pictures(xattn_run, tmp_path, capsys):
     assert "1.00 = an even share (1/24 of it)" in printed  # the legend, printed and drawn above the text maps
     assert re.search(r"\d+% to the 24 text tokens, \d+% to image tokens; \d+ padding token\(s\) not shown", printed)
     text, sem = Image.open(tmp_path / "text.png"), Image.open(tmp_path / "sem.png")
-    assert text.width > text.height  # rows of six diptych cells
+    cell = 128 * 2 + 2 + 128  # the diptych [visible | generated] at scale 2, a white line, the semantic panel
+    assert text.width == 4 * (cell + 4) + 4  # rows of four cells
     assert sem.size == (4 * (64 * 3 + 4) + 4, 4 * (64 * 3 + 14 + 4) + 4)  # 16 queries in a 4 × 4 grid
 
 

@@ -426,3 +426,20 @@ def test_loader_errors(tmp_path):
         load_qwen3(qwen, layers=(1,))
     with pytest.raises(WeightsError, match="no such file"):
         load_qwen3(tmp_path / "missing")
+
+
+def test_fp8_and_bf16_files_load_as_stored(tmp_path):
+    """A text encoder stored in bf16 stays bf16; one stored in fp8 (a storage format) becomes bf16, every value
+    kept exactly (bf16 holds every e4m3 value)."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "hf"
+    randomize(Qwen3ForCausalLM(Qwen3Config(**SMALL))).save_pretrained(folder)
+    stored = load_file(folder / "model.safetensors")
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        low = {k: t.to(dtype) for k, t in stored.items()}
+        save_file(low, folder / "model.safetensors")
+        model = load_qwen3(folder, layers=(1, 4)).model
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        for key, t in model.state_dict().items():
+            assert torch.equal(t, low[key].to(torch.bfloat16)), key

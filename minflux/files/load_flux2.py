@@ -56,7 +56,7 @@ FLUX2_SINGLE_BLOCK = {  # single_blocks.{i}.*  <->  single_transformer_blocks.{i
     "norm.query_norm.scale": "attn.norm_q.weight",
     "norm.key_norm.scale": "attn.norm_k.weight",
 }
-SWAPPED_HALVES = "final_layer.adaLN_modulation.1.weight"
+FLUX2_SWAPPED_HALVES = {"final_layer.adaLN_modulation.1.weight"}
 
 
 def is_flux2(keys) -> bool:
@@ -89,7 +89,7 @@ def diffusers_to_flux2(sd: dict[str, torch.Tensor], source="weights") -> dict[st
         if not all(t in sd for t in theirs):
             continue  # absent in this variant: guidance_in in [klein]
         t = torch.cat([sd.pop(k) for k in theirs], dim=0)
-        out[ours] = swap_halves(t) if ours == SWAPPED_HALVES else t
+        out[ours] = swap_halves(t) if ours in FLUX2_SWAPPED_HALVES else t
     if sd:
         raise WeightsError(f"{source}: diffusers keys with no FLUX.2 counterpart: {', '.join(list(sd)[:5])}")
     return out

@@ -5,20 +5,27 @@ LoRA files differ only in how they name the layers and how they cut FLUX's fused
     minflux    double_blocks.0.img_attn.qkv.lora_down.weight / .lora_up.weight / .alpha      official names
     kohya      lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight / ... / .alpha        sd-scripts, ComfyUI
     diffusers  transformer.transformer_blocks.0.attn.to_q.lora_A.weight / .lora_B.weight      PEFT: q, k, v split
-    BFL        double_blocks.0.img_attn.qkv.lora_A.weight / .lora_B.weight (/ .lora_B.bias)   flux/modules/lora.py
+    BFL        (diffusion_model.)double_blocks.0.img_attn.qkv.lora_A.weight / .lora_B.weight  official names, no alpha
+               (/ .lora_B.bias)                        flux/modules/lora.py; ai-toolkit's FLUX.2 LoRAs ("non-diffusers")
     XLabs      double_blocks.0.processor.qkv_lora1.down.weight / .up.weight                   lora1 img, lora2 txt
 
-`layer_names` lists every such name for each linear layer of a model (the tables are in keys.py), so reading
-any of these files is one dictionary lookup per key. The alpha (the update is alpha / rank · up @ down) is a tensor
-of the file in kohya's and minflux's layouts; a diffusers / PEFT file keeps it in its PEFT LoraConfig instead,
-in the file's metadata or in adapter_config.json beside it (`peft_config`); BFL and XLabs files have none (factor 1).
+Both generations: FLUX.2's official names are FLUX.1's but for its three shared modulations (double_stream_
+modulation_img.lin, ...); diffusers' Flux2Transformer2DModel names its layers otherwise than FluxTransformer2DModel
+(ff.linear_in; the single blocks' fused attn.to_qkv_mlp_proj, not split). `layer_names` lists every such name for each
+linear layer of a model (the tables are in keys.py for FLUX.1, load_flux2.py for FLUX.2), so reading any of these
+files is one dictionary lookup per key. XLabs wrote FLUX.1 LoRAs only. The alpha (the update is alpha / rank · up @
+down) is a tensor of the file in kohya's and minflux's layouts; a diffusers / PEFT file keeps it in its PEFT
+LoraConfig instead, in the file's metadata or in adapter_config.json beside it (`peft_config`); BFL and XLabs files
+have none (factor 1).
 
 References: kohya-ss/sd-scripts (networks/lora_flux.py: how split q/k/v LoRAs are saved); black-forest-labs/flux
 (src/flux/modules/lora.py); XLabs-AI/x-flux (src/flux/modules/layers.py); diffusers (loaders/
-lora_conversion_utils.py: _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_flux_lora_to_diffusers), whose
-conversions the tests use as the oracle.
+lora_conversion_utils.py: _convert_kohya_flux_lora_to_diffusers, _convert_xlabs_flux_lora_to_diffusers, and for
+FLUX.2 _convert_kohya_flux2_lora_to_diffusers, _convert_non_diffusers_flux2_lora_to_diffusers), whose conversions
+the tests use as the oracle.
 """
 
+import fnmatch
 import json
 import math
 import re
@@ -30,8 +37,9 @@ from torch import Tensor, nn
 
 from minflux.files.keys import LORA_PREFIXES, LORA_SUFFIXES, SWAPPED_HALVES, XLABS, diffusers_key_pairs, swap_halves
 from minflux.files import warn_caller
+from minflux.files.load_flux2 import FLUX2_SWAPPED_HALVES, flux2_key_pairs
 from minflux.files.weights import WeightsError, read_metadata, read_state_dict, save_atomic, whole
-from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers
+from minflux.lora import LoRALinear, LoRAWeights, apply_lora, linear_layers, lora_layers, model_generation
 
 # --- the names other tools give the layers ------------------------------------------------------------------
 
@@ -50,11 +58,17 @@ def _blocks(layers, kind: str) -> int:
 
 
 def diffusers_names(model: nn.Module) -> dict[str, Target]:
-    """diffusers module name -> Target, from the table in keys.py; to_q, to_k, to_v (and the single blocks'
-    proj_mlp) are rows of the official fused qkv / linear1: [h | h | h] or [h | h | h | mlp]."""
+    """diffusers module name -> Target, from the key table of the model's generation (keys.py: FLUX.1's
+    FluxTransformer2DModel; load_flux2.py: FLUX.2's Flux2Transformer2DModel). to_q, to_k, to_v (and FLUX.1's single
+    blocks' proj_mlp) are rows of the official fused qkv / linear1: [h | h | h] or [h | h | h | mlp]; FLUX.2's
+    linear1 is one layer in both (attn.to_qkv_mlp_proj)."""
     layers = linear_layers(model)
+    depths = _blocks(layers, "double_blocks"), _blocks(layers, "single_blocks")
+    flux2 = model_generation(model) == "FLUX.2"
+    pairs = flux2_key_pairs(*depths) if flux2 else diffusers_key_pairs(*depths)
+    swapped = FLUX2_SWAPPED_HALVES if flux2 else SWAPPED_HALVES
     names = {}
-    for ours, theirs in diffusers_key_pairs(_blocks(layers, "double_blocks"), _blocks(layers, "single_blocks")):
+    for ours, theirs in pairs:
         module = ours.removesuffix(".weight")
         if not ours.endswith(".weight") or module not in layers:
             continue
@@ -64,25 +78,27 @@ def diffusers_names(model: nn.Module) -> dict[str, Target]:
         start = 0
         for name, size in zip(theirs, sizes):
             rows = slice(start, start + size) if len(theirs) > 1 else None
-            names[name.removesuffix(".weight")] = Target(module, rows, swap_halves=ours in SWAPPED_HALVES)
+            names[name.removesuffix(".weight")] = Target(module, rows, swap_halves=ours in swapped)
             start += size
     return names
 
 
 def layer_names(model: nn.Module) -> dict[str, Target]:
     """Every name a LoRA file may give a linear layer of `model`, mapped to that layer (and rows of it)."""
-    names = {}
+    names, xlabs = {}, XLABS if model_generation(model) != "FLUX.2" else {}
     for name, layer in linear_layers(model).items():
         names[name] = Target(name)  # minflux, BFL, ComfyUI: the official name
         names["lora_unet_" + name.replace(".", "_")] = Target(name)  # kohya sd-scripts
         kind, _, rest = name.partition(".")
         index, _, rest = rest.partition(".")
-        if rest in XLABS.get(kind, {}):
+        if rest in xlabs.get(kind, {}):
             rows = slice(0, 3 * layer.in_features) if rest == "linear1" else None
-            names[f"{kind}.{index}.processor.{XLABS[kind][rest]}"] = Target(name, rows)
+            names[f"{kind}.{index}.processor.{xlabs[kind][rest]}"] = Target(name, rows)
     for name, target in diffusers_names(model).items():
         names[name] = target  # diffusers / PEFT
         names["lora_transformer_" + name.replace(".", "_")] = target  # diffusers names written kohya-style
+        if name.startswith("transformer_blocks."):  # "transformer." cut off with "tran": some FLUX.2 exports, which
+            names[name.removeprefix("tran")] = target  # diffusers reads as transformer_blocks (sformer_blocks.0...)
     return names
 
 
@@ -182,11 +198,11 @@ def check_in_channels(path, model: nn.Module) -> None:
         raise WeightsError(f"{path}: metadata minflux.in_channels = {trained_on!r}: expected a number of channels")
     if int(trained_on) == ours:
         return
-    kind = lambda n: "FLUX.1-Fill" if n == 384 else "dev, schnell or Kontext" if n == 64 else "custom"  # noqa: E731
+    kinds = {384: "FLUX.1-Fill", 64: "dev, schnell or Kontext", 128: "FLUX.2"}
     raise WeightsError(
         f"{path}: a LoRA trained on a transformer with {trained_on} input channels "
-        f"({kind(int(trained_on))}); this model has {ours} ({kind(ours)}): it belongs to another "
-        "model, although its block layers have the same shapes"
+        f"({kinds.get(int(trained_on), 'custom')}); this model has {ours} ({kinds.get(ours, 'custom')}): it belongs "
+        "to another model, although its block layers have the same shapes"
     )
 
 
@@ -234,11 +250,8 @@ def lora_generation(shapes: dict[str, list[int]]) -> tuple[str, str] | None:
 
 def check_generation(source, shapes: dict[str, list[int]], model: nn.Module) -> None:
     """A LoRA for the other generation's transformer is refused, naming the key that shows it."""
-    transformer = getattr(model, "flux", model)
-    if not hasattr(transformer, "double_blocks"):
-        return
-    ours = "FLUX.2" if hasattr(transformer, "double_stream_modulation_img") else "FLUX.1"
-    found = lora_generation(shapes)
+    ours = model_generation(model)
+    found = lora_generation(shapes) if ours is not None else None
     if found is not None and found[0] != ours:
         raise WeightsError(f"{source}: a {found[0]} LoRA (shown by {found[1]}); this transformer is {ours}")
 
@@ -342,11 +355,31 @@ def _adapter_state(layer: LoRALinear) -> dict[str, Tensor]:
     return {k: whole(v) for k, v in layer.state_dict().items() if k not in ("weight", "bias")}
 
 
-def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[str, Tensor]:
-    """PEFT keys. A fused layer is split as diffusers splits it: every piece shares lora_A = down and takes its
-    rows of up as lora_B. diffusers assumes alpha = rank, so alpha / rank is folded into lora_B."""
-    pieces = {}  # official layer -> [(diffusers name, Target)]
-    for name, target in diffusers_names(model).items():
+# The layers diffusers 0.42's converters read right from a kohya or BFL file (fnmatch over official names), and why
+# they read no others: save_lora names those in a warning (ComfyUI and minflux read every layer of either layout).
+BLOCKS = ("double_blocks.*", "single_blocks.*")
+DIFFUSERS_READS = {
+    ("kohya", "FLUX.1"): (BLOCKS, "they lie outside the double and single blocks, its converter names those without "
+                                  '"transformer." and its loader drops them without a word'),
+    ("kohya", "FLUX.2"): ((*BLOCKS, "img_in", "txt_in", "time_in.*", "final_layer.linear"),
+                          "its FLUX.2 kohya converter names none of the shared modulations, guidance_in and the "
+                          "final adaLN"),
+    ("bfl", "FLUX.1"): ((), "it reads a FLUX.1 file in this layout only as a BFL Control LoRA"),
+    ("bfl", "FLUX.2"): ((*BLOCKS, "img_in", "txt_in", "time_in.*", "guidance_in.*", "*stream_modulation*.lin",
+                         "final_layer.linear"),
+                        "its converter keeps the final adaLN's halves in BFL's order, (shift, scale), where its "
+                        "norm_out.linear is (scale, shift)"),
+}  # fmt: skip
+PEFT_PREFIXES = {"diffusers": "transformer.", "bfl": "diffusion_model."}  # where diffusers looks for each layout
+
+
+def _peft_tensors(layers: dict[str, LoRALinear], prefix: str, names: dict[str, Target]) -> dict[str, Tensor]:
+    """lora_A / lora_B (/ lora_B.bias) keys under `prefix`, each layer under the names `names` gives it ({name in the
+    file: Target}), else under its official name: diffusers / PEFT files (diffusers' names) and BFL's (official
+    names). Neither holds an alpha (PEFT's readers take alpha = rank), so alpha / rank is folded into lora_B. A fused
+    layer is split as diffusers splits it: every piece shares lora_A = down and takes its rows of up as lora_B."""
+    pieces = {}  # official layer -> [(name in the file, Target)]
+    for name, target in names.items():
         pieces.setdefault(target.module, []).append((name, target))
     tensors = {}
     for module, layer in layers.items():
@@ -354,25 +387,28 @@ def _diffusers_tensors(model: nn.Module, layers: dict[str, LoRALinear]) -> dict[
         up = f * whole(layer.lora_up.weight.detach())  # [out, r]
         bias = None if layer.lora_up.bias is None else f * whole(layer.lora_up.bias.detach())
         down = whole(layer.lora_down.weight.detach())  # [r, in]
-        for name, target in pieces.get(module, [(module, Target(module))]):  # no diffusers name: keep ours
+        for name, target in pieces.get(module, [(module, Target(module))]):  # no other name: keep ours
             rows = target.rows or slice(None)
             b, b_bias = up[rows], None if bias is None else bias[rows]
             if target.swap_halves:
                 b, b_bias = swap_halves(b), None if b_bias is None else swap_halves(b_bias)
-            tensors[f"transformer.{name}.lora_A.weight"] = down.clone()  # [r, in]
-            tensors[f"transformer.{name}.lora_B.weight"] = b.clone()  # [rows, r]; safetensors wants no shared memory
+            tensors[f"{prefix}{name}.lora_A.weight"] = down.clone()  # [r, in]
+            tensors[f"{prefix}{name}.lora_B.weight"] = b.clone()  # [rows, r]; safetensors wants no shared memory
             if b_bias is not None:
-                tensors[f"transformer.{name}.lora_B.bias"] = b_bias.clone()
+                tensors[f"{prefix}{name}.lora_B.bias"] = b_bias.clone()
     return tensors
 
 
 def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
     """Write the model's LoRA layers to a .safetensors file, atomically; the metadata names format, rank, alpha.
 
-    format: "kohya" (lora_unet_…, as sd-scripts writes FLUX LoRAs: ComfyUI, diffusers' load_lora_weights and
-    minflux read it), "diffusers" (PEFT names under transformer., q/k/v split, alpha folded into lora_B, so any
-    PEFT reader gets it right without a config) or "minflux" (official names, .lora_down / .lora_up / .alpha; the one
-    that keeps a LoRA bias). The user's `scale` is not saved: a file holds the LoRA as trained.
+    format: "kohya" (lora_unet_…, as sd-scripts and musubi-tuner write FLUX LoRAs: ComfyUI, diffusers'
+    load_lora_weights and minflux read it), "diffusers" (PEFT names under transformer., q/k/v split, alpha folded
+    into lora_B, so any PEFT reader gets it right without a config), "bfl" (official names under diffusion_model.,
+    .lora_A / .lora_B, alpha folded in: ComfyUI, and for FLUX.2 diffusers, read it) or "minflux" (official names,
+    .lora_down / .lora_up / .alpha; it and bfl keep a LoRA bias). A FLUX.1 or FLUX.2 model alike; the
+    layers diffusers does not read from a kohya or bfl file are named in a warning (DIFFUSERS_READS). The user's
+    `scale` is not saved: a file holds the LoRA as trained.
     """
     layers = lora_layers(model)
     if not layers:
@@ -388,18 +424,18 @@ def save_lora(model: nn.Module, path, format: str = "kohya") -> Path:
             for name, layer in layers.items()
             for k, v in _adapter_state(layer).items()
         }
-        outside = [name for name in layers if not name.startswith(("double_blocks.", "single_blocks."))]
-        if outside:  # diffusers 0.42's _convert_kohya_flux_lora_to_diffusers names them without "transformer."
-            warn_caller(
-                f"{path}: {len(outside)} LoRA layer(s) outside the double and single blocks "
-                f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}): ComfyUI and minflux load "
-                "them from this kohya file, diffusers' load_lora_weights drops them without a word; save "
-                "in the diffusers format for diffusers"
-            )
-    elif format == "diffusers":
-        tensors = _diffusers_tensors(model, layers)
+    elif format in PEFT_PREFIXES:
+        tensors = _peft_tensors(layers, PEFT_PREFIXES[format], diffusers_names(model) if format == "diffusers" else {})
     else:
-        raise ValueError(f"save_lora: unknown format {format!r}; use 'kohya', 'diffusers' or 'minflux'")
+        raise ValueError(f"save_lora: unknown format {format!r}; use 'kohya', 'diffusers', 'bfl' or 'minflux'")
+    read, why = DIFFUSERS_READS.get((format, model_generation(model)), (["*"], ""))
+    unread = [name for name in layers if not any(fnmatch.fnmatchcase(name, p) for p in read)]
+    if unread:
+        warn_caller(
+            f"{path}: diffusers 0.42 does not load {len(unread)} LoRA layer(s) of this {format} file right "
+            f"({', '.join(unread[:3])}{', ...' if len(unread) > 3 else ''}): {why}. ComfyUI and minflux read them; "
+            "save in the diffusers format for diffusers"
+        )
     metadata = {
         "minflux.lora_format": format,
         "minflux.lora_rank": ", ".join(str(r) for r in sorted({layer.rank for layer in layers.values()})),

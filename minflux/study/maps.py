@@ -260,18 +260,29 @@ def text_legend(maps: Tensor, n_shown: int, text_share: float) -> list[str]:
 
 
 def text_map_grid(
-    image: Tensor, maps: Tensor, tokens: list[str], cols: int = 6, scale: int = 2, title=()
+    image: Tensor, maps: Tensor, tokens: list[str], cols: int = 6, scale: int = 2, title=(), beside=None
 ) -> Image.Image:
     """One heatmap per token over the image, captioned with the token and its text_shares number; the image
     itself first, the lines of `title` above (text_legend).
 
     image [3, H, W] in [-1, 1]; maps [T, h, w] (the image's token grid); tokens: T strings (or fewer: the
-    maps of the first len(tokens) tokens are drawn, e.g. the prompt without its padding)."""
-    cells = [(to_pil(image, scale), "image")]
+    maps of the first len(tokens) tokens are drawn, e.g. the prompt without its padding). beside [3, H, W']: a
+    picture drawn untouched to the right of every cell (vis2ir: the semantic panel in its classes' colours, to
+    compare where a word looks with where its class is)."""
     shares = text_shares(maps)  # [T]
-    for t, token in enumerate(tokens):
-        cells.append((overlay(image, maps[t], scale), f"{token} {shares[t].item():.2f}"))
+    cells = [(to_pil(image, scale), "image")]
+    cells += [(overlay(image, maps[t], scale), f"{token} {shares[t].item():.2f}") for t, token in enumerate(tokens)]
+    if beside is not None:
+        cells = [(side_by_side(cell, to_pil(beside, scale)), caption) for cell, caption in cells]
     return captioned_grid(cells, cols, title=title)
+
+
+def side_by_side(left: Image.Image, right: Image.Image) -> Image.Image:
+    """Two pictures of one height in one, a white line of 2 pixels between them."""
+    out = Image.new("RGB", (left.width + 2 + right.width, left.height), "white")
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + 2, 0))
+    return out
 
 
 def semantic_map_grid(
@@ -385,19 +396,26 @@ def main(argv=None) -> int:
 
 
 def text_picture(out: dict) -> Image.Image:
-    """`maps text`: the grid of run_maps' first scene, its legend printed and drawn above it."""
+    """`maps text`: the grid of run_maps' first scene, its legend printed and drawn above it; the semantic panel
+    beside every cell."""
     from minflux.tasks.scenes import split_triptych
+    from minflux.tasks.vis2ir import in_context_of
 
     rec, tokens = out["recorder"], out["tokens"][0]
-    visible, generated = split_triptych(out["triptychs"])[0][0], out["generated"][0].float()
-    maps = rec.text_maps()[0]  # [T, h, w] over the diptych's tokens: [visible | generated]
+    panels = split_triptych(out["triptychs"])  # visible, infrared, semantic map: [B, 3, S, S] each
+    visible, generated, semantic = panels[0][0], out["generated"][0].float(), panels[2][0]
+    maps = rec.text_maps()[0]  # [T, h, w] over the image being made
     legend = text_legend(maps, len(tokens), rec.text_share()[0].item())
+    if in_context_of(out["config"]) == "fill":  # the image being made is the diptych [visible | generated]
+        image, beside = torch.cat((visible, generated), dim=-1), semantic  # [3, 64, 128]; cells [3, 64, 192]
+    else:  # Kontext: the generated panel; the visible one is a reference, whose tokens' maps are not drawn
+        image, beside = generated, torch.cat((visible, semantic), dim=-1)  # [3, 64, 64]; cells [3, 64, 192]
+        legend.append("Kontext: the maps of the generated panel's tokens; beside it the reference and the map")
     print(
         f"prompt: {out['prompts'][0]!r}, {len(tokens)} tokens; maps {list(maps.shape)} averaged over "
         f"{rec._text_calls} attention calls (steps {ranges(rec.recorded_steps)})\n" + "\n".join(legend)
     )
-    image = torch.cat((visible, generated), dim=-1)  # [3, 64, 128]
-    return text_map_grid(image, maps, tokens, title=legend)
+    return text_map_grid(image, maps, tokens, cols=4, title=legend, beside=beside)
 
 
 def semantic_picture(out: dict, run, query: str | None) -> Image.Image:
