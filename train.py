@@ -11,6 +11,8 @@ LoRA on FLUX.1 dev or schnell (t2i).
                                                       sharded (FSDP2): each process holds 1/8 of the model
     python train.py --task t2i --repo FLUX.1-dev --data photos/     a LoRA from images with same-named .txt
                                                       captions (minflux/tasks/t2i.py has the step)
+    python train.py --task t2i --repo FLUX.2-klein-base-4B --data photos/    the same on FLUX.2 klein Base or dev
+                                                      (minflux/tasks/t2i_flux2.py)
 
 One step, for every task: draw a batch of clean latents x_0 with their conditions (the task encoded them once with
 the frozen VAE and text encoders), times t and noise ε; x_t = (1 − t) x_0 + t ε; the model predicts v; loss =

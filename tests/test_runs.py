@@ -146,6 +146,13 @@ def test_a_second_run_of_a_name_gets_a_fresh_numbered_folder_and_leaves_the_firs
     assert log_steps(runs / "mine") == [1] and log_steps(runs / "mine-3") == [1, 2]
 
 
+def test_overwrite_of_a_name_no_run_has_yet_makes_the_run(tiny, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert tiny("--steps", "1", "--name", "fresh", "--overwrite") == 0  # nothing to replace: a plain new run
+    assert log_steps(runs / "fresh") == [1] and sorted(p.name for p in runs.iterdir()) == ["fresh"]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(runs / "fresh")
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
     (tmp_path / "runs" / "photos").mkdir(parents=True)
     (tmp_path / "runs" / "photos" / "holiday.jpg").write_bytes(b"precious")

@@ -6,6 +6,7 @@
     common.py     Batch (what a task hands the loop), TextCache, the official frozen parts
     vis2ir.py     visible → infrared with FLUX.1-Fill and a semantic map (the default task)
     t2i.py        text-to-image LoRAs on FLUX.1 dev or schnell
+    t2i_flux2.py  the same on FLUX.2 klein Base or dev: its parts, ids, schedule shift and samples
     kontext.py    image-editing LoRAs on FLUX.1-Kontext from pairs, and the embedded Kontext default
     scenes.py     the generated vis2ir scenes
     data.py       triptych folders and captioned image folders
@@ -16,7 +17,7 @@ A task is a class with `encode()` (everything frozen, once), `build_model()`, `d
 """
 
 from minflux.tasks.kontext import kontext_task
-from minflux.tasks.t2i import T2ITask
+from minflux.tasks.t2i_flux2 import t2i_task
 from minflux.tasks.vis2ir import Vis2IRTask
 
-TASKS = {"vis2ir": Vis2IRTask, "t2i": T2ITask, "kontext": kontext_task}
+TASKS = {"vis2ir": Vis2IRTask, "t2i": t2i_task, "kontext": kontext_task}

@@ -24,7 +24,7 @@ class Batch:
     x0: Tensor  # [B, L, 64]  packed clean latents of the target
     noise: Tensor  # [B, L, 64]
     t: Tensor  # [B]  in (0, 1)
-    guidance: Tensor  # [B]  the guidance embedding's input (models without one ignore it)
+    guidance: Tensor | None  # [B]  the guidance embedding's input (models without one ignore it; FLUX.2 klein: None)
     inputs: Inputs  # img_ids, txt, txt_ids, y and the conditions (img is None: x_t is made from x0)
     loss_mask: Tensor | None = None  # [B, L] bool: the tokens the loss counts (None: all)
 
@@ -46,7 +46,7 @@ class Batch:
             fn("x0", self.x0),
             fn("noise", self.noise),
             fn("t", self.t),
-            fn("guidance", self.guidance),
+            None if self.guidance is None else fn("guidance", self.guidance),
             self.inputs.map(fn),
             mask,
         )
@@ -57,19 +57,22 @@ class TextCache:
     """The frozen text encoders' outputs for every distinct caption, computed once and kept on the CPU.
 
     `t5` and `clip` look prompts up in it, so the cache stands in for the encoders: prepare(cache.t5, cache.clip, ...).
+    FLUX.2 has one text encoder (Qwen3 or Mistral), in T5's place: prepare_flux2(cache.t5, ...), and no pooled vector.
     """
 
     texts: list[str]  # the distinct captions, sorted
-    txt: Tensor  # [U, T, 4096]  T5 hidden states
-    y: Tensor  # [U, 768]  pooled CLIP
+    txt: Tensor  # [U, T, 4096]  T5 hidden states  (FLUX.2: [U, 512, 3 · hidden] stacked LLM layers)
+    y: Tensor | None  # [U, 768]  pooled CLIP  (FLUX.2: None)
 
     @classmethod
     @torch.no_grad()
     def encode(cls, t5, clip, captions: list[str], dtype=None, chunk: int = 64) -> "TextCache":
+        """t5: prompts → [B, T, C] (FLUX.2: the LLM embedder); clip: prompts → [B, 768], or None (FLUX.2)."""
         texts = sorted(set(captions))
-        y = torch.cat([clip(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])  # [U, 768]
-        txt = torch.cat([t5(texts[i : i + chunk]) for i in range(0, len(texts), chunk)])  # [U, 512, 4096]
-        return cls(texts, txt.to("cpu", dtype), y.to("cpu", dtype))
+        chunks = [texts[i : i + chunk] for i in range(0, len(texts), chunk)]
+        y = None if clip is None else torch.cat([clip(c) for c in chunks]).to("cpu", dtype)  # [U, 768]
+        txt = torch.cat([t5(c) for c in chunks])  # [U, 512, 4096]
+        return cls(texts, txt.to("cpu", dtype), y)
 
     def index(self, prompts: list[str]) -> Tensor:
         where = {text: i for i, text in enumerate(self.texts)}

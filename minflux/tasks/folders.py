@@ -76,6 +76,8 @@ def make_run_folder(out, name: str, overwrite: bool = False) -> Path:
 def replace_run(new: Path, folder: Path) -> Path:
     """Put the run folder `new` (make_run_folder's hidden one) in the place of `folder`: the old folder is moved
     aside, the new one renamed into its place, then the old one deleted. A crash in between leaves both whole."""
+    if new == folder:  # --overwrite where no run had the name: make_run_folder made the folder itself
+        return folder
     aside = folder.parent / f".{folder.name}.replaced-{secrets.token_hex(4)}"
     if folder.exists():
         if folder.is_dir() and any(folder.iterdir()) and not is_run_folder(folder):  # made meanwhile by someone else

@@ -24,6 +24,7 @@ from minflux.tasks.flags import field_type, add_config_flags, config_from_args, 
 from minflux.files.weights import read_shapes
 from minflux.presets import configs
 from minflux.semantic import SEMANTIC_MODES
+from minflux.tasks.t2i_flux2 import flux2_config
 
 # --- the config ---------------------------------------------------------------------------------------------
 
@@ -90,6 +91,8 @@ class TrainConfig:
     ae: str | None = None
     clip: str | None = None
     t5: str | None = None
+    text_encoder: str | None = None
+    allow_distilled: bool = False
     finetune: str | None = None
     lora_rank: int = 16
     lora_alpha: float | None = None
@@ -130,9 +133,10 @@ class TrainConfig:
     params: bool = False
 
     HELP = {
-        "task": "vis2ir (Fill + semantic map, on triptychs), t2i (a LoRA on dev/schnell from images with .txt "
-        "captions) or kontext (a LoRA on Kontext from edit pairs; without weights, the embedded default with the "
-        "visible panel as a Kontext reference). Each kind of run has its own defaults, shown with each flag",
+        "task": "vis2ir (Fill + semantic map, on triptychs), t2i (a LoRA on FLUX.1 dev/schnell or FLUX.2 klein "
+        "Base/dev from images with .txt captions) or kontext (a LoRA on Kontext from edit pairs; without weights, "
+        "the embedded default with the visible panel as a Kontext reference). Each kind of run has its own "
+        "defaults, shown with each flag",
         "semantic": f"how the semantic map is injected: {', '.join(SEMANTIC_MODES)}",
         "adapter_layers": "SemanticCrossAttention layers (xattn, xattn_rope); layers per adapter (adapters)",
         "adapter_heads": "heads of each SemanticCrossAttention (xattn, xattn_rope, blocks) or adapter layer",
@@ -156,12 +160,16 @@ class TrainConfig:
         "control": "kontext: the folder of control images (default: DATA/control), one per target, same file name",
         "control_size": "kontext: 'target' (resized to its target's size) or 'own' (its own aspect, ~resolution²)",
         "preset": "the architecture trained from scratch when no weights are given",
-        "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers)",
+        "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers; FLUX.2: "
+        "transformer/, vae/, text_encoder/, tokenizer/)",
         "flux": "transformer weights (file or folder): FLUX.1-Fill for vis2ir, dev or schnell for t2i, Kontext for "
         "kontext",
         "ae": "autoencoder weights",
         "clip": "CLIP-L text encoder (folder or file)",
         "t5": "T5-XXL text encoder (folder or file)",
+        "text_encoder": "FLUX.2: the Qwen3 (klein) or Mistral (dev) text encoder folder (default: the repo's)",
+        "allow_distilled": "FLUX.2: train on the distilled klein (4 steps) anyway; its LoRAs degrade (grey images), "
+        "train on klein Base",
         "finetune": "a finished run folder: fine-tune its model with LoRA",
         "lora_rank": "LoRA rank (LoRA is used with given weights or --finetune)",
         "lora_alpha": "LoRA alpha (default: the rank)",
@@ -180,7 +188,8 @@ class TrainConfig:
         "target_only": "count the loss on the target half of the diptych only",
         "max_grad_norm": "gradient clipping: the gradient's norm is scaled down to at most this",
         "guidance": "guidance value fed in training to guidance-distilled models (dev, official Fill)",
-        "t5_max_length": "T5 tokens per prompt (512 for the official dev models, 256 for schnell)",
+        "t5_max_length": "T5 tokens per prompt (512 for the official dev models, 256 for schnell; FLUX.2: the text "
+        "encoder's, 512)",
         "vae_steps": "training steps of the embedded default's VAE: the default's VAE ships with minflux, another "
         "number trains one (cached)",
         "seed": "seed of everything random",
@@ -370,7 +379,15 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         and not lora_on_weights
     ):
         parser.error(f"--semantic {cfg.semantic}: 'reference' is for --task kontext, 'zeroconv' for vis2ir (Fill)")
-    if cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
+    if cfg.task == "t2i" and not cfg.data:
+        parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
+    try:  # FLUX.2 weights: their paths, checked from the headers (t2i_flux2.py); None for FLUX.1's
+        flux2 = flux2_config(cfg, given, bool(args.resume))
+    except ValueError as e:
+        parser.error(str(e))
+    if flux2:
+        cfg = flux2
+    elif cfg.repo or cfg.finetune:  # a folder names the parts not given one by one
         paths = find_weights(cfg.repo or cfg.finetune, cfg.flux, cfg.ae, cfg.clip, cfg.t5)
         cfg = replace(cfg, **{k: str(v) if v is not None else None for k, v in dataclasses.asdict(paths).items()})
     if cfg.full_finetune and not cfg.flux:
@@ -403,54 +420,24 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
             "control/) with official weights (--repo FLUX.1-Kontext-dev, or --flux, --ae, --clip, --t5); "
             "with neither, the embedded default on generated scenes"
         )
-    if cfg.task == "t2i":
-        if not cfg.data:
-            parser.error("--task t2i needs --data FOLDER: images, each with a same-named .txt caption")
-        if not cfg.flux:
-            parser.error(
-                "--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell), "
-                "or --flux, --ae, --clip and --t5"
-            )
-    if cfg.task in ("t2i", "kontext") and cfg.flux and "t5_max_length" not in given and not args.resume:
+    if cfg.task == "t2i" and not cfg.flux:
+        parser.error(
+            "--task t2i trains a LoRA on official weights: pass --repo FLUX.1-dev (or FLUX.1-schnell, "
+            "FLUX.2-klein-base-4B, FLUX.2-dev), or --flux, --ae, --clip and --t5 (FLUX.2: --flux, --ae, --text-encoder)"
+        )
+    if cfg.task in ("t2i", "kontext") and cfg.flux and "t5_max_length" not in given and not args.resume and not flux2:
         cfg = replace(cfg, t5_max_length=512 if has_guidance_embedding(cfg.flux) else 256)  # dev 512, schnell 256
     return cfg
 
 
 # What a resumed run cannot change: its model's shape and its data (the checkpoint holds the rest of the state).
 FIXED_ON_RESUME = (
-    "task",
-    "semantic",
-    "adapter_layers",
-    "adapter_heads",
-    "adapter_width",
-    "adapter_every",
-    "adapter_scale_init",
-    "semantic_layout",
-    "data",
-    "panel_size",
-    "train_samples",
-    "heldout_samples",
-    "resolution",
-    "buckets",
-    "control",
-    "control_size",
-    "preset",
-    "repo",
-    "flux",
-    "ae",
-    "clip",
-    "t5",
-    "finetune",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "full_finetune",
-    "t5_max_length",
-    "vae_steps",
-    "seed",
-    "parallel",
-)
-PATH_FIELDS = ("data", "control", "repo", "flux", "ae", "clip", "t5", "finetune", "resume")
+    "task", "semantic", "adapter_layers", "adapter_heads", "adapter_width", "adapter_every", "adapter_scale_init",
+    "semantic_layout", "data", "panel_size", "train_samples", "heldout_samples", "resolution", "buckets", "control",
+    "control_size", "preset", "repo", "flux", "ae", "clip", "t5", "text_encoder", "finetune", "lora_rank",
+    "lora_alpha", "lora_targets", "full_finetune", "t5_max_length", "vae_steps", "seed", "parallel",
+)  # fmt: skip
+PATH_FIELDS = ("data", "control", "repo", "flux", "ae", "clip", "t5", "text_encoder", "finetune", "resume")
 
 
 def same_value(key: str, a, b) -> bool:

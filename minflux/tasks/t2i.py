@@ -1,4 +1,4 @@
-"""Text-to-image LoRA training for FLUX.1 dev and schnell (`train.py --task t2i`).
+"""Text-to-image LoRA training for FLUX.1 dev and schnell (`train.py --task t2i`; FLUX.2's: t2i_flux2.py).
 
 One step, at 512 × 512 with the official sizes:
 
@@ -27,7 +27,7 @@ from minflux.files.images import image_grid, line_plot, save_png
 from minflux.files.load import save_flux
 from minflux.files.lora_files import save_lora
 from minflux.files.weights import WeightsError, write_text_atomic
-from minflux.presets import spec_for
+from minflux.presets import ModelSpec, spec_for
 from minflux.sampling import (
     Inputs,
     generate,
@@ -61,13 +61,18 @@ class T2ITask:
 
     what = "images, captions"
     name = "t2i"
+    pack = staticmethod(pack)  # latent → tokens: FLUX.1's 2×2 patches (Flux2T2ITask: FLUX.2's)
 
     def __init__(self, cfg, run: Path, device, dtype):
         self.cfg, self.run, self.device, self.dtype = cfg, run, device, dtype
         self.data = self.dataset(cfg)
         self.train_items = list(range(len(self.data)))  # KontextTask holds some out, for its samples
-        self.ae, self.clip, self.t5 = load_frozen(cfg, device, dtype)
-        self.frozen = {"ae": self.ae, "clip": self.clip.model, "t5": self.t5.model}
+        self.ae, self.clip, self.t5 = self.load_frozen(cfg, device, dtype)
+        self.frozen = {"ae": self.ae, "t5": self.t5.model, **({"clip": self.clip.model} if self.clip else {})}
+
+    def load_frozen(self, cfg, device, dtype):
+        """(ae, clip, t5): the VAE, the pooled text encoder and the one whose states the transformer reads."""
+        return load_frozen(cfg, device, dtype)
 
     def dataset(self, cfg):
         return CaptionFolder(cfg.data, cfg.resolution, cfg.default_caption, cfg.on_error, cfg.buckets)
@@ -80,7 +85,7 @@ class T2ITask:
         text encoders are freed and the VAE waits on the CPU for the samples."""
         data, ae = self.data, self.ae
         device, ae_dtype = ae.encoder.conv_in.weight.device, ae.encoder.conv_in.weight.dtype
-        encode = lambda images: pack(ae.encode(images.to(device, ae_dtype), sample=False))  # noqa: E731  [8, 1024, 64]
+        encode = lambda images: self.pack(ae.encode(images.to(device, ae_dtype), sample=False))  # noqa: E731  [8, L, 64]
         progress, done, groups = Progress(len(self.train_items), label="encode "), 0, []
         for group in sorted({data.group(i) for i in self.train_items}):
             members = [i for i in self.train_items if data.group(i) == group]
@@ -127,13 +132,7 @@ class T2ITask:
         (--full-finetune). On `device` (default: the task's; FSDP builds on the CPU and shards onto the GPU)."""
         cfg = self.cfg
         flux = lora_transformer(cfg, device or self.device, self.dtype)
-        if flux.params.in_channels != 64:
-            raise WeightsError(
-                f"{cfg.flux}: a transformer with {flux.params.in_channels} input channels "
-                f"({flux.variant or 'custom'}); --task {cfg.task} trains FLUX.1 dev, schnell or "
-                "Kontext (64)"
-            )
-        self.shift = spec_for(flux).shift  # dev's training times are shifted like its schedule, schnell's are not
+        self.spec = self.spec_of(flux)  # the variant's sampling defaults: the shift of t, the samples
         trained = [p for p in flux.parameters() if p.requires_grad]
         log(
             f"model: {flux.variant or 'custom'}, {sum(p.numel() for p in flux.parameters()):,} parameters, "
@@ -155,20 +154,35 @@ class T2ITask:
             drop = torch.rand(B, generator=gen) < cfg.caption_dropout
             text = torch.where(drop, self.texts.index([""])[0], text)
         x0 = g.x0[idx]  # [B, 1024, 64]
-        t = sample_t(B, cfg.t_sampling, mu=shift_mu(x0.shape[1]) if self.shift else None, generator=gen)
+        t = sample_t(B, cfg.t_sampling, mu=self.mu(x0.shape[1]), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         width, height = g.size
         txt = self.texts.txt[text]  # [B, 512, 4096]
-        inputs = Inputs(
-            None,
-            prepare_img_ids(B, height // 16, width // 16),
-            txt,
-            prepare_txt_ids(B, txt.shape[1]),
-            self.texts.y[text],
-        )
+        img_ids, txt_ids = self.ids(B, height // 16, width // 16, txt.shape[1])
+        inputs = Inputs(None, img_ids, txt, txt_ids, None if self.texts.y is None else self.texts.y[text])
         if g.refs is not None:
             inputs.img_cond_seq, inputs.img_cond_seq_ids = g.refs[idx], g.ref_ids.expand(B, -1, -1)  # [B, 1024, 64]
-        return Batch(x0, noise, t, torch.full((B,), cfg.guidance), inputs)  # guidance: dev's; schnell ignores it
+        return Batch(x0, noise, t, self.guidance(B), inputs)
+
+    def spec_of(self, flux) -> ModelSpec:
+        """The variant's sampling defaults, the transformer checked to be one this task trains."""
+        if flux.params.in_channels != 64:
+            raise WeightsError(
+                f"{self.cfg.flux}: a transformer with {flux.params.in_channels} input channels "
+                f"({flux.variant or 'custom'}); --task {self.cfg.task} trains FLUX.1 dev, schnell or Kontext (64)"
+            )
+        return spec_for(flux)
+
+    def mu(self, seq_len: int) -> float | None:
+        """The shift of the training times: dev's are shifted like its schedule, schnell's are not."""
+        return shift_mu(seq_len) if self.spec.shift else None
+
+    def ids(self, batch: int, h: int, w: int, txt_len: int) -> tuple[Tensor, Tensor]:
+        """The ids of an h × w grid of image tokens and of the text: [B, h · w, 3], [B, T, 3]."""
+        return prepare_img_ids(batch, h, w), prepare_txt_ids(batch, txt_len)
+
+    def guidance(self, batch: int) -> Tensor | None:
+        return torch.full((batch,), self.cfg.guidance)  # [B]  dev's guidance embedding; schnell ignores it
 
     @torch.no_grad()
     def finish(self, model, losses: list[float], steps: int, train_seconds: float) -> None:
@@ -206,36 +220,43 @@ class T2ITask:
     def samples(self, model, path: Path) -> Path:
         """A grid of [training image | generated from its caption] (edit pairs: [control | edited | target]), each
         from the noise of seed + i, at the variant's sampling guidance."""
-        cfg, data, spec = self.cfg, self.data, spec_for(model)
+        cfg, data, spec = self.cfg, self.data, self.spec
         was_training = model.training
         model.eval()
         self.ae.to(self.device)
         rows, prompts = [], []
+        to = lambda inputs: inputs if inputs is None else inputs.to(self.device, self.dtype)  # noqa: E731
         for i in self.sample_items():
             sample = data[i]
             width, height = data.sizes[i]
-            noise = get_noise(1, height, width, cfg.seed + i).to(self.device, self.dtype)  # [1, 16, 64, 64]
+            noise = self.noise(height, width, cfg.seed + i).to(self.device, self.dtype)  # [1, 16, 64, 64]
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                if "control" in sample:
-                    control = sample["control"][None].to(self.device, self.dtype)
-                    inp = prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, control)
-                else:
-                    inp = prepare(self.texts.t5, self.texts.clip, noise, sample["caption"])
-                image = (
-                    generate(
-                        model, self.ae, inp.to(self.device, self.dtype), cfg.sample_steps, spec.guidance, spec.shift
-                    )[0]
-                    .float()
-                    .cpu()
-                )  # [3, H, W]
+                inp, negative = self.sample_inputs(sample, noise)
+                steps = cfg.sample_steps
+                image = generate(model, self.ae, to(inp), steps, spec.guidance, spec.shift, to(negative), spec.true_cfg)
+                image = image[0].float().cpu()  # [3, H, W]
             rows.append(
                 [sample["control"], image, sample["image"]] if "control" in sample else [sample["image"], image]
             )
             prompts.append(sample["caption"])
         captions = ["control", "edited", "target"] if len(rows[0]) == 3 else ["training image", "generated"]
         text = {"steps": cfg.sample_steps, "guidance": spec.guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt
+        if spec.true_cfg != 1.0:
+            text["true_cfg"] = spec.true_cfg
         save_png(image_grid(rows, captions=captions), path, text=text)
         self.ae.to("cpu")
         model.train(was_training)
-        log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {spec.guidance} → {path}")
+        cfg_ = f', true CFG {spec.true_cfg} against ""' if spec.true_cfg != 1.0 else ""
+        log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {spec.guidance}{cfg_} → {path}")
         return path
+
+    def noise(self, height: int, width: int, seed: int) -> Tensor:
+        return get_noise(1, height, width, seed)  # [1, 16, H/8, W/8]
+
+    def sample_inputs(self, sample: dict, noise: Tensor) -> tuple[Inputs, Inputs | None]:
+        """The inputs of a sample from its caption (edit pairs: and its control), the text from the cache; and the
+        empty caption's for true CFG (None: FLUX.1's variants sample without it)."""
+        if "control" in sample:
+            control = sample["control"][None].to(self.device, self.dtype)
+            return prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, control), None
+        return prepare(self.texts.t5, self.texts.clip, noise, sample["caption"]), None
