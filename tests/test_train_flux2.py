@@ -164,3 +164,49 @@ def test_what_flux2_cannot_train_is_refused_naming_the_flag(tmp_path, repos, fol
     err = refused(tmp_path, capsys, "--task", "t2i", "--data", str(folder), "--text-encoder", str(t5))
     assert f"--text-encoder {t5}: FLUX.2's text encoder" in err
     shutil.rmtree(t5)
+
+
+@pytest.fixture(scope="module")
+def dev_repo(repos):
+    """A tiny FLUX.2 [dev]: its transformer has the guidance embedding, its text encoder is a Mistral of 30 layers
+    (states 10, 20, 30 stacked: 3 × 64 = 192 channels) with a Mistral tokenizer; the VAE is the klein repo's."""
+    from diffusers import Flux2Transformer2DModel
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.flux2_helpers import TINY2_VARIANTS, diffusers_config
+    from tests.flux_helpers import randomize_
+    from tests.test_qwen3 import SMALL, randomize, write_mistral_tokenizer
+
+    repo = repos["base"].parent / "FLUX.2-dev-tiny"
+    transformer = Flux2Transformer2DModel(**dict(diffusers_config(TINY2_VARIANTS["dev"]), joint_attention_dim=3 * 64))
+    randomize_(transformer, seed=4).save_pretrained(repo / "transformer")
+    randomize(MistralForCausalLM(MistralConfig(**dict(SMALL, num_hidden_layers=30)))).save_pretrained(
+        repo / "text_encoder"
+    )
+    write_mistral_tokenizer(repo / "tokenizer")
+    (repo / "vae").symlink_to(repos["base"] / "vae")
+    return repo
+
+
+def test_dev_trains_with_its_guidance_embedding_and_mistral(tmp_path, dev_repo, folder, capsys):
+    """[dev]: Mistral's states in the cache, the guidance embedding fed --guidance (1.0 by default, as FLUX.1 dev's
+    LoRAs), t shifted at dev's 50 sampling steps; samples at dev's guidance 4.0, without true CFG."""
+    argv = ["--task", "t2i", "--repo", str(dev_repo), "--data", str(folder), "--resolution", "32"]
+    length = [
+        "--t5-max-length",
+        "160",
+    ]  # Mistral's template holds FLUX.2's system message: ~110 tokens before the prompt
+    cfg = train.parse([*argv, *length, "--batch-size", "2", "--lora-rank", "4"])
+    task = TASKS["t2i"](cfg, tmp_path, torch.device("cpu"), torch.float32)
+    task.encode()
+    task.build_model()
+    assert task.spec.name == "flux2-dev" and task.texts.txt.shape[1:] == (160, 192) and task.texts.y is None
+    batch = task.draw(torch.Generator().manual_seed(3))
+    assert torch.equal(batch.guidance, torch.ones(2))
+    assert run_flux2(tmp_path, dev_repo, folder, *length, "--steps", "2", "--name", "dev", "--guidance", "2.5") == 0
+    run = tmp_path / "runs" / "dev"
+    out = capsys.readouterr().out
+    assert "guidance 4.0 →" in out and "true CFG" not in out  # dev samples with its embedded guidance
+    assert "guidance = 2.5" in (run / "config.toml").read_text()
+    lora = read_state_dict(run / "lora.safetensors")
+    assert lora_generation({k: list(v.shape) for k, v in lora.items()})[0] == "FLUX.2"
