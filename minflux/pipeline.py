@@ -37,7 +37,7 @@ from torch import Tensor
 
 from minflux.files.images import DataError, a1111_parameters, image_to_tensor, mask_to_tensor, read_image
 from minflux.files.images import settings_text, to_pil
-from minflux.files.load import find_weights, load_ae, load_clip, load_flux, load_t5
+from minflux.files.load import FLUX2_AE_MARKER, find_weights, load_ae, load_clip, load_flux, load_t5
 from minflux.files.lora_files import load_lora
 from minflux.files.weights import WeightsError, read_shapes, read_state_dict, sha256
 from minflux.presets import spec_for
@@ -150,7 +150,7 @@ class FluxPipeline:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         paths = find_weights(repo, flux, ae, clip, t5).require(repo)
-        if "bn.running_mean" in read_shapes(paths.ae):  # checked before anything is loaded
+        if FLUX2_AE_MARKER in read_shapes(paths.ae):  # checked before anything is loaded
             raise WeightsError(f"{paths.ae}: a FLUX.2 VAE (batch-norm statistics, 32 channels); FLUX.1 needs its own")
         load_to = "cpu" if offload else device
         model = load_flux(paths.flux, name=variant, device=load_to, dtype=dtype)

@@ -26,11 +26,11 @@ import torch
 from PIL import Image
 
 from minflux.files.images import image_to_tensor, read_image
-from minflux.files.load import load_ae, load_flux
+from minflux.files.load import FLUX2_AE_MARKER, load_ae, load_flux
 from minflux.files.load_flux2 import is_flux2 as is_flux2_keys
 from minflux.files.load_flux2 import text_input
 from minflux.files.load_llm import FAMILIES, llm_params, load_mistral, load_qwen3
-from minflux.files.lora_files import lora_generation
+from minflux.files.lora_files import check_generation
 from minflux.files.weights import WeightsError, read_shapes
 from minflux.pipeline import FluxPipeline, default_device, default_dtype, file_record, snap
 from minflux.presets import configs
@@ -87,6 +87,17 @@ def variant_of(model, distilled: bool) -> str:
     return "custom"
 
 
+def check_flux2_parts(paths: dict[str, Path]) -> bool:
+    """find_flux2_weights' parts checked from their headers, before anything is loaded: FLUX.2's VAE and
+    transformer, and the text encoder that transformer reads (check_text_encoder). Returns whether it is [dev].
+    WeightsError's message starts with the path of the part at fault."""
+    if FLUX2_AE_MARKER not in read_shapes(paths["ae"]):
+        raise WeightsError(f"{paths['ae']}: a FLUX.1 VAE (no batch-norm statistics); FLUX.2 needs its own VAE")
+    if not is_flux2(flux=paths["flux"]):
+        raise WeightsError(f"{paths['flux']}: a FLUX.1 transformer; FLUX.2's pipeline needs FLUX.2 weights")
+    return check_text_encoder(paths["flux"], paths["text_encoder"])
+
+
 def check_text_encoder(flux: Path, text_encoder: Path) -> bool:
     """The text encoder's family and width checked against the transformer's txt_in from the headers, before
     anything is loaded: Mistral for [dev] (which has a guidance embedding), Qwen3 for [klein], three stacked layers
@@ -106,12 +117,9 @@ def check_text_encoder(flux: Path, text_encoder: Path) -> bool:
 def check_lora(path, repo=None, flux=None) -> None:
     """A LoRA file checked against the transformer named, from the headers, before anything is loaded: one for
     the other generation is refused naming the key that shows it."""
-    found = lora_generation({k: list(s) for k, (s, _) in read_shapes(path).items()})
-    if repo is None and flux is None:
-        return
-    ours = "FLUX.2" if is_flux2(repo, flux) else "FLUX.1"
-    if found is not None and found[0] != ours:
-        raise WeightsError(f"{path}: a {found[0]} LoRA (shown by {found[1]}); {flux or repo} is {ours}")
+    shapes = {k: list(s) for k, (s, _) in read_shapes(path).items()}  # a bad header is named here, in any case
+    if repo is not None or flux is not None:
+        check_generation(path, shapes, "FLUX.2" if is_flux2(repo, flux) else "FLUX.1", flux or repo)
 
 
 def cap_reference(image: Image.Image, count: int, notes: list[str]) -> Image.Image:
@@ -174,11 +182,7 @@ class Flux2Pipeline(FluxPipeline):
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         paths = find_flux2_weights(repo, flux, ae, text_encoder)
-        if "bn.running_mean" not in read_shapes(paths["ae"]):  # checked before anything is loaded
-            raise WeightsError(f"{paths['ae']}: a FLUX.1 VAE (no batch-norm statistics); FLUX.2 needs its own VAE")
-        if not is_flux2(flux=paths["flux"]):
-            raise WeightsError(f"{paths['flux']}: a FLUX.1 transformer; FLUX.2's pipeline needs FLUX.2 weights")
-        dev = check_text_encoder(paths["flux"], paths["text_encoder"])
+        dev = check_flux2_parts(paths)  # before anything is loaded
         load_to = "cpu" if offload else device
         model = load_flux(paths["flux"], device=load_to, dtype=dtype)
         load_text = load_mistral if dev else load_qwen3

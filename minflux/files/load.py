@@ -142,6 +142,10 @@ def save_flux(model: Flux, path, variant: str | None = None) -> Path:
 
 # --- the VAE --------------------------------------------------------------------------------------------------
 
+# FLUX.2's VAE normalises its latents by batch-norm statistics (official file and diffusers folder alike); FLUX.1's
+# has none: the key tells the two generations apart from the headers.
+FLUX2_AE_MARKER = "bn.running_mean"
+
 
 def ae_params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams:
     """Read ch, ch_mult, num_res_blocks, z_channels and the in/out channels off the official-key shapes; the
@@ -156,7 +160,7 @@ def ae_params_from_shapes(shapes: dict[str, tuple], source) -> AutoEncoderParams
     num_levels = len({k.split(".")[2] for k in shapes if k.startswith("encoder.down.")})
     num_res_blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
     ch_mult = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(num_levels)]
-    preset = AE_PARAMS_FLUX2 if "bn.running_mean" in shapes else AE_PARAMS_FLUX
+    preset = AE_PARAMS_FLUX2 if FLUX2_AE_MARKER in shapes else AE_PARAMS_FLUX
     return AutoEncoderParams(
         resolution=preset.resolution,  # not stored in the weights, and used by no layer
         in_channels=in_channels,
@@ -208,7 +212,7 @@ def load_ae(path, device="cpu", dtype: torch.dtype | None = None) -> AutoEncoder
         params.norm_groups = stored.get("norm_groups", params.norm_groups)
 
     with torch.device("meta"), sizes_of(path, "autoencoder"):  # no memory: the loaded tensors are assigned here
-        ae = (Flux2AutoEncoder if "bn.running_mean" in shapes else AutoEncoder)(params)
+        ae = (Flux2AutoEncoder if FLUX2_AE_MARKER in shapes else AutoEncoder)(params)
     sd = read_state_dict(path, dtype)
     if diffusers:
         sd = official_state_dict(sd, num_levels)

@@ -248,12 +248,12 @@ def lora_generation(shapes: dict[str, list[int]]) -> tuple[str, str] | None:
     return None
 
 
-def check_generation(source, shapes: dict[str, list[int]], model: nn.Module) -> None:
-    """A LoRA for the other generation's transformer is refused, naming the key that shows it."""
-    ours = model_generation(model)
+def check_generation(source, shapes: dict[str, list[int]], ours: str | None, what="this transformer") -> None:
+    """A LoRA (its {key: shape}) for the other generation than `ours` ("FLUX.1", "FLUX.2"; None: no check) is
+    refused, naming the key that shows it; `what` names the transformer in the message."""
     found = lora_generation(shapes) if ours is not None else None
     if found is not None and found[0] != ours:
-        raise WeightsError(f"{source}: a {found[0]} LoRA (shown by {found[1]}); this transformer is {ours}")
+        raise WeightsError(f"{source}: a {found[0]} LoRA (shown by {found[1]}); {what} is {ours}")
 
 
 def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
@@ -265,7 +265,7 @@ def read_lora(path, model: nn.Module) -> dict[str, LoRAWeights]:
     """
     source = "LoRA state dict" if isinstance(path, dict) else path
     sd = dict(path) if isinstance(path, dict) else read_state_dict(path)
-    check_generation(source, {k: list(t.shape) for k, t in sd.items()}, model)
+    check_generation(source, {k: list(t.shape) for k, t in sd.items()}, model_generation(model))
     if not isinstance(path, dict):
         check_in_channels(path, model)
     config = None if isinstance(path, dict) else peft_config(path)  # where a diffusers / PEFT file keeps its alpha

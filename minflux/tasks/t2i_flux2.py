@@ -24,9 +24,10 @@ from torch import Tensor
 
 from minflux.files.load import load_ae
 from minflux.files.load_llm import load_mistral, load_qwen3
-from minflux.files.weights import WeightsError, read_shapes
+from minflux.files.weights import WeightsError
 from minflux.flux2 import Flux2
-from minflux.pipeline_flux2 import check_text_encoder, find_flux2_weights, is_distilled, is_flux2, variant_of
+from minflux.pipeline_flux2 import check_flux2_parts, check_text_encoder, find_flux2_weights, is_distilled
+from minflux.pipeline_flux2 import is_flux2, variant_of
 from minflux.presets import ModelSpec, configs
 from minflux.sampling import Inputs, empirical_mu, get_noise_flux2, latent_ids_flux2, pack_flux2, prepare_flux2
 from minflux.sampling import txt_ids_flux2
@@ -118,12 +119,11 @@ def flux2_config(cfg, given: set[str], resumed: bool):
         paths = find_flux2_weights(cfg.repo, cfg.flux, cfg.ae, cfg.text_encoder)
     except WeightsError as e:
         raise ValueError(f"{flag}: {e}; or give --ae and --text-encoder") from None
-    if "bn.running_mean" not in read_shapes(paths["ae"]):
-        raise ValueError(f"--ae {paths['ae']}: a FLUX.1 VAE (no batch-norm statistics); FLUX.2 needs its own VAE")
     try:
-        dev = check_text_encoder(paths["flux"], paths["text_encoder"])
-    except WeightsError as e:
-        raise ValueError(f"--text-encoder {paths['text_encoder']}: {e}") from None
+        dev = check_flux2_parts(paths)
+    except WeightsError as e:  # its message starts with the part's path: the flag that gave it goes in front
+        part = next((part for part, path in paths.items() if str(e).startswith(str(path))), None)
+        raise ValueError(f"--{part.replace('_', '-')} {e}" if part else f"{flag}: {e}") from None
     if not dev and is_distilled(cfg.repo, paths["flux"]) and not cfg.allow_distilled:
         raise ValueError(
             f"{flag}: FLUX.2 [klein] distilled (4 steps; {paths['flux']}). A LoRA trained on the distilled model "
