@@ -422,9 +422,8 @@ def vis2ir(args, run: Path) -> int:
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
     maybe_compile(args, pipe)
-    print_params(
-        args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model}
-    )
+    text = {"clip": pipe.clip.model, "t5": pipe.t5.model} if pipe.clip else {"text_encoder": pipe.t5.model}  # FLUX.2
+    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, **text})
     with maybe_trace(args.trace):
         images = pipe(
             args.visible,
@@ -468,9 +467,8 @@ def held_out(args, run: Path) -> int:
     held = torch.utils.data.Subset(held, range(min(num, len(held))))
     scenes = triptychs(held)  # [N, 3, 64, 192]
     steps = args.steps or cfg.sample_steps
-    print_params(
-        args, {**dict(pipe.model.named_children()), "ae": pipe.ae, "clip": pipe.clip.model, "t5": pipe.t5.model}
-    )
+    text = {"clip": pipe.clip.model, "t5": pipe.t5.model} if pipe.clip else {"text_encoder": pipe.t5.model}  # FLUX.2
+    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, **text})
     with maybe_trace(args.trace):
         generated = pipe.infrared(scenes, captions(held), steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
     visible, truth, semantic = split_triptych(scenes)

@@ -48,7 +48,7 @@ from minflux.tasks.folders import checkpoint_step, finished, load_checkpoint, ma
 from minflux.tasks.folders import removed_unless_checkpointed, resume_folder, save_checkpoint
 from minflux.tasks.parallel import activation_bytes, check_fits, clip_gradients, describe, memory_estimate, shard
 from minflux.tasks.progress import Progress, log, rank, world
-from minflux.tasks.runs import TrainConfig, parse_train_args
+from minflux.tasks.runs import TrainConfig, is_flux2_preset, parse_train_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -306,9 +306,11 @@ def on_first_process(make):
 
 
 def run_name(cfg: TrainConfig) -> str:
-    """--name, or the default: vis2ir-<semantic>, or TASK-<data folder name>."""
+    """--name, or the default: vis2ir-<semantic>, or TASK-<data folder name>; flux2-kontext-<semantic> for the
+    embedded FLUX.2 default."""
     what = Path(cfg.data).resolve().name if cfg.data and cfg.task != "vis2ir" else cfg.semantic
-    return cfg.name or f"{cfg.task}-{what}"
+    flux2 = "flux2-" if is_flux2_preset(cfg.preset) and not (cfg.flux or cfg.data) else ""
+    return cfg.name or f"{flux2}{cfg.task}-{what}"
 
 
 def new_folder(cfg: TrainConfig) -> Path:

@@ -377,13 +377,16 @@ class LoadedRun:
 
 def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
     """A finished vis2ir run folder, loaded from its files and the base weights its config names."""
-    from minflux.tasks.runs import read_run
+    from minflux.files.load_llm import load_qwen3
+    from minflux.tasks.runs import is_flux2_preset, read_run
     from minflux.tasks.vis2ir import vis2ir_model
 
     run = read_run(folder)
     if run.weights.flux is None:
         raise WeightsError(f"{folder}: holds no transformer.safetensors and its config.toml names no --flux")
-    cfg, paths = run.config, run.weights.require(folder)
+    flux2 = is_flux2_preset(run.config.preset) and not run.config.flux  # FLUX.2 from scratch: Qwen3 in text_encoder/
+    cfg, paths = run.config, run.weights if flux2 else run.weights.require(folder)
+    text = dict(max_length=cfg.t5_max_length, device=device, dtype=dtype)
     flux = load_flux(paths.flux, device=device, dtype=dtype)
     if run.lora is not None:
         load_lora(flux, run.lora)
@@ -393,15 +396,14 @@ def load_run(folder, device="cpu", dtype=None) -> LoadedRun:
         if run.adapter is None:
             raise WeightsError(f"{folder}: --semantic {cfg.semantic} needs adapter.safetensors, which is missing")
         sd = read_state_dict(run.adapter, dtype=dtype)
-        missing = set(injection) - set(sd)
-        if missing:
+        if missing := set(injection) - set(sd):
             raise WeightsError(f"{run.adapter}: missing key(s) {sorted(missing)[:3]}")
         model.load_state_dict({**model.state_dict(), **sd})
     return LoadedRun(
         model=model.to(device).eval(),
         ae=load_ae(paths.ae, device=device, dtype=dtype),
-        clip=load_clip(paths.clip, device=device, dtype=dtype),
-        t5=load_t5(paths.t5, max_length=cfg.t5_max_length, device=device, dtype=dtype),
+        clip=None if flux2 else load_clip(paths.clip, device=device, dtype=dtype),
+        t5=load_qwen3(paths.clip, **text) if flux2 else load_t5(paths.t5, **text),
         run=run,
     )
 
@@ -477,11 +479,9 @@ class Vis2IRPipeline:
         semantic = semantic if isinstance(semantic, (list, tuple)) else [semantic]
         if len(visible) != len(semantic):
             raise ValueError(f"{len(visible)} visible image(s) but {len(semantic)} semantic map(s): give one map each")
-        size, seed = self.config.panel_size, random_seed() if seed is None else seed
-        num_steps, guidance = (
-            num_steps or self.config.sample_steps,
-            self.config.guidance if guidance is None else guidance,
-        )
+        cfg, seed = self.config, random_seed() if seed is None else seed
+        size, num_steps = cfg.panel_size, num_steps or cfg.sample_steps
+        guidance = cfg.guidance if guidance is None else guidance
         start = time.perf_counter()
         panels = []
         for v, s in zip(visible, semantic):

@@ -213,9 +213,9 @@ class Vis2IR(nn.Module):
     """The trainable whole: a FLUX transformer and the semantic injection around it.
 
     in_context="fill": a Fill transformer, the visible panel in the Fill channels of a diptych (the default);
-    "kontext": a plain transformer, the visible panel (and with semantic="reference" the semantic map, a second
-    reference) appended to the sequence, as FLUX.1-Kontext takes its reference. Called like the transformer, plus
-    `semantic` and `semantic_ids`, so the plain `denoise` loop samples it.
+    "kontext": a plain transformer (FLUX.1's or FLUX.2's), the visible panel (and with semantic="reference" the
+    semantic map, a second reference) appended to the sequence, as FLUX.1-Kontext and FLUX.2 take references.
+    Called like the transformer, plus `semantic` and `semantic_ids`, so the plain `denoise` loop samples it.
     """
 
     def __init__(
@@ -236,9 +236,9 @@ class Vis2IR(nn.Module):
             raise ValueError(f"vis2ir needs a Fill transformer (384 input channels), got {flux.params.in_channels}")
         if in_context == "fill" and semantic == "reference":
             raise ValueError("semantic mode 'reference' (a second reference in the sequence) is for Kontext")
-        if in_context == "kontext" and (flux.params.in_channels != 64 or semantic == "zeroconv"):
+        if in_context == "kontext" and (flux.params.in_channels not in (64, 128) or semantic == "zeroconv"):
             raise ValueError(
-                f"Kontext in-context needs a plain transformer (64 input channels, got "
+                f"Kontext in-context needs a plain transformer (64 input channels, FLUX.2's 128; got "
                 f"{flux.params.in_channels}) and no Fill channels to inject into (semantic {semantic!r})"
             )
         if in_context not in ("fill", "kontext"):
@@ -296,17 +296,18 @@ class Vis2IR(nn.Module):
             x_cond = x_cond + rearrange(added, "b h w c -> b (h w) c")  # [B, 2048, 320]
         return x_t, x_cond
 
-    def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, semantic=None, semantic_ids=None):
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, y=None, guidance=None, semantic=None, semantic_ids=None):
         if self.in_context == "fill":
             x_t, x_cond = img[..., :64], img[..., 64:]  # [B, 2048, 64], [B, 2048, 320]
             x_t, x_cond = self.inject(x_t, x_cond, semantic, semantic_ids, img_ids)
             img = torch.cat((x_t, x_cond), dim=-1)  # [B, 2048, 384]
         else:  # Kontext: [x_t | references] in the sequence, [B, 2048, 64]; the adapter sees both
             img, _ = self.inject(img, None, semantic, semantic_ids, img_ids)
+        pooled = {} if y is None else {"y": y}  # FLUX.2 has no pooled text vector
         if self.semantic not in ("blocks", "adapters"):
-            return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # [B, 2048, 64]
+            return self.flux(img, img_ids, txt, txt_ids, timesteps, guidance=guidance, **pooled)  # [B, 2048, 64]
         self.blocks.context = (self.blocks.proj(semantic), (img_ids, semantic_ids), txt.shape[1])
         try:
-            return self.flux(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+            return self.flux(img, img_ids, txt, txt_ids, timesteps, guidance=guidance, **pooled)
         finally:
             self.blocks.context = None

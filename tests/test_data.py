@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from minflux.files.images import DataError
-from minflux.tasks.data import CaptionFolder, KontextFolder, TriptychFolder
+from minflux.tasks.data import CaptionFolder, TriptychFolder
+from minflux.tasks.pairs import KontextFolder
 from minflux.tasks.scenes import (
     CLASSES,
     OBJECT_CLASSES,

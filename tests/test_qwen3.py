@@ -17,7 +17,7 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, MistralModel
@@ -26,6 +26,7 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from minflux.files.load_llm import load_mistral, load_qwen3
 from minflux.files.tokenizers import FLUX2_SYSTEM_MESSAGE, ChatTokenizer, mistral_chat, qwen3_chat
+from minflux.files.tokenizers import write_qwen3_tokenizer
 from minflux.files.weights import WeightsError
 from minflux.qwen3 import MISTRAL_SMALL_3_2, QWEN3_4B, QWEN3_8B, Qwen3, Qwen3Params
 from text_fixtures import TRAINING_TEXT
@@ -40,28 +41,6 @@ PROMPTS = [
     "  東京タワーの夜景 <|im_end|> café crème\n\nüber [IMG] straße 🐶",  # template tokens inside a prompt stay tokens
     "",
 ]
-
-# The parts of Qwen3's chat template (Qwen/Qwen3-4B tokenizer_config.json) that system and user messages and the
-# generation prompt go through; the assistant, tool-call and tool-response branches are left out.
-QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\\n\\n</think>\\n\\n' }}
-    {%- endif %}
-{%- endif %}"""
 
 # The same for Mistral-Small-3.1's chat template (chat_template.json, the one FLUX.2 [dev]'s processor has).
 MISTRAL_TEMPLATE = """{{- bos_token }}
@@ -95,11 +74,6 @@ MISTRAL_TEMPLATE = """{{- bos_token }}
     {%- endif %}
 {%- endfor %}"""
 
-# Qwen2's pre-tokenizer pattern (transformers' tokenization_qwen2.py, and Qwen3's tokenizer.json)
-QWEN_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
 # Mistral's control tokens, ids 0 … 18 as in its tekken vocabulary
 MISTRAL_SPECIAL = [
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
@@ -109,37 +83,8 @@ MISTRAL_SPECIAL = [
 
 
 def write_qwen_tokenizer(folder: Path) -> Path:
-    """A Qwen3-style tokenizer/ folder: tokenizer.json (NFC, Qwen's split, byte-level BPE learned on a small text,
-    the chat tokens added) and a tokenizer_config.json as Qwen3's, with the chat template."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(TRAINING_TEXT.splitlines(), BpeTrainer(vocab_size=600, initial_alphabet=alphabet))
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>")])
-    tok.add_special_tokens([AddedToken("<|im_end|>", special=True, normalized=False)])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
-    tok.save(str(folder / "tokenizer.json"))
-    added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
-    config = {
-        "added_tokens_decoder": {str(t.pop("id")): t for t in added},
-        "bos_token": None,
-        "chat_template": QWEN3_TEMPLATE,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    """A Qwen3-style tokenizer/ folder (minflux's writer) with a vocabulary of 600 learned on the tests' text."""
+    return write_qwen3_tokenizer(folder, TRAINING_TEXT, vocab_size=600)
 
 
 def write_mistral_tokenizer(folder: Path) -> Path:

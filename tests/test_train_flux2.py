@@ -94,6 +94,18 @@ def test_klein_base_lora_trains_samples_with_true_cfg_and_loads_in_sample_py(tmp
     assert plain.size == with_lora.size == (32, 32)
     assert plain.tobytes() != with_lora.tobytes()
 
+    # the same file in diffusers' Flux2KleinPipeline: minflux's pipeline's pixels
+    from tests.test_flux2_pipeline import ours, theirs
+
+    pipe = theirs(repos["base"], distilled=False)
+    pipe.load_lora_weights(str(run / "lora.safetensors"))
+    want = pipe(prompt=CAPTIONS[0], height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+                generator=[torch.Generator().manual_seed(1)], output_type="pt").images  # fmt: skip
+    mine = ours(repos["base"], "flux2-klein-base-4b")
+    mine.load_lora(run / "lora.safetensors")
+    got = mine(CAPTIONS[0], width=32, height=32, num_steps=2, seed=1, output="tensor")
+    assert (got - want).abs().max() <= 1e-4
+
 
 def test_the_batch_is_flux2s_cache_ids_and_shifted_times(tmp_path, repos, folder):
     """One drawn batch, rebuilt by hand: the VAE's normalised mean packed by pack_flux2, 4-axis ids, no pooled vector
@@ -157,10 +169,8 @@ def test_what_flux2_cannot_train_is_refused_naming_the_flag(tmp_path, repos, fol
     assert f"--text-encoder {t5}: " in err and "Qwen3" in err
     err = refused(tmp_path, capsys, "--task", "t2i", *repo, "--t5", str(t5))
     assert f"--t5 {t5}: FLUX.1's text encoder" in err
-    err = refused(tmp_path, capsys, "--task", "kontext", *repo)
-    assert "--task kontext: " in err and "kontext on FLUX.2 comes next" in err
     err = refused(tmp_path, capsys, *repo)  # the default task, vis2ir
-    assert "--task vis2ir: " in err
+    assert "--task vis2ir: " in err and "trains --task t2i or --task kontext" in err
     err = refused(tmp_path, capsys, "--task", "t2i", "--data", str(folder), "--text-encoder", str(t5))
     assert f"--text-encoder {t5}: FLUX.2's text encoder" in err
     shutil.rmtree(t5)
@@ -210,3 +220,23 @@ def test_dev_trains_with_its_guidance_embedding_and_mistral(tmp_path, dev_repo, 
     assert "guidance = 2.5" in (run / "config.toml").read_text()
     lora = read_state_dict(run / "lora.safetensors")
     assert lora_generation({k: list(v.shape) for k, v in lora.items()})[0] == "FLUX.2"
+
+
+def test_samples_by_the_distilled_klein_with_the_lora_copied_in(tmp_path, repos, folder, capsys):
+    """--sample-flux: a LoRA trained on Base previewed by the distilled klein, at its own 4 steps without CFG."""
+    args = ["--steps", "2", "--name", "preview", "--sample-flux", str(repos["distilled"])]
+    assert run_flux2(tmp_path, repos["base"], folder, *args) == 0
+    out = capsys.readouterr().out
+    assert f"samples: 3 captions by {repos['distilled']} with the LoRA, 4 Euler steps" in out
+    info = Image.open(tmp_path / "runs" / "preview" / "samples.png").info
+    assert info["steps"] == "4" and "true_cfg" not in info  # the distilled model's own sampling
+
+    t5 = tmp_path / "t5.safetensors"  # not FLUX.2
+    save_file({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(4, 4)}, t5)
+    base = ["--task", "t2i", "--repo", str(repos["base"]), "--data", str(folder)]
+    err = refused(tmp_path / "refused", capsys, *base, "--sample-flux", str(t5))
+    assert f"--sample-flux {t5}: {t5}: not a FLUX.2 transformer" in err
+    err = refused(tmp_path / "refused", capsys, *base, "--sample-flux", str(repos["distilled"]), "--full-finetune")
+    assert "--full-finetune trains no LoRA" in err
+    err = refused(tmp_path / "refused", capsys, "--sample-flux", str(repos["distilled"]))  # the embedded default
+    assert f"--sample-flux {repos['distilled']}: previews a LoRA trained on FLUX.2 weights" in err

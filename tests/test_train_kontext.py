@@ -25,7 +25,7 @@ from minflux.files.weights import WeightsError, read_state_dict
 from minflux.lora import lora_layers
 from minflux.presets import AE_SMALL, FLUX_SMALL
 from minflux.sampling import fill_condition, flow_matching_loss, latent_ids, pack, prepare_txt_ids, velocity
-from minflux.tasks.data import KontextFolder
+from minflux.tasks.pairs import KontextFolder
 from minflux.tasks.kontext import KontextTask
 from minflux.tasks.t2i import T2ITask
 from tests.flux_helpers import diffusers_flux, random_image, resume_matches_straight, save_frozen_parts, tiny_flux
@@ -565,3 +565,22 @@ def test_a_kontext_lora_is_refused_by_a_fill_model_naming_the_file(tmp_path, wei
     err = capsys.readouterr().err
     assert code == 2 and str(lora) in err and "384" in err and "64" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_control_folder_is_a_second_reference_at_axis0_2(weights, pairs, tmp_path):
+    """control2/ beside control/: each pair's two controls in the sequence one after another, the second at
+    axis0 = 2 (as prepare_kontext places a second reference), and [control 1 | control 2 | edited | target] samples."""
+    (pairs / "control2").mkdir()
+    for i in range(len(INSTRUCTIONS)):
+        random_image(200 + i, size=(40, 44)).save(pairs / "control2" / f"{i:02d}.png")
+    task, model, batch = task_batch(KontextTask, weights, pairs, tmp_path, "kontext", "--control-size", "own")
+    assert task.data.n_references == 2
+    rows, _ = items_of(task, batch)
+    with torch.no_grad():
+        own = [[pack(task.ae.encode(task.data[i]["controls"][k][None], sample=False)) for k in (0, 1)] for i in rows]
+    first, second = own[0][0].shape[1], own[0][1].shape[1]
+    assert torch.allclose(batch.inputs.img_cond_seq, torch.cat([torch.cat(o, dim=1) for o in own]), atol=1e-5)
+    axis0 = batch.inputs.img_cond_seq_ids[..., 0]  # [3, first + second]
+    assert (axis0[:, :first] == 1).all() and (axis0[:, first:] == 2).all() and axis0.shape[1] == first + second
+    grid = task.samples(model, tmp_path / "samples.png")
+    assert Image.open(grid).width > 4 * 32  # four columns

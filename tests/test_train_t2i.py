@@ -235,8 +235,8 @@ def test_t2i_defaults_apply_unless_given(tmp_path, monkeypatch):
     assert (train.parse(["--task", "kontext"]).lr, train.parse(["--task", "kontext"]).steps) == (1e-3, 1300)
     help_text = " ".join(train_help().split())  # --help shows each kind of run's default
     assert (
-        "(default: 1200; vis2ir on given weights: 1300; kontext from scratch: 1300; t2i or kontext on given "
-        "weights: 1000)" in help_text
+        "(default: 1200; vis2ir on given weights: 1300; kontext from scratch: 1300; FLUX.2 from scratch: 1300; t2i "
+        "or kontext on given weights: 1000)" in help_text
     )
 
 

@@ -5,8 +5,9 @@
     ChatTokenizer   FLUX.2's tokenizer/ (tokenizer.json): the prompt in Qwen3's or Mistral's chat template, 512
                     ids and an attention mask
 
-The embedded default has no official vocabulary, so `write_clip_tokenizer` and `write_t5_tokenizer` learn one from
-its captions and write it in the official formats, which these classes then read like the official files.
+The embedded default has no official vocabulary, so `write_clip_tokenizer`, `write_t5_tokenizer` and
+`write_qwen3_tokenizer` learn one from its captions and write it in the official formats, which these classes then
+read like the official files.
 
 References: openai/CLIP (clip/simple_tokenizer.py); transformers (tokenization_clip.py, tokenization_t5.py);
 diffusers FluxPipeline (padding="max_length" to 77 and to 512, truncation); for FLUX.2, Qwen3's and
@@ -24,8 +25,9 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 from torch import Tensor
 
 from minflux.files import warn_caller
@@ -338,6 +340,75 @@ CHAT_FAMILIES = {
     # writes <s> itself, so the tokenizer adds nothing
     "mistral": ChatFamily(mistral_chat, False, "<pad>", "left", ("<s>", "[INST]", "[SYSTEM_PROMPT]")),
 }
+
+
+# Qwen2's pre-tokenizer pattern (transformers' tokenization_qwen2.py, and Qwen3's tokenizer.json): contractions,
+# a run of letters with one character before it (the space), single digits, punctuation, line breaks, spaces.
+QWEN_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# The parts of Qwen3's chat template (Qwen/Qwen3-4B tokenizer_config.json) that system and user messages and the
+# generation prompt go through; the assistant, tool-call and tool-response branches are left out. qwen3_chat is
+# its result for FLUX.2's one user message; the template is written into tokenizer_config.json for transformers.
+QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+
+def write_qwen3_tokenizer(folder, text: str, vocab_size: int = 600) -> Path:
+    """A tokenizer/ folder as FLUX.2 [klein]'s (Qwen3's) has it, with a byte-level BPE learned on the lines of `text`:
+    tokenizer.json (NFC, Qwen's split, at most `vocab_size` tokens; then <|endoftext|>, <|im_start|>, <|im_end|>
+    as special tokens and <think>, </think> as added ones, as in Qwen3's) and a tokenizer_config.json as Qwen3's,
+    with the chat template. Read by ChatTokenizer, and by transformers' Qwen2TokenizerFast, like the official one.
+    Every byte is a token, so no text is unknown; an empty `text` gives the 256 bytes alone."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(text.splitlines(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|endoftext|>", "<|im_start|>")])
+    tok.add_special_tokens([AddedToken("<|im_end|>", special=True, normalized=False)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    tok.save(str(folder / "tokenizer.json"))
+    added = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    config = {
+        "added_tokens_decoder": {str(t.pop("id")): t for t in added},
+        "bos_token": None,
+        "chat_template": QWEN3_TEMPLATE,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
 
 
 def read_tokenizer_config(folder: Path) -> dict:

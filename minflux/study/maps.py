@@ -306,7 +306,11 @@ def semantic_map_grid(
 
 
 def t5_tokens(tokenizer, prompt: str) -> list[str]:
-    """The prompt's T5 pieces as text, then </s>: the text tokens that carry meaning (padding left out)."""
+    """The prompt's T5 pieces as text, then </s>: the text tokens that carry meaning (padding left out). FLUX.2's
+    chat tokenizer: every token of the prompt in its chat template (Qwen3 pads on the right, so they come first)."""
+    if hasattr(tokenizer, "chat"):
+        encoding = tokenizer.backend.encode(tokenizer.chat(prompt), add_special_tokens=tokenizer.add_special_tokens)
+        return [t.replace("Ġ", "_").replace("Ċ", "\\n") for t in encoding.tokens[: tokenizer.max_length]]
     ids = tokenizer.encode(prompt)[: tokenizer.max_length - 1]
     backend = tokenizer.backend
     piece = backend.id_to_token if hasattr(backend, "id_to_token") else backend.id_to_piece

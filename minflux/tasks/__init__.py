@@ -7,10 +7,13 @@
     vis2ir.py     visible → infrared with FLUX.1-Fill and a semantic map (the default task)
     t2i.py        text-to-image LoRAs on FLUX.1 dev or schnell
     t2i_flux2.py  the same on FLUX.2 klein Base or dev: its parts, ids, schedule shift and samples
-    kontext.py    image-editing LoRAs on FLUX.1-Kontext from pairs, and the embedded Kontext default
+    kontext.py    image-editing LoRAs on FLUX.1-Kontext and FLUX.2 from pairs, and the embedded Kontext default
+    vis2ir_flux2.py  the embedded FLUX.2 default: the scenes as multi-reference edits on a small FLUX.2
     scenes.py     the generated vis2ir scenes
     data.py       triptych folders and captioned image folders
+    pairs.py      edit pairs: targets with instructions, and one or more reference folders (control/, control2/...)
     embedded.py   the embedded default's small VAE and text encoders, made here
+    embedded_flux2.py  FLUX.2's embedded default: its small VAE (shipped) and Qwen3 text encoder
 
 A task is a class with `encode()` (everything frozen, once), `build_model()`, `draw(generator)` (a global Batch),
 `finish(...)` (evaluation and the run folder's files) and `final_files(model)` (what finish writes, metrics.json last).

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from minflux.files.load import load_ae, load_clip, load_flux, load_t5
 from minflux.files.weights import WeightsError
+from minflux.flux2 import Flux2, Flux2Params
 from minflux.lora import inject_lora, lora_layers
 from minflux.model import Flux
 from minflux.presets import configs
@@ -96,7 +97,7 @@ def load_frozen(cfg, device, dtype):
     return ae, clip, t5
 
 
-def lora_transformer(cfg, device, dtype) -> Flux:
+def lora_transformer(cfg, device, dtype) -> Flux | Flux2:
     """The official transformer the config names (--flux), frozen, with LoRA on the layers of --lora-targets
     (kohya's default: every linear layer of the blocks). The LoRA weights are kept in fp32 (their AdamW updates
     are smaller than bf16 resolves); under bf16 autocast the forward pass still runs in bf16.
@@ -115,14 +116,16 @@ def lora_transformer(cfg, device, dtype) -> Flux:
     return flux
 
 
-def scratch_transformer(cfg, device) -> Flux:
+def scratch_transformer(cfg, device) -> Flux | Flux2:
     """The embedded default's transformer: the small preset, randomly initialised from the run's seed, with DiT's
     zero output layer (the first prediction is 0), every weight trained."""
     torch.manual_seed(cfg.seed)
-    flux = Flux(configs[cfg.preset].params)
+    params = configs[cfg.preset].params
+    flux = (Flux2 if isinstance(params, Flux2Params) else Flux)(params)
     with torch.no_grad():
         flux.final_layer.linear.weight.zero_()
-        flux.final_layer.linear.bias.zero_()
+        if flux.final_layer.linear.bias is not None:  # FLUX.2's layers have no biases
+            flux.final_layer.linear.bias.zero_()
     flux.variant = cfg.preset
     flux.gradient_checkpointing = cfg.gradient_checkpointing
     return flux.to(device)

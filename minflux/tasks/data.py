@@ -6,7 +6,7 @@ its path. Each sample has the format of the generated scenes (scenes.py): dict(t
 
 Text-to-image data: `CaptionFolder` reads a folder of images with same-named .txt captions (the layout of
 kohya's sd-scripts, ai-toolkit and diffusers' DreamBooth scripts), resized and centre-cropped to one square
-size or to aspect-ratio buckets.
+size or to aspect-ratio buckets. Editing pairs (a target and the images it is made from): pairs.py.
 """
 
 import math
@@ -40,7 +40,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 PANELS = ("visible", "infrared", "semantic")
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
@@ -54,7 +54,7 @@ def _probe(path: Path) -> tuple[int, int]:
         raise DataError(path, f"cannot be read as an image ({type(e).__name__}: {e})") from e
 
 
-def _probe_image(path: Path) -> tuple[int, int]:
+def probe_image(path: Path) -> tuple[int, int]:
     """_probe, and DataError when a side is under 16 pixels (one latent token: VAE ×8, then 2×2 packing)."""
     w, h = _probe(path)
     if min(w, h) < 16:
@@ -208,7 +208,7 @@ class TriptychFolder(_Folder):
         if folders:
             candidates = self._match_folders()
         else:
-            found, _ = self._by_stem(_images(self.root), lambda stem: f"the caption {stem}.txt")
+            found, _ = self._by_stem(image_files(self.root), lambda stem: f"the caption {stem}.txt")
             candidates = [(p,) for p in sorted(found.values())]
 
         self.items: list[tuple[Path, ...]] = []  # (triptych,) or (visible, infrared, semantic)
@@ -237,7 +237,7 @@ class TriptychFolder(_Folder):
             def shares(stem: str, panel: str = panel) -> str:
                 return "the panels " + " and ".join(f"{p}/{stem}.*" for p in PANELS if p != panel)
 
-            found[panel], twice = self._by_stem(_images(self.root / panel), shares)
+            found[panel], twice = self._by_stem(image_files(self.root / panel), shares)
             ambiguous |= twice
         matched = []
         for stem in sorted(set().union(*found.values()) - ambiguous):
@@ -309,7 +309,7 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     return list(dict.fromkeys(sizes))  # small resolutions snap some ratios to one size: keep it once
 
 
-def _image_tensor(path: Path, size: tuple[int, int]) -> Tensor:
+def image_tensor(path: Path, size: tuple[int, int]) -> Tensor:
     """[3, H, W] in [-1, 1] for size (W, H): the image with its EXIF orientation applied, one deeper than 8 bits
     scaled by its depth (images.to_8bit), scaled to cover W × H and centre-cropped; DataError if it fails to decode."""
     try:
@@ -355,7 +355,7 @@ class CaptionFolder(_Folder):
         self.resolution = resolution
         if not self.root.is_dir():
             raise DataError(self.root, "no such folder")
-        files = _images(self.root)
+        files = image_files(self.root)
         if not files:
             raise DataError(
                 self.root,
@@ -380,7 +380,7 @@ class CaptionFolder(_Folder):
         self.sizes: list[tuple[int, int]] = []  # (width, height) each image is made, in pixels
         for f in files:
             try:
-                w, h = _probe_image(f)
+                w, h = probe_image(f)
                 _caption_text(f.with_suffix(".txt"))  # a caption that cannot be read is found now, not mid-run
             except DataError as e:
                 self._reject(e)
@@ -407,7 +407,7 @@ class CaptionFolder(_Folder):
 
     def load(self, i: int) -> dict:
         """Sample i, or DataError naming the file that failed to decode."""
-        return dict(image=_image_tensor(self.items[i], self.sizes[i]), caption=self.caption(i))  # image [3, H, W]
+        return dict(image=image_tensor(self.items[i], self.sizes[i]), caption=self.caption(i))  # image [3, H, W]
 
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < len(self):
@@ -423,90 +423,3 @@ class CaptionFolder(_Folder):
             f"CaptionFolder({str(self.root)!r}, {len(self)} images, resolution={self.resolution}, "
             f"{len(set(self.sizes))} size(s), {self.n_skipped} skipped)"
         )
-
-
-# --- image-editing pairs: a target with its instruction, and the control it is made from ---------------------------
-
-
-def own_size(w: int, h: int, resolution: int) -> tuple[int, int]:
-    """An image's own aspect at about resolution² pixels, sides multiples of 16: a control that keeps its shape."""
-    snap = lambda x: max(16, round(x / 16) * 16)  # noqa: E731
-    aspect = w / h
-    return snap(resolution * math.sqrt(aspect)), snap(resolution / math.sqrt(aspect))
-
-
-class KontextFolder(CaptionFolder):
-    """Image-editing pairs for Kontext: root/a.png (the target) with its instruction root/a.txt, and root/control/a.png
-    (the image the edit starts from), matched by file name without the extension; `control` names another folder of
-    controls. The layout ai-toolkit reads.
-
-    Targets are sized as CaptionFolder sizes its images (one square, or aspect-ratio buckets). A control is resized
-    to its target's size (control_size="target"), or keeps its own aspect at about resolution² pixels ("own": the
-    sequence concatenation takes any size). A target without its control, a control without its target, a control
-    that cannot be read, is smaller than 16 px or (with "target") whose aspect differs from its target's by more than
-    1.5× is named in a DataError, or skipped and listed under on_error="skip"; two targets or two controls of one
-    stem (a.png, a.jpg) are both, and the pair is left out. A control is read as its target is (images.to_8bit).
-
-    Each sample: dict(image=[3, H, W], control=[3, H', W'] in [-1, 1], caption=str).
-    """
-
-    MAX_ASPECT_CHANGE = 1.5
-
-    def __init__(
-        self,
-        root,
-        control=None,
-        resolution: int = 512,
-        default_caption: str | None = None,
-        on_error: str = "skip",
-        buckets: bool = False,
-        control_size: str = "target",
-    ):
-        if control_size not in ("target", "own"):
-            raise ValueError(f"control_size must be 'target' or 'own', got {control_size!r}")
-        self.control_dir = Path(control) if control else Path(root) / "control"  # named by CaptionFolder's checks
-        super().__init__(root, resolution, default_caption, on_error, buckets)
-        if not self.control_dir.is_dir():
-            raise DataError(self.control_dir, "no such folder: the controls, one per target image with its file name")
-        shares = lambda stem: f"the target {stem}.* in {self.root}"  # noqa: E731
-        controls, ambiguous = self._by_stem(_images(self.control_dir), shares)
-        targets = {p.stem for p in _images(self.root)}  # a target skipped above still has its control
-        for stem in sorted(set(controls) - targets):
-            self._reject(DataError(controls[stem], f"a control without its target: no {self.root}/{stem}.* image"))
-        items, sizes, self.controls, self.control_sizes = [], [], [], []
-        for path, size in zip(self.items, self.sizes):
-            if path.stem in ambiguous:  # its two controls were named above
-                continue
-            try:
-                if path.stem not in controls:
-                    raise DataError(path, f"a target without its control: no {self.control_dir}/{path.stem}.* image")
-                w, h = _probe_image(controls[path.stem])
-                if control_size == "target":
-                    change = max(w / h, size[0] / size[1]) / min(w / h, size[0] / size[1])
-                    if change > self.MAX_ASPECT_CHANGE:
-                        raise DataError(
-                            controls[path.stem],
-                            f"is {w}×{h}, its target {path.name} is {size[0]}×{size[1]}:"
-                            f" an aspect {change:.1f}× apart would be distorted; crop it, or keep its "
-                            "own size with --control-size own",
-                        )
-            except DataError as e:
-                self._reject(e)
-                continue
-            items.append(path)
-            sizes.append(size)
-            self.controls.append(controls[path.stem])
-            self.control_sizes.append(size if control_size == "target" else own_size(w, h, resolution))
-        self.items, self.sizes = items, sizes
-        if not self.items:
-            raise self._all_skipped()
-
-    def _shared(self, stem: str) -> str:
-        return f"the caption {stem}.txt and the control {stem}.* in {self.control_dir}"
-
-    def group(self, i: int):
-        """What the pairs of one batch share: the target's size and the control's."""
-        return self.sizes[i], self.control_sizes[i]
-
-    def load(self, i: int) -> dict:
-        return super().load(i) | {"control": _image_tensor(self.controls[i], self.control_sizes[i])}  # [3, H', W']

@@ -1,4 +1,4 @@
-"""Kontext training: image-editing LoRAs on FLUX.1-Kontext from pairs, and the embedded Kontext default.
+"""Kontext training: image-editing LoRAs on FLUX.1-Kontext and FLUX.2 from pairs, and the embedded Kontext default.
 
 One step, as the Kontext walk-through has it (512 × 512, batch 4):
 
@@ -11,16 +11,26 @@ t is logit-normal and shifted by the target's token count, as dev's sampling sch
 so training sees the noise levels sampling visits). The guidance embedding gets --guidance (1.0 by default, as for
 dev's LoRAs: the LoRA learns inside the model it runs in; diffusers' Kontext script defaults to 3.5, and its own
 README trains with 1). The data is a folder of targets with instructions and a control/ folder of the same names
-(KontextFolder), trained as t2i is: LoRA, cache, aspect-ratio buckets, samples (T2ITask).
+(KontextFolder, pairs.py; control2/, control3/ ... add references at axis0 = 2, 3, ...), trained as t2i is: LoRA,
+cache, aspect-ratio buckets, samples (T2ITask).
+
+FLUX.2 [klein] Base or [dev] (`--repo FLUX.2-klein-base-4B`): the same pairs, one or more references per target
+(Flux2KontextTask), each encoded once by FLUX.2's VAE and placed at t = 10 · (k + 1) on the first RoPE axis, as
+FLUX.2's sampling places reference k; 128-channel tokens, the text encoder's stacked states, t shifted as FLUX.2's
+schedule is (t2i_flux2.py). Base's samples use its true CFG, the references in both passes.
 
 Without weights, `--task kontext` trains the embedded default: a small Kontext-architecture model from scratch on
 the generated scenes as edit pairs, control = the visible panel, target = the infrared panel, instruction = the
 caption (--semantic reference adds the semantic map as a second reference, at axis0 = 2). That is the vis2ir task
-with the visible panel in the sequence instead of the Fill channels (Vis2IRTask, in_context "kontext").
+with the visible panel in the sequence instead of the Fill channels (Vis2IRTask, in_context "kontext");
+`--preset flux2-small` trains the same on a small FLUX.2 (vis2ir_flux2.py).
 """
 
-from minflux.tasks.data import KontextFolder
+from minflux.flux2 import Flux2Params
+from minflux.presets import configs
+from minflux.tasks.pairs import KontextFolder
 from minflux.tasks.t2i import T2ITask
+from minflux.tasks.t2i_flux2 import Flux2T2ITask
 
 
 class KontextTask(T2ITask):
@@ -46,10 +56,20 @@ class KontextTask(T2ITask):
         )
 
 
+class Flux2KontextTask(Flux2T2ITask, KontextTask):
+    """Multi-reference edit LoRAs on FLUX.2 [klein] Base or [dev]: KontextTask's pairs and held-out samples with
+    Flux2T2ITask's parts; each reference at its own t = 10 · (k + 1), the loss on the target's tokens."""
+
+
 def kontext_task(cfg, run, device, dtype):
-    """--task kontext: pairs on official weights (KontextTask), or the embedded default on generated scenes."""
+    """--task kontext: pairs on official weights (KontextTask; FLUX.2's: Flux2KontextTask), or the embedded default
+    on generated scenes."""
     if cfg.flux:
-        return KontextTask(cfg, run, device, dtype)
+        return (Flux2KontextTask if cfg.text_encoder else KontextTask)(cfg, run, device, dtype)
+    if isinstance(configs[cfg.preset].params, Flux2Params):  # the embedded FLUX.2 default: multi-reference edits
+        from minflux.tasks.vis2ir_flux2 import Flux2Vis2IRTask
+
+        return Flux2Vis2IRTask(cfg, run, device, dtype)
     from minflux.tasks.vis2ir import Vis2IRTask
 
     return Vis2IRTask(cfg, run, device, dtype)

@@ -14,6 +14,8 @@ Checkpoints are `torch.distributed.checkpoint` folders: every process writes its
 and of the optimiser state; `--resume` reads them back on the same number of processes. Finished weights are
 gathered into the usual single files (see save_atomic in minflux/files/weights.py).
 
+What each process needs: memory_budget counts it from the model's parameters (as numbers: MemoryBudget, which
+minflux/study/memory.py tabulates for the official presets), memory_estimate prints it before the first step.
 The device, for one process or many: device_problem (a --device this machine lacks), device_memory and check_fits
 (a batch far beyond the memory is refused before the first step).
 """
@@ -21,6 +23,7 @@ The device, for one process or many: device_problem (a --device this machine lac
 import os
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -104,28 +107,69 @@ def load_sharded(model: nn.Module, opt: torch.optim.Optimizer, folder) -> None:
 # --- what each process needs ---------------------------------------------------------------------------------
 
 
+@dataclass
+class MemoryBudget:
+    """What one process needs, in bytes, counted from the parameters of the model it trains (memory_budget)."""
+
+    weights: int  # every parameter as stored: the frozen base, the fp32 LoRA or fp32 master weights
+    trained: int  # per trained parameter, its gradient (as stored) and AdamW's two fp32 moments
+    block: int  # the largest block's parameters in the compute dtype, as FSDP gathers them
+    root: int  # the parameters outside the blocks (embedders, shared modulations, final layer), gathered throughout
+    activations: int
+
+    @property
+    def ddp(self) -> int:
+        """A whole copy per process: weights, gradients, AdamW's state and the activations (one GPU alike)."""
+        return self.weights + self.trained + self.activations
+
+    def fsdp(self, processes: int) -> float:
+        """1/K of the weights, gradients and AdamW's state, two blocks gathered (the one running, the next being
+        fetched), the parameters outside the blocks (FSDP2 keeps the root's gathered through the step) and the
+        activations."""
+        return self.host(processes) + self.offload_device
+
+    @property
+    def offload_device(self) -> int:
+        """FSDP + --cpu-offload on the device: the two gathered blocks, the root's parameters and the activations."""
+        return 2 * self.block + self.root + self.activations
+
+    def host(self, processes: int) -> float:
+        """1/K of the weights, gradients and AdamW's state: the shards, kept in host memory with --cpu-offload."""
+        return (self.weights + self.trained) / processes
+
+
+def memory_budget(model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype) -> MemoryBudget:
+    """A rough budget per process, for DDP and for FSDP over K processes: weights (as stored; FSDP: 1/K of them,
+    plus the largest block gathered in `dtype`), what training adds per trained parameter (its gradient and AdamW's
+    two fp32 moments; FSDP: 1/K), and activations (activation_bytes; the same for both, as each process runs its own
+    share of the batch); under FSDP the parameters outside the blocks (the embedders, FLUX.2's shared modulations,
+    the final layer), which FSDP2 keeps gathered through the step. Not counted: CUDA's workspace and the allocator's
+    slack."""
+    flux = getattr(model, "flux", model)
+    size = torch.finfo(dtype).bits // 8
+    blocks = [*flux.double_blocks, *flux.single_blocks]
+    return MemoryBudget(
+        weights=sum(t.numel() * t.element_size() for t in model.parameters()),
+        trained=sum(t.numel() * (t.element_size() + 8) for t in model.parameters() if t.requires_grad),
+        block=max(sum(t.numel() for t in b.parameters()) for b in blocks) * size,
+        root=(sum(t.numel() for t in flux.parameters()) - sum(t.numel() for b in blocks for t in b.parameters()))
+        * size,
+        activations=activation_bytes(model, batch, seq, checkpointing, dtype),
+    )
+
+
 def memory_estimate(
     model: nn.Module, batch: int, seq: int, checkpointing: bool, dtype: torch.dtype, processes: int = 1
 ) -> str:
-    """A rough budget per process, printed before the first step, for DDP and for FSDP over `processes`: weights
-    (as stored; FSDP: 1/K of them, plus the largest block gathered in `dtype`), what training adds per trained
-    parameter (its gradient and AdamW's two fp32 moments; FSDP: 1/K), and activations (about 30 hidden-size
-    tensors per token in a block kept for backward, or one per block with gradient checkpointing; the same for both,
-    as each process runs its own share of the batch). With --cpu-offload the shards wait in host memory."""
-    flux = getattr(model, "flux", model)
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    trained = sum(t.numel() * (t.element_size() + 8) for t in model.parameters() if t.requires_grad)
-    size = torch.finfo(dtype).bits // 8
-    block = max(sum(t.numel() for t in b.parameters()) for b in [*flux.double_blocks, *flux.single_blocks]) * size
-    acts = activation_bytes(model, batch, seq, checkpointing, dtype)
-    ddp = weights + trained + acts
-    fsdp = (weights + trained) / processes + 2 * block + acts
+    """memory_budget as the line train.py prints before the first step: DDP and FSDP over `processes`; with
+    --cpu-offload the shards wait in host memory."""
+    m = memory_budget(model, batch, seq, checkpointing, dtype)
     gb = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
     return (
-        f"memory estimate per process: weights {gb(weights)}, gradients + optimizer {gb(trained)}, activations "
-        f"~{gb(acts)} (batch {batch} × {seq} tokens); DDP {gb(ddp)}, FSDP over {processes} process(es) "
-        f"{gb(fsdp)} (1/{processes} of the weights and optimizer + two blocks gathered), FSDP + --cpu-offload "
-        f"{gb(2 * block + acts)} on the device and {gb((weights + trained) / processes)} of host memory"
+        f"memory estimate per process: weights {gb(m.weights)}, gradients + optimizer {gb(m.trained)}, activations "
+        f"~{gb(m.activations)} (batch {batch} × {seq} tokens); DDP {gb(m.ddp)}, FSDP over {processes} process(es) "
+        f"{gb(m.fsdp(processes))} (1/{processes} of the weights and optimizer + two blocks and the rest gathered), "
+        f"FSDP + --cpu-offload {gb(m.offload_device)} on the device and {gb(m.host(processes))} of host memory"
     )
 
 

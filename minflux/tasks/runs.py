@@ -22,6 +22,7 @@ from minflux.files.load import WeightPaths, find_weights
 from minflux.tasks.parallel import DEVICE, device_problem
 from minflux.tasks.flags import field_type, add_config_flags, config_from_args, dashed, read_toml
 from minflux.files.weights import read_shapes
+from minflux.flux2 import Flux2Params
 from minflux.presets import configs
 from minflux.semantic import SEMANTIC_MODES
 from minflux.tasks.t2i_flux2 import flux2_config
@@ -38,6 +39,9 @@ CASES = {
     "vis2ir on given weights": {"lr": 1e-3, "steps": 1300},
     # the embedded Kontext default: the vis2ir scenes, a small Kontext-architecture (64-channel) transformer
     "kontext from scratch": {"preset": "flux-small-kontext", "semantic": "none", "lr": 1e-3, "steps": 1300},
+    # the embedded FLUX.2 default (--preset flux2-small): the scenes as edits with two references, visible and map;
+    # Qwen3's chat template takes 14 of the 40 text tokens, the longest caption 20
+    "FLUX.2 from scratch": {"semantic": "reference", "t5_max_length": 40, "lr": 1e-3, "steps": 1300},
     # a LoRA on a 12 B transformer: the settings of common FLUX LoRA recipes (kohya's sd-scripts, ai-toolkit);
     # T5's length follows the variant as the official pipelines (dev 512, schnell 256), read from the weights
     "t2i or kontext on given weights": {"lr": 1e-4, "batch_size": 4, "steps": 1000, "lr_warmup_steps": 10,
@@ -55,10 +59,16 @@ def cases(cfg) -> list[str]:
         "kontext": "t2i or kontext on given weights" if weights else "kontext from scratch",
         "t2i": "t2i or kontext on given weights",
     }
-    return [r for r in (rows.get(cfg.task), "--full-finetune" if cfg.full_finetune else None) if r]
+    flux2 = "FLUX.2 from scratch" if not weights and is_flux2_preset(cfg.preset) else None
+    return [r for r in (rows.get(cfg.task), flux2, "--full-finetune" if cfg.full_finetune else None) if r]
 
 
-LORA_FORMATS = ("kohya", "diffusers", "minflux")
+def is_flux2_preset(name: str) -> bool:
+    """A FLUX.2 preset (flux2-small, ...): the architecture of a run trained from scratch."""
+    return name in configs and isinstance(configs[name].params, Flux2Params)
+
+
+LORA_FORMATS = ("kohya", "diffusers", "bfl", "minflux")
 
 
 @dataclass
@@ -93,6 +103,7 @@ class TrainConfig:
     t5: str | None = None
     text_encoder: str | None = None
     allow_distilled: bool = False
+    sample_flux: str | None = None
     finetune: str | None = None
     lora_rank: int = 16
     lora_alpha: float | None = None
@@ -157,7 +168,8 @@ class TrainConfig:
         "buckets": "t2i: aspect-ratio buckets of about resolution² pixels instead of square crops",
         "default_caption": "t2i: the caption of an image without a .txt file (default: such an image is an error)",
         "caption_dropout": "t2i: probability of training a step's image with the empty caption",
-        "control": "kontext: the folder of control images (default: DATA/control), one per target, same file name",
+        "control": "kontext: the folder of control images (default: DATA/control), one per target, same file name; "
+        "more references in CONTROL2, CONTROL3, ... (control2/ ...) beside it",
         "control_size": "kontext: 'target' (resized to its target's size) or 'own' (its own aspect, ~resolution²)",
         "preset": "the architecture trained from scratch when no weights are given",
         "repo": "an official repo folder (transformer/, vae/, text_encoder/, text_encoder_2/, tokenizers; FLUX.2: "
@@ -170,12 +182,14 @@ class TrainConfig:
         "text_encoder": "FLUX.2: the Qwen3 (klein) or Mistral (dev) text encoder folder (default: the repo's)",
         "allow_distilled": "FLUX.2: train on the distilled klein (4 steps) anyway; its LoRAs degrade (grey images), "
         "train on klein Base",
+        "sample_flux": "FLUX.2: the transformer (or repo) that draws the samples with the trained LoRA copied in, at "
+        "its own steps: the distilled klein (FLUX.2-klein-4B: 4 steps, no CFG) previews a LoRA trained on Base",
         "finetune": "a finished run folder: fine-tune its model with LoRA",
         "lora_rank": "LoRA rank (LoRA is used with given weights or --finetune)",
         "lora_alpha": "LoRA alpha (default: the rank)",
         "lora_targets": "comma-separated LoRA target groups or module patterns (default: lora.py's)",
         "lora_format": "lora.safetensors layout: kohya (sd-scripts' names; ComfyUI, diffusers and minflux read it), "
-        "diffusers (PEFT names, for diffusers and PEFT) or minflux (official names; keeps a LoRA bias)",
+        "diffusers (PEFT names, for diffusers and PEFT), bfl (official names; ComfyUI, FLUX.2's diffusers) or minflux",
         "full_finetune": "train every weight of the given transformer instead of a LoRA (fp32 master weights; needs "
         "sharding: see --parallel)",
         "steps": "optimisation steps",
@@ -226,7 +240,8 @@ class TrainConfig:
 
 # --- the accepted values, checked wherever a config is read: flags, a TOML file, a run's config.toml ----------
 
-SMALL_PRESETS = ("flux-small-fill", "flux-small-kontext")  # trained from scratch: vis2ir (Fill), kontext
+SMALL_PRESETS = ("flux-small-fill", "flux-small-kontext", "flux2-small")  # from scratch: vis2ir (Fill), kontext
+FLUX2_SEMANTIC = ("reference", "none")  # FLUX.2 from scratch: the map as a second reference, or no map
 INFINITE_OK = ("max_grad_norm",)
 TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
 
@@ -346,6 +361,8 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         else:
             cfg = config_from_args(TrainConfig, args)
             given |= set(toml)
+            if is_flux2_preset(cfg.preset) and "task" not in given:  # FLUX.2 from scratch: the scenes as edits
+                cfg = replace(cfg, task="kontext")
             for row in cases(cfg):  # this kind of run's defaults, where nothing was given
                 cfg = replace(cfg, **{k: v for k, v in CASES[row].items() if k not in given})
     except ValueError as e:
@@ -368,7 +385,14 @@ def parse_train_args(argv, description: str = "", tasks=("vis2ir", "t2i")) -> Tr
         64 if cfg.task == "kontext" else 384
     )  # Kontext's reference is in the sequence, Fill's image on the channels
     lora_on_weights = cfg.task in ("t2i", "kontext") and bool(cfg.repo or cfg.flux)  # no preset, no semantic map
-    if not lora_on_weights and configs[cfg.preset].params.in_channels != channels:
+    if is_flux2_preset(cfg.preset) and not lora_on_weights:
+        if cfg.task != "kontext" or cfg.semantic not in FLUX2_SEMANTIC:
+            flag = f"--task {cfg.task}" if cfg.task != "kontext" else f"--semantic {cfg.semantic}"
+            parser.error(
+                f"{flag}: --preset {cfg.preset} trains the scenes as multi-reference edits (--task kontext), the "
+                f"map as a second reference or not at all (--semantic {' or '.join(FLUX2_SEMANTIC)})"
+            )
+    elif not lora_on_weights and configs[cfg.preset].params.in_channels != channels:
         fits = [n for n, s in configs.items() if s.params.in_channels == channels and n.startswith("flux-small")]
         parser.error(
             f"--preset {cfg.preset}: expected a {'Kontext' if channels == 64 else 'Fill'} preset ({', '.join(fits)})"

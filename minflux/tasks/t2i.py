@@ -95,16 +95,15 @@ class T2ITask:
                     data[i] for i in members[start : start + chunk]
                 ]  # a bad file: the next good one of its group
                 latents.append(encode(torch.stack([s["image"] for s in samples])).to("cpu", self.dtype))
-                if "control" in samples[0]:  # edit pairs: the control, to append to the sequence
-                    refs.append(encode(torch.stack([s["control"] for s in samples])).to("cpu", self.dtype))
+                if "controls" in samples[0]:  # edit pairs: the controls, one after another in the sequence
+                    k_refs = range(len(samples[0]["controls"]))
+                    tokens = [encode(torch.stack([s["controls"][k] for s in samples])) for k in k_refs]
+                    refs.append(torch.cat(tokens, dim=1).to("cpu", self.dtype))  # [8, ΣL', 64]
                 captions += [s["caption"] for s in samples]
                 done += len(samples)
                 progress.update(done)
             size = group if isinstance(group[0], int) else group[0]
-            ref_ids = None
-            if refs:
-                (cw, ch) = group[1]
-                ref_ids = prepare_img_ids(1, ch // 16, cw // 16, axis0=1.0)  # [1, L', 3]
+            ref_ids = self.ref_ids(group[1]) if refs else None  # [1, ΣL', 3]
             groups.append(Group(size, torch.cat(latents), captions, torch.cat(refs) if refs else None, ref_ids))
         captions = [c for g in groups for c in g.text] + [data.caption(i) for i in self.sample_items()]
         self.texts = TextCache.encode(self.t5, self.clip, captions + [""], self.dtype)
@@ -181,6 +180,12 @@ class T2ITask:
         """The ids of an h × w grid of image tokens and of the text: [B, h · w, 3], [B, T, 3]."""
         return prepare_img_ids(batch, h, w), prepare_txt_ids(batch, txt_len)
 
+    def ref_ids(self, sizes: list[tuple[int, int]]) -> Tensor:
+        """The ids of references of these (width, height), one after another: reference k at axis0 = k + 1, as
+        Kontext's sampling places them (kontext_condition) → [1, ΣL', 3]."""
+        ids = [prepare_img_ids(1, h // 16, w // 16, axis0=k + 1.0) for k, (w, h) in enumerate(sizes)]
+        return torch.cat(ids, dim=1)
+
     def guidance(self, batch: int) -> Tensor | None:
         return torch.full((batch,), self.cfg.guidance)  # [B]  dev's guidance embedding; schnell ignores it
 
@@ -218,11 +223,13 @@ class T2ITask:
 
     @torch.no_grad()
     def samples(self, model, path: Path) -> Path:
-        """A grid of [training image | generated from its caption] (edit pairs: [control | edited | target]), each
+        """A grid of [training image | generated from its caption] (edit pairs: [controls | edited | target]), each
         from the noise of seed + i, at the variant's sampling guidance."""
-        cfg, data, spec = self.cfg, self.data, self.spec
+        cfg, data = self.cfg, self.data
         was_training = model.training
         model.eval()
+        sampler, spec = self.sampler(model)  # the trained model (FLUX.2: or the distilled klein with its LoRA)
+        steps = cfg.sample_steps if sampler is model else spec.num_steps
         self.ae.to(self.device)
         rows, prompts = [], []
         to = lambda inputs: inputs if inputs is None else inputs.to(self.device, self.dtype)  # noqa: E731
@@ -232,23 +239,31 @@ class T2ITask:
             noise = self.noise(height, width, cfg.seed + i).to(self.device, self.dtype)  # [1, 16, 64, 64]
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 inp, negative = self.sample_inputs(sample, noise)
-                steps = cfg.sample_steps
-                image = generate(model, self.ae, to(inp), steps, spec.guidance, spec.shift, to(negative), spec.true_cfg)
+                image = generate(
+                    sampler, self.ae, to(inp), steps, spec.guidance, spec.shift, to(negative), spec.true_cfg
+                )
                 image = image[0].float().cpu()  # [3, H, W]
             rows.append(
-                [sample["control"], image, sample["image"]] if "control" in sample else [sample["image"], image]
+                [*sample["controls"], image, sample["image"]] if "controls" in sample else [sample["image"], image]
             )
             prompts.append(sample["caption"])
-        captions = ["control", "edited", "target"] if len(rows[0]) == 3 else ["training image", "generated"]
-        text = {"steps": cfg.sample_steps, "guidance": spec.guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt
+        k_refs = len(rows[0]) - 2  # edit pairs: the controls first
+        controls = ["control"] if k_refs == 1 else [f"reference {k + 1}" for k in range(k_refs)]
+        captions = [*controls, "edited", "target"] if k_refs else ["training image", "generated"]
+        text = {"steps": steps, "guidance": spec.guidance, "captions": "\n".join(prompts)}  # the PNG's tEXt
         if spec.true_cfg != 1.0:
             text["true_cfg"] = spec.true_cfg
         save_png(image_grid(rows, captions=captions), path, text=text)
         self.ae.to("cpu")
         model.train(was_training)
         cfg_ = f', true CFG {spec.true_cfg} against ""' if spec.true_cfg != 1.0 else ""
-        log(f"samples: {len(rows)} captions, {cfg.sample_steps} Euler steps, guidance {spec.guidance}{cfg_} → {path}")
+        by = "" if sampler is model else f" by {cfg.sample_flux} with the LoRA"
+        log(f"samples: {len(rows)} captions{by}, {steps} Euler steps, guidance {spec.guidance}{cfg_} → {path}")
         return path
+
+    def sampler(self, model):
+        """(the model that draws the samples, its sampling defaults): the trained one."""
+        return model, self.spec
 
     def noise(self, height: int, width: int, seed: int) -> Tensor:
         return get_noise(1, height, width, seed)  # [1, 16, H/8, W/8]
@@ -256,7 +271,7 @@ class T2ITask:
     def sample_inputs(self, sample: dict, noise: Tensor) -> tuple[Inputs, Inputs | None]:
         """The inputs of a sample from its caption (edit pairs: and its control), the text from the cache; and the
         empty caption's for true CFG (None: FLUX.1's variants sample without it)."""
-        if "control" in sample:
-            control = sample["control"][None].to(self.device, self.dtype)
-            return prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, control), None
+        if "controls" in sample:
+            controls = [c[None].to(self.device, self.dtype) for c in sample["controls"]]  # [1, 3, H', W'] each
+            return prepare_kontext(self.texts.t5, self.texts.clip, noise, sample["caption"], self.ae, controls), None
         return prepare(self.texts.t5, self.texts.clip, noise, sample["caption"]), None

@@ -16,16 +16,18 @@ The weights are told FLUX.2 from the transformer's headers (`flux2_config`, call
 paths checked there, before anything is loaded: cfg.text_encoder is set for FLUX.2 runs alone.
 """
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from minflux.files.load import load_ae
+from minflux.files.load import load_ae, load_flux
 from minflux.files.load_llm import load_mistral, load_qwen3
-from minflux.files.weights import WeightsError
+from minflux.files.weights import WeightsError, read_shapes
 from minflux.flux2 import Flux2
+from minflux.lora import inject_lora
 from minflux.pipeline_flux2 import check_flux2_parts, check_text_encoder, find_flux2_weights, is_distilled
 from minflux.pipeline_flux2 import is_flux2, variant_of
 from minflux.presets import ModelSpec, configs
@@ -45,6 +47,21 @@ class Flux2T2ITask(T2ITask):
         load_text = load_mistral if dev else load_qwen3
         text = load_text(cfg.text_encoder, device=device, dtype=dtype, max_length=cfg.t5_max_length)
         return load_ae(cfg.ae, device=device, dtype=dtype), None, text
+
+    def sampler(self, model):
+        """(the model that draws the samples, its sampling defaults): the trained one; with --sample-flux the
+        distilled klein, the trained LoRA copied into it, at its own steps without CFG (how the LoRA is used)."""
+        cfg = self.cfg
+        if not cfg.sample_flux:
+            return model, self.spec
+        flux = load_flux(transformer_path(cfg.sample_flux), device=self.device, dtype=self.dtype)
+        inject_lora(
+            flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None
+        )
+        trained = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+        flux.load_state_dict({**flux.state_dict(), **trained})
+        flux.variant = variant_of(flux, distilled=True)
+        return flux.eval(), configs.get(flux.variant, configs["flux2-klein-4b"])
 
     def spec_of(self, flux) -> ModelSpec:
         """The variant's sampling defaults (klein Base: 50 steps, true CFG 4.0; dev: 50 steps, guidance 4.0); a
@@ -74,10 +91,18 @@ class Flux2T2ITask(T2ITask):
     def noise(self, height: int, width: int, seed: int) -> Tensor:
         return get_noise_flux2(1, height, width, seed, self.channels)  # [1, 128, H/16, W/16]
 
+    def ref_ids(self, sizes: list[tuple[int, int]]) -> Tensor:
+        """The ids of references of these (width, height), one after another: reference k at t = 10 · (k + 1), as
+        FLUX.2's sampling places them (reference_condition) → [1, ΣL', 4]."""
+        grids = [torch.empty(1, 0, h // 16, w // 16) for w, h in sizes]
+        return torch.cat([latent_ids_flux2(z, t=10.0 * (k + 1)) for k, z in enumerate(grids)], dim=1)
+
     def sample_inputs(self, sample: dict, noise: Tensor) -> tuple[Inputs, Inputs | None]:
-        """prepare_flux2 with the cached text; Base's true CFG runs against the empty caption (cached too)."""
-        inp = prepare_flux2(self.texts.t5, noise, sample["caption"])
-        return inp, prepare_flux2(self.texts.t5, noise, "") if self.spec.true_cfg != 1.0 else None
+        """prepare_flux2 with the cached text (edit pairs: and the controls as references); Base's true CFG runs
+        against the empty caption (cached too), with the same references."""
+        refs = [c[None].to(self.device, self.dtype) for c in sample.get("controls", [])]  # [1, 3, H', W'] each
+        inp = prepare_flux2(self.texts.t5, noise, sample["caption"], self.ae, refs)
+        return inp, prepare_flux2(self.texts.t5, noise, "", self.ae, refs) if self.spec.true_cfg != 1.0 else None
 
 
 def t2i_task(cfg, run, device, dtype):
@@ -103,12 +128,12 @@ def flux2_config(cfg, given: set[str], resumed: bool):
                 f"--text-encoder {cfg.text_encoder}: FLUX.2's text encoder (Qwen3 or Mistral), but {why}; FLUX.2 "
                 "weights go with --repo or --flux"
             )
+        if cfg.sample_flux:
+            raise ValueError(f"--sample-flux {cfg.sample_flux}: previews a LoRA trained on FLUX.2 weights, none given")
         return None
     flag = f"--flux {cfg.flux}" if cfg.flux else f"--repo {cfg.repo}"
-    if cfg.task != "t2i":
-        raise ValueError(
-            f"--task {cfg.task}: {flag} is FLUX.2, which trains --task t2i alone for now (kontext on FLUX.2 comes next)"
-        )
+    if cfg.task not in ("t2i", "kontext"):
+        raise ValueError(f"--task {cfg.task}: {flag} is FLUX.2, which trains --task t2i or --task kontext")
     for name in ("clip", "t5"):
         if getattr(cfg, name):
             raise ValueError(
@@ -130,6 +155,30 @@ def flux2_config(cfg, given: set[str], resumed: bool):
             "degrades (grey images): train on Base (FLUX.2-klein-base-4B or -9B), whose LoRA samples with either. "
             "--allow-distilled trains on it anyway"
         )
+    if cfg.sample_flux:
+        check_sample_flux(cfg, paths["flux"])
     found = {k: str(v) for k, v in paths.items()}
     length = cfg.t5_max_length if "t5_max_length" in given or resumed else 512  # the official pipelines' 512
     return replace(cfg, **found, t5_max_length=length)
+
+
+def check_sample_flux(cfg, trained: Path) -> None:
+    """--sample-flux, checked from the headers: a FLUX.2 transformer of the trained one's size, for a LoRA run."""
+    flag = f"--sample-flux {cfg.sample_flux}"
+    if cfg.full_finetune:
+        raise ValueError(f"{flag}: copies the trained LoRA into another transformer; --full-finetune trains no LoRA")
+    try:
+        path = transformer_path(cfg.sample_flux)
+        if not path.exists() or not is_flux2(flux=path):
+            raise WeightsError(f"{path}: not a FLUX.2 transformer")
+        count = lambda p: sum(math.prod(shape) for shape, _ in read_shapes(p).values())  # noqa: E731
+        if count(path) != count(trained):
+            raise WeightsError(f"{count(path):,} parameters, the trained transformer {trained} {count(trained):,}")
+    except WeightsError as e:
+        raise ValueError(f"{flag}: {e}; expected the distilled transformer of the trained one's size") from None
+
+
+def transformer_path(path) -> Path:
+    """A FLUX.2 transformer named by its file, its diffusers transformer/ folder or the repo holding that folder."""
+    path = Path(path)
+    return path / "transformer" if (path / "transformer").is_dir() else path

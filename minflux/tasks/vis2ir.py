@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minflux.autoencoder import Flux2AutoEncoder
 from minflux.files.images import DataError, image_grid, line_plot, save_png
 from minflux.files.load import save_flux
 from minflux.files.lora_files import save_lora
@@ -243,7 +244,12 @@ def noise_for(triptych: Tensor, in_context: str, seed: int) -> Tensor:
 
 def prepare_for_run(cfg, t5, clip, ae, triptych: Tensor, prompts: list[str], seed: int, dtype) -> Inputs:
     """prepare_vis2ir as a run's config says (its in-context design, semantic mode and layout), from the noise of
-    seed + i for scene i in `dtype`: the held-out evaluation, sample.py and the attention maps all start here."""
+    seed + i for scene i in `dtype`: the held-out evaluation, sample.py and the attention maps all start here. A
+    FLUX.2 run (its VAE tells it) takes its own: vis2ir_flux2.prepare_vis2ir_flux2."""
+    if isinstance(ae, Flux2AutoEncoder):
+        from minflux.tasks.vis2ir_flux2 import prepare_vis2ir_flux2
+
+        return prepare_vis2ir_flux2(cfg, t5, ae, triptych, prompts, seed, dtype)
     in_context = in_context_of(cfg)
     noise = noise_for(triptych, in_context, seed).to(triptych.device, dtype)  # [N, 16, S/8, S/4] (Fill)
     return prepare_vis2ir(t5, clip, noise, prompts, ae, triptych, cfg.semantic, in_context, cfg.semantic_layout)
@@ -302,15 +308,7 @@ class Vis2IRTask:
         parts, progress = [], Progress(len(data), label="encode ")
         for start in range(0, len(data), 32):
             batch = triptychs(data, range(start, min(start + 32, len(data))))
-            parts.append(
-                encode_triptych(
-                    self.ae,
-                    batch.to(self.device, ae_dtype),
-                    cfg.semantic,
-                    in_context=self.in_context,
-                    layout=cfg.semantic_layout,
-                )
-            )
+            parts.append(self.encode_scenes(batch.to(self.device, ae_dtype)))
             if start % 256 == 0 or start + 32 >= len(data):
                 progress.update(min(start + 32, len(data)))
 
@@ -353,6 +351,11 @@ class Vis2IRTask:
         del self.clip, self.t5  # done: freed before the transformer trains
         self.frozen = {"ae": self.ae}
 
+    def encode_scenes(self, triptychs: Tensor) -> Encoded:
+        """The training cache's rows of these triptychs (encode_triptych as the run's config says)."""
+        cfg = self.cfg
+        return encode_triptych(self.ae, triptychs, cfg.semantic, in_context=self.in_context, layout=cfg.semantic_layout)
+
     def build_model(self, device=None):
         """The Fill transformer with the semantic injection, and the optimiser's groups: the transformer's trained
         parameters (all of them from scratch or with --full-finetune, the LoRA's on given weights) and the
@@ -382,26 +385,33 @@ class Vis2IRTask:
     def draw(self, gen: torch.Generator) -> Batch:
         """A global batch: scenes drawn with replacement, logit-normal times shifted by the token count, noise."""
         cfg, enc = self.cfg, self.cache
-        B, L = cfg.batch_size, enc.x0.shape[1]
+        B, (L, C) = cfg.batch_size, enc.x0.shape[1:]
         idx = torch.randint(len(enc.x0), (B,), generator=gen)
-        t = sample_t(B, cfg.t_sampling, mu=shift_mu(L), generator=gen)
-        noise = torch.randn((B, L, 64), generator=gen)
+        t = sample_t(B, cfg.t_sampling, mu=self.mu(L), generator=gen)
+        noise = torch.randn((B, L, C), generator=gen)
         rows, text = enc.rows(idx), self.text_index[idx]
         txt = self.texts.txt[text]  # [B, 512, 4096]
         inputs = Inputs(
             None,
             rows.img_ids,
             txt,
-            prepare_txt_ids(B, txt.shape[1]),
-            self.texts.y[text],
+            self.txt_ids(B, txt.shape[1]),
+            None if self.texts.y is None else self.texts.y[text],
             img_cond=rows.x_cond,
             img_cond_seq=rows.refs,
             img_cond_seq_ids=rows.ref_ids,
             extra=rows.semantic,
         )
-        return Batch(
-            rows.x0, noise, t, torch.full((B,), cfg.guidance), inputs, rows.target_tokens if cfg.target_only else None
-        )
+        return Batch(rows.x0, noise, t, self.guidance(B), inputs, rows.target_tokens if cfg.target_only else None)
+
+    def mu(self, seq_len: int) -> float:
+        return shift_mu(seq_len)  # the training times shifted by the token count, as dev's schedule is
+
+    def txt_ids(self, batch: int, length: int) -> Tensor:
+        return prepare_txt_ids(batch, length)  # [B, T, 3] zeros
+
+    def guidance(self, batch: int) -> Tensor | None:
+        return torch.full((batch,), self.cfg.guidance)  # [B]
 
     def final_files(self, model) -> list[str]:
         """What finish writes, in order: metrics.json last, as it marks a finished run."""
