@@ -34,6 +34,7 @@ import torch
 from minflux.files.images import DataError, checked_settings, image_grid, read_image, save_image, save_new, save_png
 from minflux.files.images import shown
 from minflux.files.weights import WeightsError, sha256
+from minflux.tasks.common import frozen_parts
 from minflux.tasks.flags import dashed
 from minflux.tasks.folders import latest_run
 from minflux.tasks.parallel import device_problem
@@ -422,8 +423,7 @@ def vis2ir(args, run: Path) -> int:
     pipe = Vis2IRPipeline.from_run(run, device=device, dtype=DTYPES.get(args.dtype))
     print_bf16_note(pipe)
     maybe_compile(args, pipe)
-    text = {"clip": pipe.clip.model, "t5": pipe.t5.model} if pipe.clip else {"text_encoder": pipe.t5.model}  # FLUX.2
-    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, **text})
+    print_params(args, {**dict(pipe.model.named_children()), **frozen_parts(pipe.ae, pipe.clip, pipe.t5)})
     with maybe_trace(args.trace):
         images = pipe(
             args.visible,
@@ -467,8 +467,7 @@ def held_out(args, run: Path) -> int:
     held = torch.utils.data.Subset(held, range(min(num, len(held))))
     scenes = triptychs(held)  # [N, 3, 64, 192]
     steps = args.steps or cfg.sample_steps
-    text = {"clip": pipe.clip.model, "t5": pipe.t5.model} if pipe.clip else {"text_encoder": pipe.t5.model}  # FLUX.2
-    print_params(args, {**dict(pipe.model.named_children()), "ae": pipe.ae, **text})
+    print_params(args, {**dict(pipe.model.named_children()), **frozen_parts(pipe.ae, pipe.clip, pipe.t5)})
     with maybe_trace(args.trace):
         generated = pipe.infrared(scenes, captions(held), steps, seed=seed).float().cpu()  # [N, 3, 64, 64]
     visible, truth, semantic = split_triptych(scenes)

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from minflux.flux2 import Flux2, Flux2Params
-from minflux.lora import inject_lora, lora_layers
 from minflux.model import Flux
 from minflux.presets import configs
+from minflux.tasks.common import fp32_lora
 from minflux.tasks.parallel import GB, MemoryBudget, memory_budget
 
 PRESETS = ("flux-dev", "flux2-klein-4b", "flux2-klein-9b", "flux2-dev")
@@ -43,11 +43,7 @@ def training_model(preset: str, full: bool) -> nn.Module:
     if full:
         return flux.float().requires_grad_(True)
     flux.to(torch.bfloat16).requires_grad_(False)
-    inject_lora(flux, RANK)  # the generation's DEFAULT_TARGETS
-    for layer in lora_layers(flux).values():
-        layer.lora_down.float()
-        layer.lora_up.float()
-    return flux
+    return fp32_lora(flux, RANK)  # the generation's DEFAULT_TARGETS
 
 
 def budget(model: nn.Module) -> MemoryBudget:

@@ -7,7 +7,7 @@ train.py keeps its process's share and calls `flow_matching_loss` with it, the s
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from minflux.files.load import load_ae, load_clip, load_flux, load_t5
 from minflux.files.weights import WeightsError
@@ -86,6 +86,14 @@ class TextCache:
         return self.y[self.index(prompts)]  # [B, 768]
 
 
+def frozen_parts(ae, clip, text_encoder) -> dict[str, nn.Module]:
+    """The frozen modules by name, for --params and for freezing: FLUX.1's VAE, CLIP and T5, or FLUX.2's VAE and
+    its one text encoder (clip None)."""
+    if clip is None:
+        return {"ae": ae, "text_encoder": text_encoder.model}
+    return {"ae": ae, "clip": clip.model, "t5": text_encoder.model}
+
+
 def load_frozen(cfg, device, dtype):
     """(ae, clip, t5) from the official weights the config names (--repo, or --flux with --ae, --clip, --t5)."""
     missing = [name for name in ("ae", "clip", "t5") if getattr(cfg, name) is None]
@@ -108,11 +116,18 @@ def lora_transformer(cfg, device, dtype) -> Flux | Flux2:
         return flux.requires_grad_(True)
     flux = load_flux(cfg.flux, device=device, dtype=dtype)
     flux.requires_grad_(False)
-    inject_lora(flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None)
+    fp32_lora(flux, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(",") if cfg.lora_targets else None)
+    flux.gradient_checkpointing = cfg.gradient_checkpointing
+    return flux
+
+
+def fp32_lora(flux: nn.Module, rank: int, alpha: float | None = None, targets=None) -> nn.Module:
+    """inject_lora (targets None: the generation's defaults), the LoRA weights kept in fp32 whatever the base's
+    dtype, as train.py trains them (lora_transformer; the memory tables of minflux.study.memory)."""
+    inject_lora(flux, rank, alpha, targets=targets)
     for layer in lora_layers(flux).values():
         layer.lora_down.float()
         layer.lora_up.float()
-    flux.gradient_checkpointing = cfg.gradient_checkpointing
     return flux
 
 

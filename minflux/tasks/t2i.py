@@ -40,7 +40,7 @@ from minflux.sampling import (
     sample_t,
     shift_mu,
 )
-from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer
+from minflux.tasks.common import Batch, TextCache, frozen_parts, load_frozen, lora_transformer
 from minflux.tasks.data import CaptionFolder
 from minflux.tasks.progress import Progress, log, smooth
 
@@ -68,7 +68,7 @@ class T2ITask:
         self.data = self.dataset(cfg)
         self.train_items = list(range(len(self.data)))  # KontextTask holds some out, for its samples
         self.ae, self.clip, self.t5 = self.load_frozen(cfg, device, dtype)
-        self.frozen = {"ae": self.ae, "t5": self.t5.model, **({"clip": self.clip.model} if self.clip else {})}
+        self.frozen = frozen_parts(self.ae, self.clip, self.t5)
 
     def load_frozen(self, cfg, device, dtype):
         """(ae, clip, t5): the VAE, the pooled text encoder and the one whose states the transformer reads."""

@@ -23,16 +23,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from minflux.files.load import load_ae, load_flux
+from minflux.files.load import load_ae
 from minflux.files.load_llm import load_mistral, load_qwen3
 from minflux.files.weights import WeightsError, read_shapes
 from minflux.flux2 import Flux2
-from minflux.lora import inject_lora
 from minflux.pipeline_flux2 import check_flux2_parts, check_text_encoder, find_flux2_weights, is_distilled
 from minflux.pipeline_flux2 import is_flux2, variant_of
 from minflux.presets import ModelSpec, configs
 from minflux.sampling import Inputs, empirical_mu, get_noise_flux2, latent_ids_flux2, pack_flux2, prepare_flux2
 from minflux.sampling import txt_ids_flux2
+from minflux.tasks.common import lora_transformer
 from minflux.tasks.t2i import T2ITask
 
 
@@ -54,10 +54,7 @@ class Flux2T2ITask(T2ITask):
         cfg = self.cfg
         if not cfg.sample_flux:
             return model, self.spec
-        flux = load_flux(transformer_path(cfg.sample_flux), device=self.device, dtype=self.dtype)
-        inject_lora(
-            flux, cfg.lora_rank, cfg.lora_alpha, targets=cfg.lora_targets.split(",") if cfg.lora_targets else None
-        )
+        flux = lora_transformer(replace(cfg, flux=str(transformer_path(cfg.sample_flux))), self.device, self.dtype)
         trained = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
         flux.load_state_dict({**flux.state_dict(), **trained})
         flux.variant = variant_of(flux, distilled=True)

@@ -51,7 +51,8 @@ from minflux.sampling import (
 )
 from minflux.hooks import stage
 from minflux.semantic import Vis2IR
-from minflux.tasks.common import Batch, TextCache, load_frozen, lora_transformer, scratch_transformer
+from minflux.tasks.common import Batch, TextCache, frozen_parts, load_frozen, lora_transformer
+from minflux.tasks.common import scratch_transformer
 from minflux.tasks.data import TriptychFolder, captions, triptychs
 from minflux.tasks.progress import Progress, log, smooth
 from minflux.tasks.scenes import SyntheticTriptychs, split_triptych
@@ -98,6 +99,11 @@ def panels(triptych: Tensor, semantic: str, pixel_alpha: float = 0.5) -> tuple[T
     if semantic == "pixel":
         visible = (1 - pixel_alpha) * visible + pixel_alpha * sem_img
     return visible, infrared, sem_img
+
+
+def reference_images(visible: Tensor, semantic_map: Tensor, semantic: str) -> list[Tensor]:
+    """The references of an in-context edit: the visible panel, and the semantic map with --semantic reference."""
+    return [visible, semantic_map] if semantic == "reference" else [visible]
 
 
 def semantic_tokens(
@@ -157,7 +163,7 @@ def encode_triptych(
     if in_context == "kontext":
         visible, infrared, sem_img = panels(triptych, semantic, pixel_alpha)
         z = ae.encode(infrared, sample=False)  # [B, 16, 64, 64]
-        refs, ref_ids = kontext_condition(ae, [visible, sem_img] if semantic == "reference" else [visible])
+        refs, ref_ids = kontext_condition(ae, reference_images(visible, sem_img, semantic))
         return Encoded(
             pack(z), latent_ids(z), semantic_tokens(ae, sem_img, semantic, in_context), refs=refs, ref_ids=ref_ids
         )
@@ -190,7 +196,7 @@ def prepare_vis2ir(
     tokens. The triptychs' middle (target) panel is not read."""
     if in_context == "kontext":
         visible, _, sem_img = panels(triptych, semantic)
-        references = [visible, sem_img] if semantic == "reference" else [visible]
+        references = reference_images(visible, sem_img, semantic)
         inp = prepare_kontext(t5, clip, noise, prompts, ae, references)  # img [B, 1024, 64], img_cond_seq
     else:
         pair, mask, sem_img = diptych(triptych, semantic)
@@ -292,13 +298,16 @@ class Vis2IRTask:
         self.cfg, self.run, self.device, self.dtype = cfg, run, device, dtype
         self.in_context = in_context_of(cfg)
         self.train_set, self.heldout_set = datasets(cfg)
-        if cfg.flux:
-            self.ae, self.clip, self.t5 = load_frozen(cfg, device, dtype)
-        else:
-            from minflux.tasks.embedded import embedded_parts
+        self.ae, self.clip, self.t5 = self.load_frozen()
+        self.frozen = frozen_parts(self.ae, self.clip, self.t5)
 
-            self.ae, self.clip, self.t5 = embedded_parts(cfg, self.train_set, run, device)
-        self.frozen = {"ae": self.ae, "clip": self.clip.model, "t5": self.t5.model}
+    def load_frozen(self):
+        """(ae, clip, t5): the official ones the config names, or the embedded default's, made for this run."""
+        if self.cfg.flux:
+            return load_frozen(self.cfg, self.device, self.dtype)
+        from minflux.tasks.embedded import embedded_parts
+
+        return embedded_parts(self.cfg, self.train_set, self.run, self.device)
 
     @torch.no_grad()
     def encode(self):

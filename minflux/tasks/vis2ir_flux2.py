@@ -22,15 +22,7 @@ from torch import Tensor
 from minflux.hooks import stage
 from minflux.sampling import Inputs, empirical_mu, get_noise_flux2, latent_ids_flux2, pack_flux2, prepare_flux2
 from minflux.sampling import reference_condition, txt_ids_flux2
-from minflux.tasks.vis2ir import Encoded, Vis2IRTask, datasets, panels
-
-FLUX2_SEMANTIC = ("reference", "none")  # the map as a second reference, or no map: FLUX.2 has no injection here
-
-
-def references(triptych: Tensor, semantic: str) -> list[Tensor]:
-    """The reference images of the edit: the visible panel, and the semantic map with --semantic reference."""
-    visible, _, sem_img = panels(triptych, semantic)  # [B, 3, S, S] each
-    return [visible, sem_img] if semantic == "reference" else [visible]
+from minflux.tasks.vis2ir import Encoded, Vis2IRTask, panels, reference_images
 
 
 @stage
@@ -38,9 +30,9 @@ def references(triptych: Tensor, semantic: str) -> list[Tensor]:
 def encode_triptych_flux2(ae, triptych: Tensor, semantic: str = "reference") -> Encoded:
     """The frozen-VAE part of the step: the infrared panel's tokens (the target) and the references' (each encoded
     alone, reference k at t = 10 · (k + 1))."""
-    infrared = panels(triptych, semantic)[1]
+    visible, infrared, sem_img = panels(triptych, semantic)  # [B, 3, S, S] each
     z = ae.encode(infrared)  # [B, 128, 4, 4], normalised
-    refs, ref_ids = reference_condition(ae, references(triptych, semantic))  # [B, 16 · k, 128], [B, 16 · k, 4]
+    refs, ref_ids = reference_condition(ae, reference_images(visible, sem_img, semantic))  # [B, 16 · k, 128], ids
     return Encoded(pack_flux2(z), latent_ids_flux2(z), {}, refs=refs, ref_ids=ref_ids)  # x0 [B, 16, 128]
 
 
@@ -50,21 +42,20 @@ def prepare_vis2ir_flux2(cfg, text_encoder, ae, triptych: Tensor, prompts: list[
     references as the run's --semantic says (prepare_flux2). The triptychs' middle (target) panel is not read."""
     S = triptych.shape[-2]
     noise = get_noise_flux2(len(triptych), S, S, seed).to(triptych.device, dtype)  # [N, 128, S/16, S/16]
-    return prepare_flux2(text_encoder, noise, prompts, ae, references(triptych, cfg.semantic))
+    visible, _, sem_img = panels(triptych, cfg.semantic)
+    return prepare_flux2(text_encoder, noise, prompts, ae, reference_images(visible, sem_img, cfg.semantic))
 
 
 class Flux2Vis2IRTask(Vis2IRTask):
     """Vis2IRTask on FLUX.2: the embedded FLUX.2 parts, the scenes as multi-reference edits, FLUX.2's ids and times."""
 
-    def __init__(self, cfg, run, device, dtype):
-        self.cfg, self.run, self.device, self.dtype = cfg, run, device, dtype
-        self.in_context = "kontext"  # the visible panel (and the map) in the sequence
+    def load_frozen(self):
+        """(ae, None, the text encoder): the embedded FLUX.2 default's, made for this run; the LLM stands where T5
+        did, and FLUX.2 has no pooled CLIP."""
         from minflux.tasks.embedded_flux2 import embedded_parts_flux2
 
-        self.train_set, self.heldout_set = datasets(cfg)
-        self.ae, self.t5 = embedded_parts_flux2(cfg, self.train_set, run, device)  # the LLM stands where T5 did
-        self.clip = None  # no pooled text vector
-        self.frozen = {"ae": self.ae, "text_encoder": self.t5.model}
+        ae, text_encoder = embedded_parts_flux2(self.cfg, self.train_set, self.run, self.device)
+        return ae, None, text_encoder
 
     def encode_scenes(self, triptychs: Tensor) -> Encoded:
         return encode_triptych_flux2(self.ae, triptychs, self.cfg.semantic)
